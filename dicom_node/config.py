@@ -1,0 +1,181 @@
+"""Configuration: one typed settings object, built at start and passed down.
+
+Environment variables carry the prefix ``NODULEAI_`` (``NODULEAI_DICOM_PORT=104``). Per-AE policies
+and result destinations live in an optional YAML file named by ``NODULEAI_CONFIG``::
+
+    ae_policies:
+      - ae_title: ORTHANC
+        hosts: [10.0.0.5, 10.0.1.0/24]   # addresses or networks the AE may call from
+        completeness: quiet              # or: release (study complete on association release)
+        quiet_seconds: 10                # optional; default NODULEAI_QUIET_SECONDS
+
+Without ``ae_policies`` any calling AE is accepted with the default policy (a warning is logged).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dicom_node.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Completeness(StrEnum):
+    """When a study counts as complete for the AE that sent it."""
+
+    QUIET = "quiet"  # no new instance for quiet_seconds
+    RELEASE = "release"  # the association that sent it was released
+
+
+class AEPolicy(BaseModel):
+    """What a calling AE may do and how its studies are judged complete."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: AETitle
+    hosts: list[str] = Field(default_factory=list)
+    completeness: Completeness = Completeness.QUIET
+    quiet_seconds: float | None = Field(default=None, gt=0)
+
+    def networks(self) -> list[IPNetwork]:
+        """Return the networks this AE may connect from (empty: any address)."""
+        return [_network(host) for host in self.hosts]
+
+
+def _network(host: str) -> IPNetwork:
+    """Parse an address, network or host name into a network."""
+    try:
+        return ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.ip_network(socket.gethostbyname(host))
+    except OSError as exc:
+        raise ConfigError(f"ae_policies.hosts: cannot resolve host {host!r}") from exc
+
+
+class NodeConfig(BaseModel):
+    """The YAML part of the configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_policies: list[AEPolicy] = Field(default_factory=list)
+    destinations: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("ae_policies")
+    @classmethod
+    def _unique_titles(cls, policies: list[AEPolicy]) -> list[AEPolicy]:
+        titles = [p.ae_title for p in policies]
+        duplicates = sorted({t for t in titles if titles.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"AE titles listed twice: {', '.join(duplicates)}")
+        return policies
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variables ``NODULEAI_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="NODULEAI_", extra="forbid")
+
+    data_dir: Path = Path("./var")
+    ae_title: AETitle = "NODULEAI"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    db_url: SecretStr | None = None
+    amqp_url: SecretStr | None = None
+    amqp_queue: str = "nodule.inference"
+    amqp_dead_letter_queue: str = "nodule.dead"
+    quiet_seconds: float = Field(default=5.0, gt=0)
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    config: Path | None = None
+
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_size: int = Field(default=65536, ge=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    publish_retry_seconds: float = Field(default=2.0, gt=0)
+    log_level: str = "INFO"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Directory of received instances, shared with the workers."""
+        return self.data_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL; a SQLite file in ``data_dir`` unless ``db_url`` is set."""
+        if self.db_url is not None:
+            return self.db_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'noduleai.db').resolve()}"
+
+    def node_config(self) -> NodeConfig:
+        """Load and validate the YAML file named by ``config`` (empty when unset)."""
+        if self.config is None:
+            return NodeConfig()
+        try:
+            raw = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"NODULEAI_CONFIG: cannot read {self.config}: {exc}") from exc
+        try:
+            node = NodeConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"NODULEAI_CONFIG ({self.config}): {_describe(exc)}") from exc
+        for policy in node.ae_policies:
+            policy.networks()  # resolve now so that a bad host fails at start
+        return node
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration as logged at start: secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per invalid field, naming it as the user spells it."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{name}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, failing with a message naming the setting.
+
+    Raises
+    ------
+    ConfigError
+        When a setting is invalid; the message names it as ``NODULEAI_<NAME>``.
+    """
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            name = "NODULEAI_" + "_".join(str(p) for p in err["loc"]).upper()
+            parts.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(parts)) from exc
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("NODULEAI_TLS_CERT and NODULEAI_TLS_KEY must be set together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("NODULEAI_TLS_CLIENT_CA needs NODULEAI_TLS_CERT and NODULEAI_TLS_KEY")
+    return settings

@@ -1,0 +1,203 @@
+"""Ingest: check a received dataset, spool it, record it. Independent of the network layer.
+
+The order is the node's durability contract (DESIGN.md): free-space check, header check, the file
+fsync'd and renamed into place, the row committed, and only then success is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dicom_node.db import Database, Instance, Series, Study, StudyState, utcnow
+from dicom_node.errors import DatasetMismatchError, UndecodableDatasetError
+from dicom_node.spool import Spool, instance_path
+
+LOGGER = logging.getLogger(__name__)
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifiers of a received instance; no patient attributes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What happened to one received instance."""
+
+    header: InstanceHeader
+    duplicate: bool
+    reopened: bool
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse an encoded dataset (with file meta) and check that it is whole and identifiable.
+
+    The pixel data is read as bytes, never decompressed.
+
+    Raises
+    ------
+    UndecodableDatasetError
+        Not DICOM, or truncated: an element shorter than its declared length, or an image whose
+        pixel data is missing (PS3.4 B.2.3 status C210).
+    DatasetMismatchError
+        A required identifier (SOP class/instance, study, series UID) is missing (status A900).
+    """
+    try:
+        ds = dcmread(BytesIO(data))
+        _check_whole(ds)
+        values = {kw: str(ds.get(kw, "") or "").strip(" \x00") for kw in _REQUIRED}
+        modality = str(ds.get("Modality", "") or "").strip() or None
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except UndecodableDatasetError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
+        raise UndecodableDatasetError(f"cannot decode dataset: {exc}") from exc
+    missing = [kw for kw, value in values.items() if not value]
+    if missing:
+        raise DatasetMismatchError(f"dataset lacks {', '.join(missing)}")
+    return InstanceHeader(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        transfer_syntax_uid=transfer_syntax,
+        modality=modality,
+    )
+
+
+def _check_whole(ds: Dataset) -> None:
+    """Raise :class:`UndecodableDatasetError` when ``ds`` was cut short in transit or on disk."""
+    for elem in ds._dict.values():
+        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+            got = len(elem.value) if elem.value is not None else 0
+            if got != elem.length:
+                raise UndecodableDatasetError(
+                    f"dataset truncated: {elem.tag} declares {elem.length} bytes, has {got}"
+                )
+    if "Rows" in ds and not any(kw in ds for kw in _PIXEL_KEYWORDS):
+        raise UndecodableDatasetError("dataset truncated: image attributes without pixel data")
+
+
+class Ingest:
+    """Receives encoded datasets from the SCP and makes them durable.
+
+    Parameters
+    ----------
+    db : Database
+        Where instances, series and studies are recorded.
+    spool : Spool
+        Where the files go.
+    """
+
+    def __init__(self, db: Database, spool: Spool) -> None:
+        self.db = db
+        self.spool = spool
+
+    def store(self, data: bytes, calling_ae: str) -> Stored:
+        """Make one received dataset durable, or raise the error that explains why not.
+
+        Raises
+        ------
+        StorageFullError, UndecodableDatasetError, DatasetMismatchError
+            Mapped to DIMSE statuses by :func:`dicom_node.status.status_for`.
+        """
+        self.spool.ensure_space(len(data))
+        header = read_header(data)
+        if self._known(header.sop_instance_uid):
+            return Stored(header, duplicate=True, reopened=False)
+        relpath = instance_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        self.spool.write(relpath, data)
+        try:
+            with self.db.session() as session:
+                reopened = record_instance(session, header, relpath, len(data), calling_ae)
+        except IntegrityError:
+            # The same instance arrived at the same time on another association: stored once.
+            if self._known(header.sop_instance_uid):
+                return Stored(header, duplicate=True, reopened=False)
+            raise
+        return Stored(header, duplicate=False, reopened=reopened)
+
+    def _known(self, sop_instance_uid: str) -> bool:
+        with self.db.session() as session:
+            found = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+        return found is not None
+
+
+def record_instance(
+    session: Session, header: InstanceHeader, relpath: str, size: int, calling_ae: str
+) -> bool:
+    """Insert the instance row and update its series and study; return whether it reopened one.
+
+    A study that was already queued (or further) is reopened: back to ``receiving``, so that
+    completeness produces a new job that supersedes the old one.
+    """
+    now = utcnow()
+    study = session.scalar(
+        select(Study).where(Study.study_instance_uid == header.study_instance_uid).with_for_update()
+    )
+    if study is None:
+        study = Study(
+            study_instance_uid=header.study_instance_uid,
+            calling_ae=calling_ae,
+            state=StudyState.RECEIVING,
+            instances=0,
+        )
+        session.add(study)
+        session.flush()
+    reopened = study.state != StudyState.RECEIVING
+    study.state = StudyState.RECEIVING
+    study.error = None
+    study.instances += 1
+    study.last_received_at = now
+    study.calling_ae = calling_ae
+    series = session.scalar(
+        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+    )
+    if series is None:
+        series = Series(
+            study_id=study.id,
+            series_instance_uid=header.series_instance_uid,
+            modality=header.modality,
+            instances=0,
+        )
+        session.add(series)
+        session.flush()
+    series.instances += 1
+    session.add(
+        Instance(
+            series_id=series.id,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            path=relpath,
+            size=size,
+            calling_ae=calling_ae,
+            received_at=now,
+        )
+    )
+    return reopened

@@ -1,0 +1,273 @@
+"""The Storage SCP: C-ECHO and C-STORE over pynetdicom, with the association policy.
+
+The handlers are thin: they hand the encoded dataset to :class:`dicom_node.ingest.Ingest` and map
+what it raises to a DIMSE status through :func:`dicom_node.status.status_for`, the one place that
+does so. Association policy (PS3.8 7.1.1.9 reject reasons): an unknown calling AE, or a known one
+from an address not its own, gets A-ASSOCIATE-RJ *rejected-permanent, service-user, calling AE
+title not recognized*; a wrong called AE gets *called AE title not recognized*; too many
+concurrent associations get *rejected-transient, service-provider (presentation), local limit
+exceeded*.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicom_node.config import Settings
+from dicom_node.errors import NoduleAIError
+from dicom_node.ingest import Ingest
+from dicom_node.policy import AssociationPolicy
+from dicom_node.status import Status, status_for
+
+LOGGER = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, reason): PS3.8 Table 9-21.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes whose pixel data this installation can decode downstream."""
+    names = []
+    for uid in AllTransferSyntaxes:
+        try:
+            if get_decoder(UID(uid)).is_available:
+                names.append(str(uid))
+        except NotImplementedError:
+            continue
+    return names
+
+
+@dataclass
+class _AssociationLog:
+    """What one association brought: counts and SOP classes, never patient data."""
+
+    calling_ae: str
+    studies: set[str] = field(default_factory=set)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    sop_classes: Counter[str] = field(default_factory=Counter)
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that also checks the calling AE's source address before the standard negotiation."""
+
+    def __init__(self, assoc: Association, policy: AssociationPolicy) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        primitive = self.requestor.primitive
+        calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
+
+        address = self.assoc.requestor.address
+        if not self._policy.allows(calling_ae, address):
+            LOGGER.warning(
+                "association from AE %s at %s rejected: not allowed", calling_ae, address
+            )
+            self.send_reject(*REJECT_CALLING_AE)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+def _request_handler(policy: AssociationPolicy) -> type[RequestHandler]:
+    class PolicyRequestHandler(RequestHandler):
+        """Sets TCP_NODELAY on the accepted socket and installs the policy ACSE."""
+
+        def _create_association(self) -> Association:
+            sock = self.request
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assoc = super()._create_association()
+            assoc.acse = _PolicyACSE(assoc, policy)
+            return assoc
+
+    return PolicyRequestHandler
+
+
+class StorageSCP:
+    """The node's DICOM listener.
+
+    Parameters
+    ----------
+    settings : Settings
+        AE title, address, timeouts, limits and TLS files.
+    policy : AssociationPolicy
+        Which calling AEs may associate and from where.
+    ingest : Ingest
+        Makes received datasets durable.
+    on_release : callable
+        ``on_release(calling_ae, study_uids)`` after an association is released normally.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: AssociationPolicy,
+        ingest: Ingest,
+        on_release: Any,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.ingest = ingest
+        self.on_release = on_release
+        self._associations: dict[int, _AssociationLog] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        syntaxes = decodable_transfer_syntaxes()
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, syntaxes)
+        ae.require_called_aet = True
+        ae.require_calling_aet = self.policy.allowed_titles()
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(s.tls_client_ca)
+        return context
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("SCP not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in a background thread."""
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        server = self.ae.make_server(
+            (self.settings.dicom_host, self.settings.dicom_port),
+            ae_title=self.settings.ae_title,
+            ssl_context=self._ssl_context(),
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=_request_handler(self.policy),
+        )
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="scp", daemon=True)
+        self._thread.start()
+        LOGGER.info(
+            "SCP %s listening on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.dicom_host,
+            self.port,
+            " (TLS)" if self.settings.tls_cert else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self.ae.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _on_echo(self, event: Event) -> int:
+        return int(Status.SUCCESS)
+
+    def _on_established(self, event: Event) -> None:
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        with self._lock:
+            self._associations[id(event.assoc)] = _AssociationLog(calling_ae)
+
+    def _on_store(self, event: Event) -> int:
+        log = self._association_log(event.assoc)
+        sop_class = str(event.request.AffectedSOPClassUID)
+        log.sop_classes[sop_class] += 1
+        try:
+            stored = self.ingest.store(event.encoded_dataset(), log.calling_ae)
+        except NoduleAIError as exc:
+            status = status_for(exc)
+            log.outcomes[status.name] += 1
+            LOGGER.warning(
+                "C-STORE of %s from %s refused with %s (0x%04X): %s",
+                sop_class,
+                log.calling_ae,
+                status.name,
+                status,
+                exc,
+            )
+            return int(status)
+        except Exception as exc:
+            status = status_for(exc)
+            log.outcomes[status.name] += 1
+            LOGGER.exception("C-STORE of %s from %s failed", sop_class, log.calling_ae)
+            return int(status)
+        log.studies.add(stored.header.study_instance_uid)
+        log.outcomes["DUPLICATE" if stored.duplicate else "SUCCESS"] += 1
+        return int(Status.SUCCESS)
+
+    def _association_log(self, assoc: Association) -> _AssociationLog:
+        with self._lock:
+            log = self._associations.get(id(assoc))
+            if log is None:
+                log = _AssociationLog(assoc.requestor.ae_title.strip())
+                self._associations[id(assoc)] = log
+            return log
+
+    def _finish(self, assoc: Association, how: str) -> _AssociationLog | None:
+        with self._lock:
+            log = self._associations.pop(id(assoc), None)
+        if log is not None:
+            LOGGER.info(
+                "association from %s %s: %s; SOP classes %s",
+                log.calling_ae,
+                how,
+                dict(log.outcomes) or "no C-STORE",
+                dict(log.sop_classes),
+            )
+        return log
+
+    def _on_released(self, event: Event) -> None:
+        log = self._finish(event.assoc, "released")
+        if log is not None and log.studies:
+            try:
+                self.on_release(log.calling_ae, sorted(log.studies))
+            except Exception:
+                LOGGER.exception("completeness on release failed; the quiet period applies")
+
+    def _on_aborted(self, event: Event) -> None:
+        self._finish(event.assoc, "aborted")

@@ -1,0 +1,131 @@
+"""The spool: received instances as files, exactly as they arrived.
+
+The spool is shared by the node and the workers (a local directory on one host, a shared volume on
+several), so rows and messages carry spool-relative paths only. It sits behind the small
+:class:`Spool` protocol so that an object store can be added without touching the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from dicom_node.errors import StorageFullError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def safe_uid(uid: str) -> str:
+    """Return ``uid`` as a safe path component.
+
+    A conforming UID (PS3.5 9.1: digits and dots, at most 64 characters) is used as it is; anything
+    else (letters, slashes, ``..``) becomes ``x`` followed by a hash, so no path can be steered by
+    what a peer sends.
+    """
+    uid = uid.strip(" \x00")
+    if _UID.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The spool-relative path of an instance (POSIX separators)."""
+    return f"{safe_uid(study_uid)}/{safe_uid(series_uid)}/{safe_uid(sop_uid)}.dcm"
+
+
+def study_path(study_uid: str) -> str:
+    """The spool-relative directory of a study."""
+    return safe_uid(study_uid)
+
+
+class Spool(Protocol):
+    """Where instances are kept: written once, durably, and read by relative path."""
+
+    def ensure_space(self, size: int) -> None:
+        """Raise :class:`StorageFullError` when ``size`` more bytes would cross the floor."""
+
+    def write(self, relpath: str, data: bytes) -> None:
+        """Store ``data`` at ``relpath`` durably (on stable storage when this returns)."""
+
+    def path(self, relpath: str) -> Path:
+        """The local path of a stored object."""
+
+
+class LocalSpool:
+    """A spool in a local (or mounted shared) directory.
+
+    Parameters
+    ----------
+    root : Path
+        The spool directory; created if missing.
+    min_free_bytes : int
+        Writes that would leave less free space than this are refused.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
+
+    def ensure_space(self, size: int) -> None:
+        """Raise :class:`StorageFullError` if writing ``size`` bytes would cross the floor."""
+        free = shutil.disk_usage(self.root).free
+        if free - size < self.min_free_bytes:
+            raise StorageFullError(
+                f"spool free space {free} B minus {size} B is under the floor of "
+                f"{self.min_free_bytes} B"
+            )
+
+    def write(self, relpath: str, data: bytes) -> None:
+        """Write to a temporary file, fsync it, rename it into place and fsync the directory."""
+        target = self.path(relpath)
+        created = _make_dirs(target.parent, self.root)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        for directory in (target.parent, *created):
+            _fsync_dir(directory)
+
+    def path(self, relpath: str) -> Path:
+        """The local path of ``relpath``; refuses anything that would leave the spool."""
+        path = (self.root / relpath).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"path outside the spool: {relpath!r}")
+        return path
+
+
+def _make_dirs(directory: Path, root: Path) -> list[Path]:
+    """Create ``directory`` and missing parents; return the parents whose entries changed."""
+    if directory.is_dir():
+        return []
+    missing = []
+    current = directory
+    while not current.exists() and current != root:
+        missing.append(current)
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return [d.parent for d in missing]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
