@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     ae_title: AETitle = "NODULEAI"
     dicom_host: str = "0.0.0.0"
-    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     db_url: SecretStr | None = None

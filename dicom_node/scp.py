@@ -20,7 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -42,15 +53,33 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes whose pixel data this installation can decode downstream."""
+    """The transfer syntaxes whose pixel data this installation can decode downstream.
+
+    The order is the acceptor's preference (pynetdicom accepts, per context, the first of these
+    that the requestor proposed): encapsulated syntaxes first, so that an SCU that proposes the
+    compressed syntax its file is in next to an uncompressed one sends the file as it is, instead
+    of transcoding it. An SCU proposes a compressed syntax only for data it holds compressed, or
+    when configured to compress.
+    """
     names = []
     for uid in AllTransferSyntaxes:
         try:
             if get_decoder(UID(uid)).is_available:
-                names.append(str(uid))
+                names.append(UID(uid))
         except NotImplementedError:
             continue
-    return names
+    return [str(uid) for uid in sorted(names, key=_preference)]
+
+
+_LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
+
+
+def _preference(uid: UID) -> tuple[int, int]:
+    """Lossless compressed, lossy compressed, then native (explicit LE first), stable otherwise."""
+    if uid.is_compressed:
+        return (1 if uid in _LOSSY else 0, 0)
+    native_order = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+    return (2, native_order.index(uid) if uid in native_order else len(native_order))
 
 
 @dataclass
@@ -186,6 +215,8 @@ class StorageSCP:
             request_handler=_request_handler(self.policy),
         )
         self._server = server
+        # As AE.start_server does: AE.shutdown() then stops the server and its associations.
+        self.ae._servers.append(server)
         self._thread = threading.Thread(target=server.serve_forever, name="scp", daemon=True)
         self._thread.start()
         LOGGER.info(
@@ -198,9 +229,6 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop accepting, close open associations."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
         self.ae.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=10)

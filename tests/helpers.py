@@ -1,0 +1,45 @@
+"""Small helpers shared by the tests: polling with a deadline, free ports, DCMTK calls."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T = predicate()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last value {last!r})")
+        time.sleep(interval)
+        last = predicate()
+    return last
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def storescu(
+    port: int,
+    *paths: Path,
+    aet: str = "MODALITY",
+    aec: str = "NODULEAI",
+    pattern: str = "*.dcm",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Send files or folders with DCMTK's storescu (folders recursively, names by ``pattern``)."""
+    cmd = ["storescu", "-aet", aet, "-aec", aec, "+sd", "+r", "+sp", pattern, *extra]
+    cmd += ["127.0.0.1", str(port), *map(str, paths)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
