@@ -1,0 +1,48 @@
+"""Fixtures of the integration tests: real peers (Orthanc) on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.peers import Orthanc
+
+
+@contextlib.contextmanager
+def running_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """An Orthanc in a fresh temp dir, stopped (by its pid) on exit."""
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A running Orthanc of this test's own (free loopback ports, basic auth, DICOMweb)."""
+    with running_orthanc(tmp_path_factory) as server:
+        yield server
+
+
+def _orthancs_of(item: pytest.Item) -> list[Orthanc]:
+    """The Orthanc servers a test used: fixtures that are one, or that hold one as ``.orthanc``."""
+    found = []
+    for value in getattr(item, "funcargs", {}).values():
+        server = value if isinstance(value, Orthanc) else getattr(value, "orthanc", None)
+        if isinstance(server, Orthanc) and server not in found:
+            found.append(server)
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Attach Orthanc's log to the report of a test that failed while using it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in _orthancs_of(item):
+            report.sections.append((f"Orthanc log {server.log_path} (tail)", server.log()))
