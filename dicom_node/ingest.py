@@ -27,6 +27,21 @@ LOGGER = logging.getLogger(__name__)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: Attributes every composite IOD requires to be present (PS3.3 C.7.1.1 Patient, C.7.2.1 General
+#: Study, C.7.3.1 General Series): Modality is Type 1, the others Type 2 (present, maybe empty).
+_EXPECTED = (
+    "Modality",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,8 @@ class InstanceHeader:
     series_instance_uid: str
     transfer_syntax_uid: str
     modality: str | None
+    #: Keywords of attributes the IOD requires that the dataset lacks (stored with a warning).
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,10 @@ def read_header(data: bytes) -> InstanceHeader:
 
     The pixel data is read as bytes, never decompressed.
 
+    Attributes that the IOD requires but that do not identify the instance (Modality, the Type 2
+    patient and study attributes) are reported in ``missing``: the instance is stored, and the SCP
+    answers with a warning.
+
     Raises
     ------
     UndecodableDatasetError
@@ -68,6 +89,9 @@ def read_header(data: bytes) -> InstanceHeader:
         _check_whole(ds)
         values = {kw: str(ds.get(kw, "") or "").strip(" \x00") for kw in _REQUIRED}
         modality = str(ds.get("Modality", "") or "").strip() or None
+        absent = tuple(
+            kw for kw in _EXPECTED if kw not in ds or (kw == "Modality" and not modality)
+        )
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except UndecodableDatasetError:
         raise
@@ -83,6 +107,7 @@ def read_header(data: bytes) -> InstanceHeader:
         series_instance_uid=values["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
         modality=modality,
+        missing=absent,
     )
 
 

@@ -265,6 +265,15 @@ class StorageSCP:
             LOGGER.exception("C-STORE of %s from %s failed", sop_class, log.calling_ae)
             return int(status)
         log.studies.add(stored.header.study_instance_uid)
+        if stored.header.missing:
+            log.outcomes[Status.DATASET_MISMATCH_WARNING.name] += 1
+            LOGGER.warning(
+                "C-STORE of %s from %s stored with warning 0xB007: lacks %s",
+                sop_class,
+                log.calling_ae,
+                ", ".join(stored.header.missing),
+            )
+            return int(Status.DATASET_MISMATCH_WARNING)
         log.outcomes["DUPLICATE" if stored.duplicate else "SUCCESS"] += 1
         return int(Status.SUCCESS)
 

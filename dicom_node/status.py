@@ -26,6 +26,8 @@ class Status(IntEnum):
     DATASET_MISMATCH = 0xA900
     #: PS3.4 B.2.3: Error, cannot understand (the dataset cannot be decoded).
     CANNOT_UNDERSTAND = 0xC210
+    #: PS3.4 B.2.3: Warning, data set does not match SOP class (stored nonetheless).
+    DATASET_MISMATCH_WARNING = 0xB007
 
 
 def status_for(exc: BaseException) -> Status:

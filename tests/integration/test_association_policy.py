@@ -1,0 +1,196 @@
+"""Association policy: who may associate, from where, how many at once, over TLS; the disk floor."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+
+from dicom_node.db import Instance
+from dicom_node.service import Node
+from dicom_node.status import Status
+from tests.helpers import storescu
+
+
+def _write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+def _associate(port: int, calling: str, called: str = "NODULEAI", **kwargs: object) -> Association:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)  # type: ignore[arg-type]
+
+
+def _rejection(assoc: Association) -> tuple[int, int, int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ the node sent."""
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert rj is not None
+    return (rj.result, rj.result_source, rj.diagnostic)
+
+
+POLICY = """
+ae_policies:
+  - ae_title: MODALITY
+    hosts: [127.0.0.1]
+  - ae_title: ELSEWHERE
+    hosts: [192.0.2.0/24]
+"""
+
+
+def test_an_unknown_calling_ae_is_rejected_as_not_recognised(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node(config=_write_config(tmp_path, POLICY))
+    # PS3.8 Table 9-21: rejected-permanent, service-user, calling-AE-title-not-recognized.
+    assert _rejection(_associate(node.scp.port, "STRANGER")) == (1, 1, 3)
+    result = subprocess.run(
+        ["echoscu", "-aet", "STRANGER", "-aec", "NODULEAI", "127.0.0.1", str(node.scp.port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stderr
+
+    allowed = _associate(node.scp.port, "MODALITY")
+    assert allowed.send_c_echo().Status == Status.SUCCESS
+    allowed.release()
+
+
+def test_a_known_ae_calling_from_an_address_not_its_own_is_rejected(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node(config=_write_config(tmp_path, POLICY))
+    assert _rejection(_associate(node.scp.port, "ELSEWHERE")) == (1, 1, 3)
+
+
+def test_a_wrong_called_ae_title_is_rejected(make_node: Callable[..., Node]) -> None:
+    node = make_node()
+    assert _rejection(_associate(node.scp.port, "MODALITY", called="SOMEONE")) == (1, 1, 7)
+
+
+def test_associations_beyond_the_cap_are_rejected_transiently(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(max_associations=1)
+    first = _associate(node.scp.port, "MODALITY")
+    assert first.is_established
+    # rejected-transient, service-provider (presentation), local-limit-exceeded.
+    assert _rejection(_associate(node.scp.port, "MODALITY")) == (2, 3, 2)
+    first.release()
+
+
+def test_a_free_space_floor_above_the_disk_answers_out_of_resources_and_writes_nothing(
+    make_node: Callable[..., Node], shared_data: Path
+) -> None:
+    node = make_node(min_free_bytes=1 << 62)
+    slices = sorted((shared_data / "lidc-small").rglob("*.dcm"))
+    assoc = _associate(node.scp.port, "MODALITY")
+    assert assoc.send_c_store(slices[0]).Status == Status.OUT_OF_RESOURCES
+    assoc.release()
+    assert storescu(node.scp.port, shared_data / "lidc-small").returncode != 0
+    with node.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+    assert [p for p in node.spool.root.rglob("*") if p.is_file()] == []
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate and a client certificate made with openssl."""
+    d = tmp_path / "tls"
+    d.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.pem",
+        )
+    return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+def _client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.check_hostname = False
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def test_tls_with_a_client_certificate_check_admits_only_certified_clients(
+    make_node: Callable[..., Node], certificates: dict[str, Path]
+) -> None:
+    node = make_node(
+        tls_cert=certificates["server.pem"],
+        tls_key=certificates["server.key"],
+        tls_client_ca=certificates["ca.pem"],
+    )
+    ca = certificates["ca.pem"]
+    good = _associate(
+        node.scp.port,
+        "MODALITY",
+        tls_args=(
+            _client_context(ca, certificates["client.pem"], certificates["client.key"]),
+            None,
+        ),
+    )
+    assert good.is_established
+    assert good.send_c_echo().Status == Status.SUCCESS
+    good.release()
+
+    anonymous = _associate(node.scp.port, "MODALITY", tls_args=(_client_context(ca), None))
+    assert not anonymous.is_established
+    plain = _associate(node.scp.port, "MODALITY")
+    assert not plain.is_established
