@@ -1,0 +1,40 @@
+# NoduleAI: the two set-up commands of the README are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: serve test check lint types install install-dev system-deps bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,train]'
+
+system-deps:
+	./scripts/system-deps.sh
+
+## Install and start the service on its embedded defaults (SQLite, embedded queue, CPU).
+serve: install
+	$(BIN)/noduleai serve
+
+## Install everything the tests need and run the whole suite (SQLite and PostgreSQL).
+test: system-deps install-dev
+	$(BIN)/pytest
+
+lint: install-dev
+	$(BIN)/ruff check dicom_node pipelines models tests benchmarks
+	$(BIN)/ruff format --check dicom_node pipelines models tests benchmarks
+
+types: install-dev
+	$(BIN)/mypy
+
+## Lint, types and tests.
+check: lint types test
+
+bench: install-dev
+	$(BIN)/python benchmarks/ingest.py
