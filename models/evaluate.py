@@ -1,0 +1,231 @@
+"""Evaluate the shipped ONNX models and write the model cards' measured figures.
+
+::
+
+    python -m models.evaluate --n 50 --data ../shared/data
+
+1. Held-out synthetic set (seeds ``seed*100000 + 50000 + i``, never used in training or
+   threshold choice): FROC and CPM per LUNA16, sensitivity per size bin and false positives per
+   scan at the operating point, stage-1 recall at its candidate threshold, Dice of the masks of
+   detected nodules.
+2. The real series LIDC-IDRI-0001 (when the data folder is there): every finding at the
+   operating point (and the strongest ones below it), matched to the readers' nodules.
+
+Writes ``models/cards/evaluation.json`` and renders ``models/cards/stage1_screen.md`` and
+``models/cards/stage2_refine.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.annotations import lidc_consensus, load_dicom_series, read_lidc_xml
+from models.evaluation import (
+    Detection,
+    Reference,
+    ScanCase,
+    dice,
+    fps_per_scan,
+    froc,
+    sensitivity_by_size,
+)
+from models.infer import WEIGHTS_DIR, DetectionResult, Finding, NoduleDetector, candidate_world
+from models.phantom import Phantom, make_phantom
+from models.preprocessing import ISO_SPACING_MM, STAGE2_PATCH, crop_patch, resample_to_iso
+
+CARDS_DIR = Path(__file__).resolve().parent / "cards"
+TEST_OFFSET = 50000
+
+
+def default_data_dir() -> Path | None:
+    """``$NODULEAI_TEST_DATA`` or ``<repo>/../shared/data`` when it exists."""
+    env = os.environ.get("NODULEAI_TEST_DATA")
+    if env:
+        return Path(env)
+    p = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return p if p.exists() else None
+
+
+def _hit(centre: tuple[float, float, float], ref: Reference) -> bool:
+    return bool(np.linalg.norm(np.subtract(centre, ref.centre_mm)) <= ref.diameter_mm / 2)
+
+
+def _mask_dice(ph: Phantom, f: Finding, label: int) -> float:
+    iso_lab = resample_to_iso(ph.labels == label, ph.spacing_mm, order=0) > 0.5
+    lo = [round((f.mask_origin_xyz_mm[a] - ph.origin_mm[a]) / ISO_SPACING_MM)
+          for a in (2, 1, 0)]
+    centre = (lo[0] + STAGE2_PATCH // 2, lo[1] + STAGE2_PATCH // 2, lo[2] + STAGE2_PATCH // 2)
+    gt = crop_patch(iso_lab.astype(np.float32), centre, STAGE2_PATCH) > 0.5
+    return dice(f.mask, gt)
+
+
+def evaluate_phantom(det: NoduleDetector, seed: int) -> dict[str, Any]:
+    """Detect in one held-out phantom; return its scan case, stage-1 hits and Dice values."""
+    ph = make_phantom(seed)
+    res: DetectionResult = det.detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
+    refs = [Reference(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
+    cands = [candidate_world(c, ph.origin_mm) for c in res.candidates]
+    s1_hits = [any(_hit(c, r) for c in cands) for r in refs]
+    dices = []
+    for n, r in zip(ph.nodules, refs, strict=True):
+        hits = [f for f in res.findings_at() if _hit(f.centre_xyz_mm, r)]
+        if hits:
+            dices.append((n.diameter_mm, _mask_dice(ph, max(hits, key=lambda f: f.probability),
+                                                    n.label)))
+    case = ScanCase(refs, [Detection(f.centre_xyz_mm, f.probability) for f in res.findings])
+    return {"case": case, "s1_hits": s1_hits, "dice": dices, "n_candidates": len(res.candidates),
+            "timings": res.timings, "kinds": [(n.kind, n.location) for n in ph.nodules]}
+
+
+def evaluate_synthetic(det: NoduleDetector, seed: int, n: int) -> dict[str, Any]:
+    """Held-out synthetic evaluation (see the module docstring)."""
+    rows = []
+    for i in range(n):
+        rows.append(evaluate_phantom(det, seed * 100000 + TEST_OFFSET + i))
+        if (i + 1) % 10 == 0:
+            print(f"evaluated {i + 1}/{n} phantoms", flush=True)
+    cases = [r["case"] for r in rows]
+    res = froc(cases)
+    s1 = [h for r in rows for h in r["s1_hits"]]
+    dices = [d for r in rows for d in r["dice"]]
+    thr = det.threshold
+    by_kind: dict[str, list[bool]] = {}
+    for r in rows:
+        best = [max((d.probability for d in r["case"].detections if _hit(d.centre_mm, ref)),
+                    default=-1.0) for ref in r["case"].references]
+        for (kind, loc), b in zip(r["kinds"], best, strict=True):
+            by_kind.setdefault(kind, []).append(b >= thr)
+            by_kind.setdefault(loc, []).append(b >= thr)
+    return {
+        "n_scans": n, "n_nodules": res.n_nodules,
+        "seeds": f"{seed * 100000 + TEST_OFFSET}..+{n - 1}",
+        "sensitivity_at_fp": {str(k): round(v, 4) for k, v in res.sensitivities_at.items()},
+        "cpm": round(res.cpm, 4),
+        "operating_threshold": thr,
+        "sensitivity_at_operating_point": round(float(np.mean(
+            [b >= thr for b in _best_all(cases)])), 4) if res.n_nodules else None,
+        "fps_per_scan_at_operating_point": round(fps_per_scan(cases, thr), 3),
+        "sensitivity_by_size": {k: [round(v[0], 4), v[1]]
+                                for k, v in sensitivity_by_size(cases, thr).items()},
+        "sensitivity_by_kind": {k: [round(float(np.mean(v)), 4), len(v)]
+                                for k, v in by_kind.items()},
+        "stage1_threshold": det.stage1_threshold,
+        "stage1_recall": round(float(np.mean(s1)), 4) if s1 else None,
+        "stage1_candidates_per_scan": round(float(np.mean([r["n_candidates"] for r in rows])), 1),
+        "dice_mean": round(float(np.mean([d for _, d in dices])), 4) if dices else None,
+        "dice_by_size": _dice_by_size(dices),
+        "mean_timings_s": {k: round(float(np.mean([r["timings"][k] for r in rows])), 3)
+                           for k in rows[0]["timings"]},
+    }
+
+
+def _best_all(cases: list[ScanCase]) -> list[float]:
+    from models.evaluation import match_scan
+
+    return [float(b) for c in cases for b in match_scan(c)[0]]
+
+
+def _dice_by_size(dices: list[tuple[float, float]]) -> dict[str, list[float]]:
+    out = {}
+    for lo, hi in ((3, 5), (5, 10), (10, 20), (20, 31)):
+        v = [d for s, d in dices if lo <= s < hi]
+        out[f"{lo}-{min(hi, 30)} mm"] = [round(float(np.mean(v)), 4) if v else float("nan"),
+                                         len(v)]
+    return out
+
+
+def _lidc_series(data: Path) -> Path | None:
+    hits = sorted((data / "lidc-idri-0001").glob("*/*/069.xml"))
+    return hits[0].parent if hits else None
+
+
+def evaluate_lidc(det: NoduleDetector, data: Path) -> dict[str, Any] | None:
+    """Detection on LIDC-IDRI-0001 compared with the readers' marks."""
+    folder = _lidc_series(data)
+    if folder is None:
+        return None
+    ct = load_dicom_series(folder)
+    t0 = time.perf_counter()
+    res = det.detect(ct.volume_hu, ct.spacing_mm, ct.origin_mm)
+    wall = time.perf_counter() - t0
+    readers = lidc_consensus(read_lidc_xml(folder / "069.xml"), ct.origin_mm,
+                             ct.spacing_mm[1:], ct.spacing_mm[0])
+    big = [n for n in readers if n.kind == "nodule"]
+
+    def describe(f: Finding) -> dict[str, Any]:
+        match = [n for n in readers
+                 if np.linalg.norm(np.subtract(f.centre_xyz_mm, n.centre_xyz_mm))
+                 <= max(n.diameter_mm / 2, 5.0)]
+        return {"centre_xyz_mm": [round(v, 1) for v in f.centre_xyz_mm],
+                "probability": round(f.probability, 4), "diameter_mm": round(f.diameter_mm, 1),
+                "equivalent_diameter_mm": round(f.equivalent_diameter_mm, 1),
+                "volume_mm3": round(f.volume_mm3, 0),
+                "matches": (f"readers' {match[0].kind} ({match[0].readers} readers)"
+                            if match else "none (false positive)")}
+
+    at_op = [describe(f) for f in res.findings_at()]
+    below = [describe(f) for f in res.findings if f.probability < det.threshold][:5]
+    ref = big[0] if big else None
+    found = [f for f in res.findings_at() if ref and np.linalg.norm(
+        np.subtract(f.centre_xyz_mm, ref.centre_xyz_mm)) <= ref.diameter_mm / 2]
+    return {
+        "series": folder.name, "shape": list(ct.volume_hu.shape),
+        "spacing_mm": [round(v, 4) for v in ct.spacing_mm],
+        "readers_nodule": None if ref is None else {
+            "centre_xyz_mm": [round(v, 1) for v in ref.centre_xyz_mm],
+            "extent_mm": [round(v, 1) for v in ref.extent_mm],
+            "long_axis_mm": round(ref.diameter_mm, 1), "readers": ref.readers},
+        "readers_small_nodules": [[round(v, 1) for v in n.centre_xyz_mm] for n in readers
+                                  if n.kind == "small"],
+        "found": bool(found),
+        "diameter_error_vs_long_axis": (round(found[0].diameter_mm / ref.diameter_mm - 1, 3)
+                                        if found and ref else None),
+        "false_positives_at_operating_point": sum(1 for f in at_op
+                                                  if f["matches"].startswith("none")),
+        "findings_at_operating_point": at_op,
+        "strongest_below_operating_point": below,
+        "n_candidates": len(res.candidates),
+        "timings_s": {k: round(v, 2) for k, v in res.timings.items()}, "wall_s": round(wall, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m models.evaluate``."""
+    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__)
+    p.add_argument("--weights", default=str(WEIGHTS_DIR))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--data", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(CARDS_DIR))
+    p.add_argument("--skip-synthetic", action="store_true")
+    args = p.parse_args(argv)
+    det = NoduleDetector(args.weights, threads=args.threads)
+    data = Path(args.data) if args.data else default_data_dir()
+    out = Path(args.out)
+    prev = out / "evaluation.json"
+    result: dict[str, Any] = json.loads(prev.read_text()) if prev.exists() else {}
+    result["weights_sha256"] = {det.manifest1["name"]: det.manifest1["sha256"],
+                                det.manifest2["name"]: det.manifest2["sha256"]}
+    if data is not None:
+        result["lidc_idri_0001"] = evaluate_lidc(det, data)
+        print(json.dumps(result["lidc_idri_0001"], indent=2), flush=True)
+    if not args.skip_synthetic:
+        result["synthetic_held_out"] = evaluate_synthetic(det, args.seed, args.n)
+        print(json.dumps(result["synthetic_held_out"], indent=2), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    prev.write_text(json.dumps(result, indent=2) + "\n")
+    from models.modelcards import render_cards
+
+    render_cards(result, det.manifest1, det.manifest2, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Render the model cards (``models/cards/*.md``) from the manifests and measured figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _common(m: dict[str, Any]) -> str:
+    t = m["training"]
+    pre = m["preprocessing"]
+    return f"""## Files and provenance
+
+- ONNX: `models/weights/{m['file']}` (opset {m['opset']}, dynamic batch), sha256
+  `{m['sha256']}`; manifest `models/weights/{m['name']}.json`.
+- Produced by: `{t['command']}` (seed {t['seed']}, {t['threads']} thread(s), {t['wall_s']} s
+  wall for both stages). Training phantoms {t['train_seeds']}, validation phantoms
+  {t['val_seeds']}; the held-out evaluation uses other seeds.
+- Preprocessing: isotropic {pre['spacing_mm'][0]} mm voxels ({pre['resample']}); HU window
+  {pre['hu_window']} scaled to [0, 1]; candidates within {pre['lung_margin_mm']} mm of a
+  threshold-based lung mask.
+
+## Training data
+
+Synthetic chest CT phantoms only (`models.phantom`): body wall, ribs, spine, mediastinum,
+heart, optional diaphragm dome, lungs around -860 HU with texture, branching vessels with
+bronchi, and solid / part-solid / ground-glass nodules of 3-30 mm (round or irregular,
+parenchymal, juxta-pleural, juxta-vascular); pixel spacing 0.6-0.9 mm, slice thickness
+0.625-2.5 mm, scanner blur and noise. No real patient data was used for training; the same
+command trains on LUNA16/LIDC-IDRI volumes given `models.annotations` readers.
+"""
+
+
+def _synthetic_table(s: dict[str, Any]) -> str:
+    rates = " | ".join(s["sensitivity_at_fp"].keys())
+    sens = " | ".join(_fmt(v) for v in s["sensitivity_at_fp"].values())
+    sizes = "\n".join(f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in
+                      s["sensitivity_by_size"].items())
+    kinds = "\n".join(f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in
+                      s["sensitivity_by_kind"].items())
+    return f"""Held-out synthetic set: {s['n_scans']} phantoms (seeds {s['seeds']}),
+{s['n_nodules']} nodules. FROC per LUNA16 (hit = centre within the nodule's radius).
+
+| FPs/scan | {rates} | **CPM** |
+|---|{'---|' * len(s['sensitivity_at_fp'])}---|
+| sensitivity | {sens} | **{_fmt(s['cpm'])}** |
+
+At the operating threshold {s['operating_threshold']}: sensitivity
+{_fmt(s['sensitivity_at_operating_point'])}, {s['fps_per_scan_at_operating_point']} false
+positives per scan.
+
+| size | sensitivity at operating point | nodules |
+|---|---|---|
+{sizes}
+
+| kind / location | sensitivity at operating point | nodules |
+|---|---|---|
+{kinds}
+"""
+
+
+def _lidc_section(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "LIDC-IDRI-0001 was not available when this card was rendered.\n"
+    ref = r["readers_nodule"]
+    rows = "\n".join(
+        f"| {f['centre_xyz_mm']} | {f['probability']} | {f['diameter_mm']} | "
+        f"{f['equivalent_diameter_mm']} | {f['matches']} |"
+        for f in r["findings_at_operating_point"])
+    below = "\n".join(
+        f"| {f['centre_xyz_mm']} | {f['probability']} | {f['diameter_mm']} | "
+        f"{f['equivalent_diameter_mm']} | {f['matches']} |"
+        for f in r["strongest_below_operating_point"])
+    return f"""Real series LIDC-IDRI-0001 ({r['shape'][0]} slices, spacing {r['spacing_mm']} mm).
+Readers' nodule (4 readers): centre {ref['centre_xyz_mm']} mm, extent {ref['extent_mm']} mm,
+mean long axis {ref['long_axis_mm']} mm. Found at the operating point: **{r['found']}**;
+measured long-axis diameter error {r['diameter_error_vs_long_axis']} (relative);
+false positives at the operating point: **{r['false_positives_at_operating_point']}**;
+{r['n_candidates']} stage-1 candidates; {r['wall_s']} s on CPU.
+
+Findings at the operating point (centre LPS mm, probability, long axis mm, equivalent diameter
+mm, match):
+
+| centre | p | long axis | eq. diameter | readers |
+|---|---|---|---|---|
+{rows}
+
+Strongest findings below the operating point:
+
+| centre | p | long axis | eq. diameter | readers |
+|---|---|---|---|---|
+{below}
+"""
+
+
+def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any],
+                 out: Path) -> None:
+    """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out``."""
+    s = result.get("synthetic_held_out")
+    lidc = result.get("lidc_idri_0001")
+    bench = result.get("benchmark", {})
+    syn = _synthetic_table(s) if s else "Not evaluated.\n"
+    s1 = f"""# Model card: stage1_screen {m1['version']}
+
+2D (2.5D) nodule screening network, stage 1 of NoduleAI's detector. Input: three adjacent
+isotropic axial slices as channels; depthwise-separable convolutions at strides 1-8 with
+top-down multi-scale fusion back to full resolution; output: per-slice nodule-centre heatmap.
+Local 3D maxima of the stacked heatmaps at or above the candidate threshold
+**{m1['candidate_threshold']:.4f}** are the candidates for stage 2.
+
+{_common(m1)}
+## Measured
+
+- Stage-1 recall on the held-out set at the candidate threshold (a candidate within the nodule's
+  radius): **{_fmt(s['stage1_recall']) if s else 'n/a'}**, with
+  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 48).
+- Validation recall when the threshold was chosen: {_fmt(m1['training']['stage1_val_recall'])}.
+- Speed (onnxruntime CPU): {bench.get('stage1_ms_per_slice', 'see benchmarks/models.py')} ms
+  per slice.
+
+## Intended use and limits
+
+Candidate generation only; its output is not a finding. Trained on synthetic phantoms: on real
+CT it fires on vessels and other structures that stage 2 must reject.
+"""
+    s2 = f"""# Model card: stage2_refine {m2['version']}
+
+3D refinement network, stage 2 of NoduleAI's detector: a small 3D U-Net on 32^3 isotropic
+(1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask;
+the mask gives the nodule's centre, long-axis diameter and volume. Operating threshold
+**{m2['operating_threshold']:.3f}** (chosen on validation phantoms for at most
+0.25 false positives per scan).
+
+{_common(m2)}
+## Measured: both stages together
+
+{syn}
+Dice of the masks of detected nodules: {_fmt(s['dice_mean']) if s else 'n/a'} overall; by size
+{json.dumps(s['dice_by_size']) if s else 'n/a'}.
+
+{_lidc_section(lidc)}
+Speed (onnxruntime CPU): {bench.get('stage2_ms_per_candidate', 'see benchmarks/models.py')} ms
+per candidate.
+
+## Intended use and limits
+
+Research prototype trained on synthetic data only; not a medical device. Real-CT performance is
+checked on one LIDC-IDRI series, far too little to claim clinical sensitivity or specificity.
+Nodules over 30 mm exceed the 40 mm patch; calcified nodules, masses and non-axial series are
+outside what it was trained for.
+"""
+    (out / "stage1_screen.md").write_text(s1)
+    (out / "stage2_refine.md").write_text(s2)

@@ -1,0 +1,699 @@
+"""Synthetic chest CT phantoms with ground-truth nodules, as arrays and as DICOM CT series.
+
+A phantom is an axial slab of a chest: body wall (skin, fat, muscle), ribs and spine, a
+mediastinum with heart and trachea, an optional diaphragm dome, two lungs around -850 HU with
+texture, branching vessel trees with bronchi beside the larger branches, and nodules (solid,
+part-solid, ground-glass; round or irregular with spicules; parenchymal, juxta-pleural or
+juxta-vascular; 3 to 30 mm). Scanner blur, slice-profile smoothing and correlated noise follow.
+Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed fixes the phantom.
+
+Conventions: ``volume_hu[z, y, x]``; ``spacing_mm = (dz, dy, dx)``; world positions are patient
+LPS ``(x, y, z)`` mm; slice ``k`` lies at ``z = origin_mm[2] + k * dz``; orientation is the
+identity (rows along +x, columns along +y).
+
+Public API
+----------
+make_phantom(seed, shape=None, spacing_mm=None, n_nodules=None, ...) -> Phantom
+write_dicom_series(volume_hu, spacing_mm, out_dir, seed, origin_mm=..., ...) -> list[Path]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
+
+FloatArray = npt.NDArray[np.float32]
+Rng = np.random.Generator
+
+SLICE_THICKNESSES_MM = (0.625, 1.0, 1.25, 1.5, 2.0, 2.5)
+NODULE_KINDS = ("solid", "part-solid", "ground-glass")
+NODULE_LOCATIONS = ("parenchymal", "juxta-pleural", "juxta-vascular")
+LUNG_HU = -860.0
+SOFT_HU = 40.0
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """Ground truth for one phantom nodule.
+
+    Attributes
+    ----------
+    centre_xyz_mm : tuple of float
+        Centre in patient LPS millimetres.
+    diameter_mm : float
+        Nominal diameter (twice the mean radius) in millimetres.
+    kind : str
+        ``solid``, ``part-solid`` or ``ground-glass``.
+    shape : str
+        ``round`` or ``irregular``.
+    location : str
+        ``parenchymal``, ``juxta-pleural`` or ``juxta-vascular``.
+    label : int
+        Value of this nodule in :attr:`Phantom.labels`.
+    """
+
+    centre_xyz_mm: tuple[float, float, float]
+    diameter_mm: float
+    kind: str
+    shape: str
+    location: str
+    label: int
+
+
+@dataclass
+class Phantom:
+    """A synthetic CT volume and its ground truth.
+
+    Attributes
+    ----------
+    volume_hu : numpy.ndarray
+        int16 ``[z, y, x]`` Hounsfield units (-2048 outside the reconstruction circle).
+    spacing_mm : tuple of float
+        ``(dz, dy, dx)``; ``dz`` equals the slice thickness.
+    origin_mm : tuple of float
+        LPS ``(x, y, z)`` of voxel ``[0, 0, 0]``.
+    nodules : list of Nodule
+        Nodules in the volume.
+    labels : numpy.ndarray
+        uint8 ``[z, y, x]``; ``k`` marks voxels of the nodule with ``label == k``.
+    seed : int
+        The seed that made it.
+    """
+
+    volume_hu: npt.NDArray[np.int16]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    nodules: list[Nodule]
+    labels: npt.NDArray[np.uint8]
+    seed: int
+
+
+@dataclass
+class _Grid:
+    """World coordinates of the voxel grid (1D per axis)."""
+
+    z: npt.NDArray[np.float64]
+    y: npt.NDArray[np.float64]
+    x: npt.NDArray[np.float64]
+    spacing: tuple[float, float, float]
+
+    def index_box(self, lo: Sequence[float] | npt.NDArray[np.float64],
+                  hi: Sequence[float] | npt.NDArray[np.float64]) -> tuple[slice, slice, slice]:
+        """Slices of the voxels whose centres lie in the world box ``lo..hi`` (x, y, z order)."""
+        out = []
+        for axis, a, b in ((self.z, lo[2], hi[2]), (self.y, lo[1], hi[1]), (self.x, lo[0], hi[0])):
+            i0 = int(np.searchsorted(axis, a))
+            i1 = int(np.searchsorted(axis, b, side="right"))
+            out.append(slice(i0, max(i0, i1)))
+        return out[0], out[1], out[2]
+
+    def points(self, box: tuple[slice, slice, slice]) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Broadcastable world z, y, x arrays for a box of voxels."""
+        z = self.z[box[0]].astype(np.float32)[:, None, None]
+        y = self.y[box[1]].astype(np.float32)[None, :, None]
+        x = self.x[box[2]].astype(np.float32)[None, None, :]
+        return z, y, x
+
+
+@dataclass
+class _Anatomy:
+    """Random anatomy parameters of one phantom (mm)."""
+
+    body_a: float
+    body_b: float
+    fat: float
+    muscle: float
+    med_half_width: float
+    heart: tuple[float, float, float, float]
+    dome: tuple[float, float, float, float] | None
+    harmonics: npt.NDArray[np.float64]
+    z_mid: float
+    z_half: float
+    segments: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]] = field(
+        default_factory=list)
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+def _draw_anatomy(rng: Rng, z_mid: float, z_half: float) -> _Anatomy:
+    a = rng.uniform(125.0, 175.0)
+    b = a * rng.uniform(0.62, 0.78)
+    heart = (rng.uniform(5.0, 25.0), -b * rng.uniform(0.15, 0.3), a * rng.uniform(0.2, 0.27),
+             b * rng.uniform(0.35, 0.5))
+    dome = None
+    if rng.random() < 0.35:
+        side = rng.choice([-1.0, 1.0])
+        radius = rng.uniform(70.0, 110.0)
+        top = z_mid - z_half + rng.uniform(8.0, 30.0)
+        dome = (side * a * 0.42, top - radius, radius, rng.uniform(-b * 0.1, b * 0.15))
+    return _Anatomy(
+        body_a=a, body_b=b, fat=rng.uniform(4.0, 25.0), muscle=rng.uniform(8.0, 14.0),
+        med_half_width=rng.uniform(18.0, 32.0), heart=heart, dome=dome,
+        harmonics=rng.normal(0.0, 0.025, size=(4, 2)), z_mid=z_mid, z_half=z_half,
+    )
+
+
+def _angular_scale(anat: _Anatomy, theta: FloatArray) -> FloatArray:
+    out = np.ones_like(theta)
+    for k, (c, s) in enumerate(anat.harmonics, start=2):
+        out = out + c * np.cos(k * theta) + s * np.sin(k * theta)
+    return out.astype(np.float32)
+
+
+def _lung_cavity_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float) -> npt.NDArray[
+        np.bool_]:
+    """Lung region on one axial plane (world ``y`` column and ``x`` row vectors)."""
+    taper = 1.0 - 0.12 * (z - anat.z_mid) / max(anat.z_half, 1.0)
+    inner_a = (anat.body_a - anat.fat - anat.muscle - 10.0) * taper
+    inner_b = (anat.body_b - anat.fat - anat.muscle - 8.0) * taper
+    theta = np.arctan2(y / anat.body_b, x / anat.body_a)
+    q = np.sqrt((x / inner_a) ** 2 + (y / inner_b) ** 2) / _angular_scale(anat, theta)
+    cavity = q < 1.0
+    med = (np.abs(x) < anat.med_half_width + 8.0 * (y < 0)) & (y < inner_b * 0.55)
+    spine = (np.abs(x) < 32.0) & (y > inner_b * 0.45)
+    hx, hy, ha, hb = anat.heart
+    heart = ((x - hx) / ha) ** 2 + ((y - hy) / hb) ** 2 < 1.0
+    mask = cavity & ~med & ~spine & ~heart
+    if anat.dome is not None:
+        dx, dz, dr, dy = anat.dome
+        dome = (x - dx) ** 2 + (y - dy) ** 2 * 0.7 + (z - dz) ** 2 < dr ** 2
+        mask &= ~dome
+    return np.asarray(mask, dtype=bool)
+
+
+def _body_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float, rng: Rng) -> FloatArray:
+    """Body wall, mediastinum, bones and table on one plane (lungs filled in later)."""
+    a, b = anat.body_a, anat.body_b
+    q_body = np.sqrt((x / a) ** 2 + (y / b) ** 2)
+    q_fat = np.sqrt((x / (a - anat.fat)) ** 2 + (y / (b - anat.fat)) ** 2)
+    q_mus = np.sqrt((x / (a - anat.fat - anat.muscle)) ** 2 + (y / (b - anat.fat - anat.muscle))
+                    ** 2)
+    img = np.full(np.broadcast_shapes(y.shape, x.shape), -1000.0, dtype=np.float32)
+    img[q_body < 1.0] = -100.0
+    img[q_fat < 1.0] = 45.0
+    img[q_mus < 1.0] = SOFT_HU
+    # ribs: slanted bony bands just inside the muscle layer
+    theta = np.abs(np.arctan2(y, x))
+    ring = (q_mus < 1.0) & (q_mus > 1.0 - 11.0 / a)
+    band = np.sin(2.0 * np.pi * (z + 18.0 * theta) / 24.0) > 0.45
+    img[ring & band & (y < b * 0.7)] = 450.0
+    # spine: vertebral body with cortical rim, canal behind it
+    sy = b - anat.fat - anat.muscle - 22.0
+    r_vert = np.sqrt(x ** 2 + (y - sy) ** 2)
+    img[r_vert < 17.0] = 700.0
+    img[r_vert < 14.5] = 260.0
+    img[np.sqrt(x ** 2 + (y - sy - 24.0) ** 2) < 7.0] = 15.0
+    # trachea (air with a wall) in the upper mediastinum
+    ty = -b * 0.12
+    r_tr = np.sqrt((x - 4.0) ** 2 + (y - ty) ** 2)
+    if z > anat.z_mid:
+        img[r_tr < 11.0] = 20.0
+        img[r_tr < 9.0] = -1000.0
+    # table under the patient
+    table = (y > b + 8.0) & (y < b + 14.0) & (np.abs(x) < a * 1.05)
+    img[np.broadcast_to(table, img.shape)] = 120.0
+    return img
+
+
+def _lung_texture(rng: Rng, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                  y_world: npt.NDArray[np.float64], anat: _Anatomy) -> FloatArray:
+    """Lung parenchyma HU: smooth random texture plus a posterior (dependent) gradient."""
+    coarse = tuple(max(2, int(n * s / 8.0) + 2) for n, s in zip(shape, spacing, strict=True))
+    field_c = rng.normal(0.0, 1.0, size=coarse).astype(np.float32)
+    field_c = ndimage.gaussian_filter(field_c, 1.0)
+    field_c *= 22.0 / max(float(field_c.std()), 1e-3)
+    zoom = [n / c for n, c in zip(shape, coarse, strict=True)]
+    tex = ndimage.zoom(field_c, zoom, order=1)[: shape[0], : shape[1], : shape[2]]
+    grad = (35.0 * (y_world / anat.body_b)).astype(np.float32)[None, :, None]
+    return np.asarray(LUNG_HU + tex + grad, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- tubes
+
+
+def _segment_occupancy(grid: _Grid, p0: npt.NDArray[np.float64], p1: npt.NDArray[np.float64],
+                       radius: float) -> tuple[tuple[slice, slice, slice], FloatArray] | None:
+    """Partial-volume occupancy of a capsule from ``p0`` to ``p1`` (world xyz) of ``radius``."""
+    pad = radius + 1.5
+    box = grid.index_box(np.minimum(p0, p1) - pad, np.maximum(p0, p1) + pad)
+    if any(s.stop <= s.start for s in box):
+        return None
+    z, y, x = grid.points(box)
+    d = (p1 - p0).astype(np.float32)
+    dd = float(d @ d) or 1e-6
+    t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / dd
+    t = np.clip(t, 0.0, 1.0)
+    dist = np.sqrt((x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2
+                   + (z - p0[2] - t * d[2]) ** 2)
+    edge = 0.5 * min(grid.spacing[1], grid.spacing[0])
+    occ = np.clip((radius - dist) / (2.0 * edge) + 0.5, 0.0, 1.0).astype(np.float32)
+    return box, occ
+
+
+def _grow_tree(rng: Rng, start: npt.NDArray[np.float64], direction: npt.NDArray[np.float64],
+               radius: float, gen: int, anat: _Anatomy) -> None:
+    """Append vessel segments of a random branching tree to ``anat.segments``."""
+    if radius < 0.45 or gen > 8:
+        return
+    length = rng.uniform(14.0, 30.0) * (0.88 ** gen)
+    end = start + direction * length
+    anat.segments.append((start, end, radius, gen))
+    for sign in (-1.0, 1.0):
+        new_dir = direction + sign * rng.normal(0.0, 0.55, 3)
+        new_dir /= np.linalg.norm(new_dir) + 1e-9
+        _grow_tree(rng, end, new_dir, radius * rng.uniform(0.66, 0.84), gen + 1, anat)
+
+
+def _draw_vessels(rng: Rng, anat: _Anatomy) -> None:
+    for side in (-1.0, 1.0):
+        for _ in range(int(rng.integers(4, 7))):
+            hilum = np.array([side * (anat.med_half_width + 6.0), rng.uniform(-35.0, 25.0),
+                              anat.z_mid + rng.uniform(-anat.z_half, anat.z_half) * 0.8])
+            d = np.array([side, rng.normal(0.0, 0.6), rng.normal(0.0, 0.7)])
+            _grow_tree(rng, hilum, d / np.linalg.norm(d), rng.uniform(3.0, 4.8), 0, anat)
+
+
+def _rasterise_vessels(grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
+                       ) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Vessel occupancy, bronchial wall occupancy and bronchial lumen occupancy."""
+    vessel = np.zeros(shape, np.float32)
+    wall = np.zeros(shape, np.float32)
+    lumen = np.zeros(shape, np.float32)
+    for p0, p1, r, gen in anat.segments:
+        hit = _segment_occupancy(grid, p0, p1, r)
+        if hit is not None:
+            np.maximum(vessel[hit[0]], hit[1], out=vessel[hit[0]])
+        if gen > 2:
+            continue
+        axis = (p1 - p0) / (np.linalg.norm(p1 - p0) + 1e-9)
+        perp = np.cross(axis, [0.0, 0.0, 1.0])
+        perp /= np.linalg.norm(perp) + 1e-9
+        ra = 0.9 * r
+        off = perp * (r + ra + 1.2)
+        for target, rad in ((wall, ra + 0.5 + 0.12 * ra), (lumen, ra)):
+            hit = _segment_occupancy(grid, p0 + off, p1 + off, rad)
+            if hit is not None:
+                np.maximum(target[hit[0]], hit[1], out=target[hit[0]])
+    return vessel, wall, lumen
+
+
+# --------------------------------------------------------------------------- nodules
+
+
+def _nodule_occupancy(grid: _Grid, rng: Rng, centre: npt.NDArray[np.float64], radius: float,
+                      irregular: bool) -> tuple[tuple[slice, slice, slice], FloatArray]:
+    """Occupancy of a round (ellipsoidal) or irregular (lobulated) nodule."""
+    pad = radius * 1.5 + 2.0
+    box = grid.index_box(centre - pad, centre + pad)
+    z, y, x = grid.points(box)
+    dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
+    axes = rng.uniform(0.85, 1.15, 3) if not irregular else rng.uniform(0.75, 1.25, 3)
+    axes /= np.cbrt(np.prod(axes))
+    dist = np.sqrt((dx / axes[0]) ** 2 + (dy / axes[1]) ** 2 + (dz / axes[2]) ** 2)
+    r_dir = np.full_like(dist, radius)
+    if irregular:
+        norm = np.maximum(dist, 1e-3)
+        for _ in range(3):
+            v = rng.normal(size=3)
+            v /= np.linalg.norm(v)
+            cos = (dx * v[0] + dy * v[1] + dz * v[2]) / norm
+            r_dir = r_dir * (1.0 + rng.uniform(0.06, 0.16)
+                             * np.cos(rng.integers(2, 4) * np.pi * cos + rng.uniform(0, 6.3)))
+    edge = 0.5 * min(grid.spacing[1], grid.spacing[0])
+    occ = np.clip((r_dir - dist) / (2.0 * edge) + 0.5, 0.0, 1.0).astype(np.float32)
+    return box, occ
+
+
+def _pick_centre(rng: Rng, location: str, radius: float, grid: _Grid, lungs: npt.NDArray[np.bool_],
+                 anat: _Anatomy) -> npt.NDArray[np.float64] | None:
+    """World centre for a nodule of ``radius`` at ``location``, or None when it cannot fit."""
+    margin_z = radius + 1.0
+    zs = np.flatnonzero((grid.z > grid.z[0] + margin_z) & (grid.z < grid.z[-1] - margin_z))
+    if zs.size == 0:
+        return None
+    if location == "juxta-vascular":
+        segs = [s for s in anat.segments if 1.0 <= s[2] <= 3.5]
+        rng.shuffle(segs)
+        for p0, p1, r, _ in segs[:40]:
+            p = p0 + rng.uniform(0.2, 0.8) * (p1 - p0)
+            perp = np.cross(p1 - p0, rng.normal(size=3))
+            perp /= np.linalg.norm(perp) + 1e-9
+            c = p + perp * (r + 0.55 * radius)
+            if _inside_lung(c, radius * 0.8 + 2.0, grid, lungs, margin_z):
+                return c
+        return None
+    k = int(rng.choice(zs))
+    dist = ndimage.distance_transform_edt(lungs[k], sampling=grid.spacing[1:])
+    if location == "juxta-pleural":
+        ok = (dist > radius * 0.55) & (dist < radius * 0.55 + 1.5 * grid.spacing[1])
+    else:
+        ok = dist > radius + 4.0
+    cand = np.argwhere(ok)
+    if cand.size == 0:
+        return None
+    iy, ix = cand[int(rng.integers(len(cand)))]
+    return np.array([grid.x[ix], grid.y[iy], grid.z[k]])
+
+
+def _inside_lung(c: npt.NDArray[np.float64], clearance: float, grid: _Grid,
+                 lungs: npt.NDArray[np.bool_], margin_z: float) -> bool:
+    if not grid.z[0] + margin_z < c[2] < grid.z[-1] - margin_z:
+        return False
+    for off in ((0, 0), (clearance, 0), (-clearance, 0), (0, clearance), (0, -clearance)):
+        iz = int(np.argmin(np.abs(grid.z - c[2])))
+        iy = int(np.argmin(np.abs(grid.y - c[1] - off[1])))
+        ix = int(np.argmin(np.abs(grid.x - c[0] - off[0])))
+        if not lungs[iz, iy, ix]:
+            return False
+    return True
+
+
+def _draw_nodule_spec(rng: Rng) -> tuple[float, str, str, str]:
+    diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
+    kind = str(rng.choice(NODULE_KINDS, p=[0.6, 0.2, 0.2]))
+    shape = "irregular" if rng.random() < 0.4 else "round"
+    location = str(rng.choice(NODULE_LOCATIONS, p=[0.5, 0.25, 0.25]))
+    return diameter, kind, shape, location
+
+
+def _add_nodules(rng: Rng, n: int, grid: _Grid, lungs: npt.NDArray[np.bool_], anat: _Anatomy,
+                 hu: FloatArray, labels: npt.NDArray[np.uint8]) -> list[Nodule]:
+    """Paint ``n`` nodules into ``hu`` (in place) and ``labels``; return their ground truth."""
+    nodules: list[Nodule] = []
+    for _ in range(n * 6):
+        if len(nodules) == n:
+            break
+        diameter, kind, shape, location = _draw_nodule_spec(rng)
+        radius = diameter / 2.0
+        centre = _pick_centre(rng, location, radius, grid, lungs, anat)
+        if centre is None or any(
+                np.linalg.norm(centre - np.array(o.centre_xyz_mm)) < radius + o.diameter_mm / 2 + 3
+                for o in nodules):
+            continue
+        box, occ = _nodule_occupancy(grid, rng, centre, radius, shape == "irregular")
+        solid = float(rng.uniform(-20.0, 70.0))
+        ggo = float(rng.uniform(-680.0, -480.0))
+        val = np.full_like(occ, solid if kind == "solid" else ggo)
+        if kind == "part-solid":
+            core_box, core = _nodule_occupancy(grid, rng, centre, radius * rng.uniform(0.35, 0.6),
+                                               False)
+            core_in = np.zeros_like(occ)
+            rel = tuple(slice(c.start - b.start, c.stop - b.start)
+                        for c, b in zip(core_box, box, strict=True))
+            core_in[rel] = core[tuple(slice(0, s.stop - s.start) for s in rel)]
+            val = val * (1.0 - core_in) + solid * core_in
+        if shape == "irregular" and kind != "ground-glass":
+            _add_spicules(rng, grid, centre, radius, hu)
+        region = hu[box]
+        hu[box] = np.where(occ > 0, np.maximum(region, region * (1 - occ) + val * occ), region)
+        label = len(nodules) + 1
+        labels[box][occ >= 0.5] = label
+        nodules.append(Nodule(
+            centre_xyz_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
+            diameter_mm=round(diameter, 2), kind=kind, shape=shape, location=location,
+            label=label,
+        ))
+    return nodules
+
+
+def _add_spicules(rng: Rng, grid: _Grid, centre: npt.NDArray[np.float64], radius: float,
+                  hu: FloatArray) -> None:
+    for _ in range(int(rng.integers(2, 6))):
+        v = rng.normal(size=3)
+        v /= np.linalg.norm(v)
+        hit = _segment_occupancy(grid, centre, centre + v * radius * rng.uniform(1.3, 1.9),
+                                 rng.uniform(0.35, 0.7))
+        if hit is not None:
+            region = hu[hit[0]]
+            hu[hit[0]] = np.maximum(region, region * (1 - hit[1]) + 0.0 * hit[1])
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _draw_geometry(rng: Rng, shape: tuple[int, int, int] | None,
+                   spacing_mm: tuple[float, float, float] | None
+                   ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    if spacing_mm is None:
+        thick = float(rng.choice(SLICE_THICKNESSES_MM))
+        pix = float(rng.uniform(0.6, 0.9))
+        spacing_mm = (thick, pix, pix)
+    if shape is None:
+        n_xy = 512
+        n_z = round(rng.uniform(56.0, 88.0) / spacing_mm[0])
+        shape = (n_z, n_xy, n_xy)
+    return shape, spacing_mm
+
+
+def _scanner(rng: Rng, hu: FloatArray, spacing: tuple[float, float, float]) -> FloatArray:
+    """Apply in-plane PSF, slice profile and correlated noise."""
+    fwhm = rng.uniform(0.7, 1.1)
+    sigma = (0.42, fwhm / 2.355 / spacing[1], fwhm / 2.355 / spacing[2])
+    out = ndimage.gaussian_filter(hu, sigma)
+    noise = rng.standard_normal(size=hu.shape, dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, (0.0, 0.7, 0.7))
+    noise *= rng.uniform(10.0, 35.0) / max(float(noise.std()), 1e-3)
+    out += noise
+    return np.asarray(out, dtype=np.float32)
+
+
+def make_phantom(
+    seed: int,
+    shape: tuple[int, int, int] | None = None,
+    spacing_mm: tuple[float, float, float] | None = None,
+    n_nodules: int | tuple[int, int] | None = None,
+    fov_padding: bool | None = None,
+) -> Phantom:
+    """Make a synthetic chest CT phantom, deterministically from ``seed``.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of every random choice; equal seeds (and arguments) give identical phantoms.
+    shape : tuple of int, optional
+        ``(slices, rows, columns)``. Default: 512 x 512 and a 56-88 mm slab.
+    spacing_mm : tuple of float, optional
+        ``(slice thickness, row spacing, column spacing)``. Default: pixel 0.6-0.9 mm, slice
+        thickness one of :data:`SLICE_THICKNESSES_MM`. The body is sized in millimetres, so a
+        small ``shape`` with a large spacing still holds a whole chest cross-section.
+    n_nodules : int or (low, high), optional
+        Number of nodules (or an inclusive range to draw from). Default: 0 to 4. Fewer are
+        placed when they do not fit.
+    fov_padding : bool, optional
+        Pad outside the reconstruction circle with -2048 HU (as some scanners do). Default:
+        drawn at random.
+
+    Returns
+    -------
+    Phantom
+        Volume, geometry, ground-truth nodules and label map.
+    """
+    rng = np.random.default_rng(seed)
+    shape, spacing_mm = _draw_geometry(rng, shape, spacing_mm)
+    fov = (shape[2] * spacing_mm[2], shape[1] * spacing_mm[1])
+    origin = (-fov[0] / 2 + rng.uniform(-10, 10), -fov[1] / 2 + rng.uniform(-15, 5),
+              float(rng.uniform(-220.0, -80.0)))
+    grid = _Grid(
+        z=np.asarray(origin[2] + np.arange(shape[0]) * spacing_mm[0], dtype=np.float64),
+        y=np.asarray(origin[1] + np.arange(shape[1]) * spacing_mm[1], dtype=np.float64),
+        x=np.asarray(origin[0] + np.arange(shape[2]) * spacing_mm[2], dtype=np.float64),
+        spacing=spacing_mm,
+    )
+    z_half = max((grid.z[-1] - grid.z[0]) / 2.0, 1.0)
+    anat = _draw_anatomy(rng, float(grid.z.mean()), float(z_half))
+    # keep the body inside the field of view
+    scale = min(1.0, 0.47 * fov[0] / anat.body_a, 0.44 * fov[1] / anat.body_b)
+    anat.body_a *= scale
+    anat.body_b *= scale
+    hu, lungs = _anatomy_volume(rng, grid, anat, shape)
+    labels = np.zeros(shape, np.uint8)
+    if n_nodules is None:
+        n_nodules = (0, 4)
+    n = n_nodules if isinstance(n_nodules, int) else int(rng.integers(n_nodules[0],
+                                                                     n_nodules[1] + 1))
+    nodules = _add_nodules(rng, n, grid, lungs, anat, hu, labels)
+    hu = _scanner(rng, hu, spacing_mm)
+    if fov_padding is None:
+        fov_padding = bool(rng.random() < 0.4)
+    if fov_padding:
+        yy, xx = np.meshgrid(np.arange(shape[1]) - shape[1] / 2, np.arange(shape[2]) - shape[2] / 2,
+                             indexing="ij")
+        hu[:, (yy / shape[1]) ** 2 + (xx / shape[2]) ** 2 > 0.25] = -2048.0
+    vol = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
+    return Phantom(volume_hu=vol, spacing_mm=spacing_mm, origin_mm=origin, nodules=nodules,
+                   labels=labels, seed=seed)
+
+
+def _anatomy_volume(rng: Rng, grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
+                    ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+    """HU volume without nodules, and the lung cavity mask."""
+    y = grid.y.astype(np.float32)[:, None]
+    x = grid.x.astype(np.float32)[None, :]
+    hu = np.empty(shape, np.float32)
+    lungs = np.empty(shape, bool)
+    for k, z in enumerate(grid.z):
+        hu[k] = _body_slice(anat, y, x, float(z), rng)
+        lungs[k] = _lung_cavity_slice(anat, y, x, float(z))
+    if anat.dome is not None:
+        dx, dz, dr, dy = anat.dome
+        zz, yy, xx = grid.points((slice(None), slice(None), slice(None)))
+        in_dome = ((xx - dx) ** 2 + (yy - dy) ** 2 * 0.7 + (zz - dz) ** 2 < dr ** 2)
+        in_dome &= (np.sqrt((xx / anat.body_a) ** 2 + (yy / anat.body_b) ** 2) < 0.9)
+        hu[in_dome] = 60.0
+    tex = _lung_texture(rng, shape, grid.spacing, grid.y, anat)
+    _draw_vessels(rng, anat)
+    vessel, wall, lumen = _rasterise_vessels(grid, anat, shape)
+    lung_hu = tex * (1 - vessel) + SOFT_HU * vessel
+    lung_hu = lung_hu * (1 - wall) + 0.0 * wall
+    lung_hu = lung_hu * (1 - lumen) - 1000.0 * lumen
+    hu[lungs] = lung_hu[lungs]
+    return hu, lungs
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+_UID_NAMESPACE = uuid.UUID("6f1b2c9e-2d0a-5c3e-9a57-4e0d6a1c8b21")
+
+
+def _uid(seed: int, *parts: str) -> str:
+    """Deterministic ``2.25`` UID (PS3.5 B.2) from a uuid5 of the seed and ``parts``."""
+    name = "/".join(["noduleai-phantom", str(seed), *parts])
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def write_dicom_series(
+    volume_hu: npt.NDArray[np.generic],
+    spacing_mm: tuple[float, float, float],
+    out_dir: str | Path,
+    seed: int,
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+    study_uid: str | None = None,
+    series_number: int = 1,
+) -> list[Path]:
+    """Write ``volume_hu`` as a DICOM CT Image Storage series, one file per slice.
+
+    Pixel data are signed 16-bit stored values with RescaleSlope 1 and RescaleIntercept -1024
+    (HU = stored - 1024), Explicit VR Little Endian. Slice ``k`` has ImagePositionPatient
+    ``origin_mm + (0, 0, k * dz)``, ImageOrientationPatient ``[1, 0, 0, 0, 1, 0]``,
+    PixelSpacing ``[dy, dx]`` and SliceThickness ``dz``. Study, series, frame-of-reference and
+    instance UIDs are ``2.25`` UIDs derived from ``seed`` (same seed, same UIDs); patient
+    attributes are synthetic and derived from the seed unless given.
+
+    Parameters
+    ----------
+    volume_hu : numpy.ndarray
+        ``[z, y, x]`` Hounsfield units (values are clipped to -2048..3071).
+    spacing_mm : tuple of float
+        ``(dz, dy, dx)`` in mm.
+    out_dir : str or pathlib.Path
+        Folder to create and fill (``CT000000.dcm``, ...).
+    seed : int
+        Seed from which UIDs and synthetic patient attributes are derived.
+    origin_mm : tuple of float
+        LPS ``(x, y, z)`` of the first voxel.
+    patient_id, patient_name, study_uid : str, optional
+        Overrides for the synthetic values (e.g. to put several series in one study).
+    series_number : int
+        SeriesNumber; also part of the series UID derivation.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, in slice order.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = (np.clip(np.rint(np.asarray(volume_hu, dtype=np.float32)), -2048, 3071)
+              + 1024).astype(np.int16)
+    base = _series_dataset(seed, spacing_mm, stored.shape, patient_id, patient_name, study_uid,
+                           series_number)
+    paths = []
+    for k in range(stored.shape[0]):
+        ds = _slice_dataset(base, k, stored[k], spacing_mm, origin_mm, seed, series_number)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        path = out / f"CT{k:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _series_dataset(seed: int, spacing_mm: tuple[float, float, float], shape: tuple[int, ...],
+                    patient_id: str | None, patient_name: str | None, study_uid: str | None,
+                    series_number: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    birth = _dt.date(1940, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 45)))
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.Modality = "CT"
+    ds.PatientName = patient_name or f"PHANTOM^{seed:06d}"
+    ds.PatientID = patient_id or f"NAI-PH-{seed:06d}"
+    ds.PatientBirthDate = birth.strftime("%Y%m%d")
+    ds.PatientSex = str(rng.choice(["F", "M"]))
+    ds.StudyInstanceUID = study_uid or _uid(seed, "study")
+    ds.SeriesInstanceUID = _uid(seed, "series", str(series_number))
+    ds.FrameOfReferenceUID = _uid(seed, "frame")
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber = f"PH{seed:08d}"
+    ds.StudyID = str(seed % 100000)
+    ds.ReferringPhysicianName = ""
+    ds.Manufacturer = "NoduleAI phantom"
+    ds.ManufacturerModelName = "make_phantom"
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = "Synthetic chest CT phantom"
+    ds.StudyDescription = "CT CHEST (synthetic)"
+    ds.BodyPartExamined = "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.KVP = "120"
+    ds.PatientPosition = "FFS"
+    ds.PositionReferenceIndicator = ""
+    ds.SliceThickness = f"{spacing_mm[0]:.4g}"
+    ds.SpacingBetweenSlices = f"{spacing_mm[0]:.4g}"
+    ds.PixelSpacing = [f"{spacing_mm[1]:.6g}", f"{spacing_mm[2]:.6g}"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows, ds.Columns = int(shape[1]), int(shape[2])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "-600"
+    ds.WindowWidth = "1500"
+    ds.AcquisitionNumber = 1
+    return ds
+
+
+def _slice_dataset(base: Dataset, k: int, pixels: npt.NDArray[np.int16],
+                   spacing_mm: tuple[float, float, float], origin_mm: tuple[float, float, float],
+                   seed: int, series_number: int) -> Dataset:
+    from copy import deepcopy
+
+    ds = deepcopy(base)
+    z = origin_mm[2] + k * spacing_mm[0]
+    ds.SOPInstanceUID = _uid(seed, "instance", str(series_number), str(k))
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [f"{origin_mm[0]:.6g}", f"{origin_mm[1]:.6g}", f"{z:.6g}"]
+    ds.SliceLocation = f"{z:.6g}"
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
+    return ds

@@ -1,0 +1,157 @@
+"""Preprocessing shared by training and inference (numpy and scipy only, no torch).
+
+Both stages work on one resampled copy of the CT volume: isotropic voxels of
+:data:`ISO_SPACING_MM`, Hounsfield units clipped to :data:`HU_WINDOW` and scaled to [0, 1].
+Arrays are indexed ``[z, y, x]``; spacings are ``(dz, dy, dx)`` in millimetres; world positions
+are patient LPS ``(x, y, z)`` millimetres as DICOM ImagePositionPatient (axial slices, identity
+orientation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+FloatArray = npt.NDArray[np.float32]
+
+ISO_SPACING_MM = 1.25
+"""Isotropic voxel size (mm) of the grid both stages see."""
+
+HU_WINDOW = (-1000.0, 400.0)
+"""HU values are clipped to this window and mapped linearly to [0, 1]."""
+
+STAGE1_CONTEXT = 1
+"""Stage 1 sees slices ``z - 1, z, z + 1`` of the isotropic grid as three channels (2.5D)."""
+
+STAGE2_PATCH = 32
+"""Stage 2 patch edge in voxels (32 x 1.25 mm = 40 mm field of view)."""
+
+LUNG_MARGIN_MM = 10.0
+"""Candidates are kept when they lie within this distance of the air-filled lung mask."""
+
+
+def normalise_hu(volume_hu: npt.NDArray[np.generic]) -> FloatArray:
+    """Clip HU to :data:`HU_WINDOW` and scale to [0, 1] as float32.
+
+    Parameters
+    ----------
+    volume_hu : numpy.ndarray
+        Any array of Hounsfield units.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 array in [0, 1] with the same shape.
+    """
+    lo, hi = HU_WINDOW
+    out = (np.asarray(volume_hu, dtype=np.float32) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def iso_shape(shape: tuple[int, ...], spacing_mm: tuple[float, float, float]) -> tuple[int, ...]:
+    """Return the isotropic grid shape that covers a volume of ``shape`` and ``spacing_mm``."""
+    return tuple(
+        max(1, int(np.floor((n - 1) * s / ISO_SPACING_MM)) + 1)
+        for n, s in zip(shape, spacing_mm, strict=True)
+    )
+
+
+def resample_to_iso(
+    volume: npt.NDArray[np.generic],
+    spacing_mm: tuple[float, float, float],
+    order: int = 1,
+) -> FloatArray:
+    """Resample ``volume`` onto the :data:`ISO_SPACING_MM` grid (voxel 0 stays at voxel 0).
+
+    Separable linear interpolation (``order=1``) or nearest neighbour (``order=0``), one axis at
+    a time, so the cost is a few passes over the data.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``[z, y, x]`` array.
+    spacing_mm : tuple of float
+        ``(dz, dy, dx)`` of ``volume``.
+    order : int
+        0 for nearest neighbour (labels), 1 for linear (intensities).
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 array on the isotropic grid; iso voxel ``i`` lies at ``i * ISO_SPACING_MM`` from
+        the original voxel 0 along each axis.
+    """
+    out = np.asarray(volume, dtype=np.float32)
+    for axis, (n_new, sp) in enumerate(zip(iso_shape(out.shape, spacing_mm), spacing_mm,
+                                           strict=True)):
+        pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / sp
+        if order == 0:
+            idx = np.clip(np.rint(pos).astype(np.intp), 0, out.shape[axis] - 1)
+            out = np.take(out, idx, axis=axis)
+            continue
+        i0 = np.clip(np.floor(pos).astype(np.intp), 0, out.shape[axis] - 1)
+        i1 = np.minimum(i0 + 1, out.shape[axis] - 1)
+        w = (pos - i0).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = n_new
+        w = w.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1.0 - w) + np.take(out, i1, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def lung_mask(iso_hu: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
+    """Segment the air-filled lungs on the isotropic grid with thresholds and components.
+
+    Voxels below -400 HU that are not connected (per slice) to the image border form the
+    candidates; the largest 3D components holding at least 8 % of that air (at most three:
+    two lungs and a trachea) are kept, closed and hole-filled so that vessels and nodules
+    inside the lungs belong to the mask.
+
+    Parameters
+    ----------
+    iso_hu : numpy.ndarray
+        HU volume on the isotropic grid, ``[z, y, x]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean lung mask, same shape.
+    """
+    air = np.asarray(iso_hu) < -400.0
+    outside = np.zeros_like(air)
+    for z in range(air.shape[0]):
+        lab, _ = ndimage.label(air[z])
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        outside[z] = np.isin(lab, border[border > 0])
+    inner = air & ~outside
+    lab3, n = ndimage.label(inner)
+    if n == 0:
+        return inner
+    sizes = np.bincount(lab3.ravel())[1:]
+    keep = [i + 1 for i in np.argsort(sizes)[::-1][:3] if sizes[i] >= 0.08 * sizes.sum()]
+    mask = np.isin(lab3, keep)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 5, 5), bool), iterations=2)
+    for z in range(mask.shape[0]):
+        mask[z] = ndimage.binary_fill_holes(mask[z])
+    return np.asarray(mask, dtype=bool)
+
+
+def near_lung(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Return voxels within :data:`LUNG_MARGIN_MM` of ``mask`` (juxta-pleural nodules included)."""
+    if not mask.any():
+        return np.ones_like(mask)
+    dist = ndimage.distance_transform_edt(~mask, sampling=ISO_SPACING_MM)
+    return np.asarray(dist <= LUNG_MARGIN_MM, dtype=bool)
+
+
+def crop_patch(volume: FloatArray, centre_vox: tuple[int, int, int], size: int,
+               fill: float = 0.0) -> FloatArray:
+    """Cut a cube of edge ``size`` centred on ``centre_vox``, padding outside with ``fill``."""
+    out = np.full((size, size, size), fill, dtype=np.float32)
+    lo = [c - size // 2 for c in centre_vox]
+    src = tuple(slice(max(0, a), min(n, a + size)) for a, n in zip(lo, volume.shape, strict=True))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo, strict=True))
+    if all(s.stop > s.start for s in src):
+        out[dst] = volume[src]
+    return out

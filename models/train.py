@@ -1,0 +1,505 @@
+"""Regenerate the phantom data, train both stages, export ONNX and write manifests.
+
+One command does all of it, deterministically from ``--seed``::
+
+    python -m models.train all --seed 0 --out models/weights --threads 1
+
+Seeds: training phantoms ``seed*100000 + 10000 + i``, validation phantoms
+``seed*100000 + 20000 + i`` (the held-out evaluation in :mod:`models.evaluate` uses
+``seed*100000 + 50000 + i``, never seen here). The validation set fixes the stage-1 candidate
+threshold (recall) and the stage-2 operating threshold (false positives per scan). Uses CUDA and
+mixed precision when a GPU is present; on CPU honour ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from models.infer import (
+    Candidate,
+    extract_candidates,
+    lung_box,
+    refine_candidates,
+    screen_volume,
+    sha256,
+)
+from models.phantom import make_phantom
+from models.preprocessing import (
+    ISO_SPACING_MM,
+    STAGE2_PATCH,
+    FloatArray,
+    crop_patch,
+    lung_mask,
+    near_lung,
+    normalise_hu,
+    resample_to_iso,
+)
+
+TRAIN_OFFSET, VAL_OFFSET, TEST_OFFSET = 10000, 20000, 50000
+
+
+@dataclass
+class Volume:
+    """A phantom prepared for training on the isotropic grid."""
+
+    iso: npt.NDArray[np.float16]
+    labels: npt.NDArray[np.uint8]
+    allowed: npt.NDArray[np.bool_]
+    box: tuple[slice, slice, slice]
+    centres: npt.NDArray[np.float64]
+    radii: npt.NDArray[np.float64]
+    origin_mm: tuple[float, float, float]
+    diameters_mm: list[float]
+
+
+def phantom_seeds(seed: int, offset: int, n: int) -> list[int]:
+    """Seeds of a data split."""
+    return [seed * 100000 + offset + i for i in range(n)]
+
+
+def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> Volume:
+    """Make phantom ``seed`` and bring it to the isotropic grid with its targets."""
+    ph = make_phantom(seed, n_nodules=n_nodules)
+    iso_hu = resample_to_iso(ph.volume_hu, ph.spacing_mm)
+    lung = lung_mask(iso_hu)
+    labels = resample_to_iso(ph.labels, ph.spacing_mm, order=0).astype(np.uint8)
+    o = ph.origin_mm
+    centres = np.array([[(n.centre_xyz_mm[2] - o[2]) / ISO_SPACING_MM,
+                         (n.centre_xyz_mm[1] - o[1]) / ISO_SPACING_MM,
+                         (n.centre_xyz_mm[0] - o[0]) / ISO_SPACING_MM] for n in ph.nodules])
+    return Volume(iso=normalise_hu(iso_hu).astype(np.float16), labels=labels,
+                  allowed=near_lung(lung), box=lung_box(lung),
+                  centres=centres.reshape(-1, 3),
+                  radii=np.array([n.diameter_mm / 2 / ISO_SPACING_MM for n in ph.nodules]),
+                  origin_mm=o, diameters_mm=[n.diameter_mm for n in ph.nodules])
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- stage 1 data
+
+
+def _crop2d(vol: npt.NDArray[np.floating[Any]], z: int, cy: int, cx: int, size: int) -> FloatArray:
+    idx = np.clip(np.arange(z - 1, z + 2), 0, vol.shape[0] - 1)
+    out = np.zeros((3, size, size), np.float32)
+    y0, x0 = cy - size // 2, cx - size // 2
+    ys = slice(max(0, y0), min(vol.shape[1], y0 + size))
+    xs = slice(max(0, x0), min(vol.shape[2], x0 + size))
+    out[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = vol[idx][:, ys, xs]
+    return out
+
+
+def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray:
+    """Gaussian centre heatmap for a crop (1 exactly at each nodule's nearest voxel)."""
+    yy, xx = np.mgrid[y0:y0 + size, x0:x0 + size].astype(np.float32)
+    tgt = np.zeros((size, size), np.float32)
+    for c, r in zip(v.centres, v.radii, strict=True):
+        sigma = max(1.0, r / 3.0)
+        d2 = (yy - c[1]) ** 2 + (xx - c[2]) ** 2 + (z - c[0]) ** 2
+        tgt = np.maximum(tgt, np.exp(-d2 / (2 * sigma ** 2)))
+        if round(c[0]) == z:
+            iy, ix = round(c[1]) - y0, round(c[2]) - x0
+            if 0 <= iy < size and 0 <= ix < size:
+                tgt[iy, ix] = 1.0
+    return tgt
+
+
+def stage1_batch(vols: list[Volume], rng: np.random.Generator, batch: int, size: int
+                 ) -> tuple[FloatArray, FloatArray]:
+    """Half the crops around nodules (near their centre slice), half anywhere in the lungs."""
+    xs, ys = [], []
+    with_nod = [v for v in vols if len(v.radii)]
+    for i in range(batch):
+        if i % 2 == 0 and with_nod:
+            v = with_nod[int(rng.integers(len(with_nod)))]
+            k = int(rng.integers(len(v.radii)))
+            c = v.centres[k]
+            z = round(c[0]) + int(rng.integers(-1, 2)) * int(rng.random() < 0.5)
+            cy = int(c[1] + rng.integers(-size // 3, size // 3 + 1))
+            cx = int(c[2] + rng.integers(-size // 3, size // 3 + 1))
+        else:
+            v = vols[int(rng.integers(len(vols)))]
+            z = int(rng.integers(v.box[0].start, v.box[0].stop))
+            cy = int(rng.integers(v.box[1].start, v.box[1].stop))
+            cx = int(rng.integers(v.box[2].start, v.box[2].stop))
+        z = int(np.clip(z, 0, v.iso.shape[0] - 1))
+        x = _crop2d(v.iso, z, cy, cx, size)
+        t = heatmap_target(v, z, cy - size // 2, cx - size // 2, size)
+        if rng.random() < 0.5:
+            x, t = x[:, :, ::-1], t[:, ::-1]
+        if rng.random() < 0.5:
+            x = x[::-1]
+        xs.append(np.ascontiguousarray(x) * rng.uniform(0.95, 1.05))
+        ys.append(np.ascontiguousarray(t)[None])
+    return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- stage 2 data
+
+
+@dataclass
+class PatchSet:
+    """Stage-2 training patches (float16), masks and labels."""
+
+    x: npt.NDArray[np.float16]
+    m: npt.NDArray[np.uint8]
+    y: npt.NDArray[np.uint8]
+
+
+def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
+    if not len(v.radii):
+        return -1, np.inf
+    d = np.linalg.norm(v.centres - p, axis=1) - v.radii
+    i = int(np.argmin(d))
+    return i, float(d[i])
+
+
+def stage2_patches(vols: list[Volume], cands: list[list[Candidate]], rng: np.random.Generator,
+                   jitter_per_nodule: int = 6, random_neg: int = 8) -> PatchSet:
+    """Positives (jittered nodule centres and stage-1 hits) and negatives (stage-1 false
+    positives and random lung points); ambiguous candidates (just outside a nodule) are left out.
+    """
+    xs: list[FloatArray] = []
+    ms: list[npt.NDArray[np.uint8]] = []
+    ys: list[int] = []
+
+    def add(v: Volume, centre: npt.NDArray[np.float64], label: int) -> None:
+        vox = (int(np.rint(centre[0])), int(np.rint(centre[1])), int(np.rint(centre[2])))
+        xs.append(crop_patch(v.iso.astype(np.float32), vox, STAGE2_PATCH))
+        lab = crop_patch(v.labels.astype(np.float32), vox, STAGE2_PATCH)
+        ms.append((lab > 0).astype(np.uint8))
+        ys.append(label)
+
+    for v, cs in zip(vols, cands, strict=True):
+        for c, r in zip(v.centres, v.radii, strict=True):
+            for _ in range(jitter_per_nodule):
+                add(v, c + rng.uniform(-1, 1, 3) * min(0.6 * r, 3.0), 1)
+        for cand in cs:
+            p = np.array(cand.voxel, dtype=np.float64)
+            _, gap = _nearest(v, p)
+            if gap <= 0:
+                add(v, p, 1)
+            elif gap > 2.0:
+                add(v, p, 0)
+        pts = np.argwhere(v.allowed[v.box])
+        for j in rng.choice(len(pts), size=min(random_neg, len(pts)), replace=False):
+            p = pts[j] + [s.start for s in v.box]
+            if _nearest(v, p)[1] > 2.0:
+                add(v, p.astype(np.float64), 0)
+    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms),
+                    y=np.asarray(ys, np.uint8))
+
+
+def stage2_batch(ps: PatchSet, rng: np.random.Generator, batch: int
+                 ) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Balanced batch with flips and in-plane transposes."""
+    pos, neg = np.flatnonzero(ps.y == 1), np.flatnonzero(ps.y == 0)
+    idx = np.concatenate([rng.choice(pos, batch // 2), rng.choice(neg, batch - batch // 2)])
+    xs, ms = [], []
+    for i in idx:
+        x, m = ps.x[i].astype(np.float32), ps.m[i].astype(np.float32)
+        for ax in range(3):
+            if rng.random() < 0.5:
+                x, m = np.flip(x, ax), np.flip(m, ax)
+        if rng.random() < 0.5:
+            x, m = x.transpose(0, 2, 1), m.transpose(0, 2, 1)
+        xs.append(np.ascontiguousarray(x) * rng.uniform(0.95, 1.05))
+        ms.append(np.ascontiguousarray(m))
+    return (np.stack(xs)[:, None].astype(np.float32), np.stack(ms)[:, None].astype(np.float32),
+            ps.y[idx].astype(np.float32)[:, None])
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _torch_setup(threads: int, seed: int) -> tuple[Any, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch, device
+
+
+def focal_loss(logits: Any, target: Any) -> Any:
+    """CenterNet penalty-reduced focal loss on heatmap logits."""
+    import torch.nn.functional as F
+
+    pos = (target >= 1.0).float()
+    logp, log1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = logp.exp()
+    pos_loss = -(logp * (1 - p) ** 2 * pos).sum()
+    neg_loss = -(log1mp * p ** 2 * (1 - target) ** 4 * (1 - pos)).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
+def _iterate(n: int, every: int) -> Iterator[tuple[int, bool]]:
+    for i in range(n):
+        yield i, (i + 1) % every == 0 or i == n - 1
+
+
+def train_stage1(vols: list[Volume], iters: int, seed: int, threads: int, batch: int = 16,
+                 size: int = 96) -> Any:
+    """Train :class:`~models.nets.ScreenNet`; returns the model in eval mode."""
+    torch, device = _torch_setup(threads, seed)
+    from models.nets import ScreenNet
+
+    net = ScreenNet().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=iters)
+    rng = np.random.default_rng(seed + 1)
+    amp = device.type == "cuda"
+    net.train()
+    run = 0.0
+    for i, show in _iterate(iters, 100):
+        x, t = stage1_batch(vols, rng, batch, size)
+        with torch.autocast(device.type, enabled=amp):
+            out = net(torch.from_numpy(x).to(device))
+        loss = focal_loss(out.float(), torch.from_numpy(t).to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = 0.95 * run + 0.05 * float(loss) if i else float(loss)
+        if show:
+            _log(f"stage1 iter {i + 1}/{iters} loss {run:.3f}")
+    return net.eval()
+
+
+def train_stage2(ps: PatchSet, iters: int, seed: int, threads: int, batch: int = 8) -> Any:
+    """Train :class:`~models.nets.RefineNet`; returns the model in eval mode."""
+    torch, device = _torch_setup(threads, seed)
+    import torch.nn.functional as F
+
+    from models.nets import RefineNet
+
+    net = RefineNet().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=iters)
+    rng = np.random.default_rng(seed + 2)
+    amp = device.type == "cuda"
+    net.train()
+    run = 0.0
+    for i, show in _iterate(iters, 50):
+        x, m, y = (torch.from_numpy(a).to(device) for a in stage2_batch(ps, rng, batch))
+        with torch.autocast(device.type, enabled=amp):
+            logit, mask = net(x)
+        logit, mask = logit.float(), mask.float()
+        prob = torch.sigmoid(mask)
+        inter = (prob * m).sum(dim=(1, 2, 3, 4))
+        dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3, 4)) + m.sum(dim=(1, 2, 3, 4)) + 1)
+        loss = (F.binary_cross_entropy_with_logits(logit, y)
+                + F.binary_cross_entropy_with_logits(mask, m) * 10 + dice[y[:, 0] > 0].mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = 0.95 * run + 0.05 * float(loss) if i else float(loss)
+        if show:
+            _log(f"stage2 iter {i + 1}/{iters} loss {run:.3f}")
+    return net.eval()
+
+
+def torch_predict1(net: Any) -> Any:
+    """numpy -> numpy stage-1 prediction with a torch model (sigmoid applied)."""
+    import torch
+
+    device = next(net.parameters()).device
+
+    def run(x: FloatArray) -> FloatArray:
+        with torch.no_grad():
+            out = torch.sigmoid(net(torch.from_numpy(x).to(device)))
+        return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
+
+    return run
+
+
+def torch_predict2(net: Any) -> Any:
+    """numpy -> numpy stage-2 prediction with a torch model (sigmoid applied)."""
+    import torch
+
+    device = next(net.parameters()).device
+
+    def run(x: FloatArray) -> tuple[FloatArray, FloatArray]:
+        with torch.no_grad():
+            logit, mask = net(torch.from_numpy(x).to(device))
+        return (torch.sigmoid(logit).cpu().numpy().astype(np.float32),
+                torch.sigmoid(mask).cpu().numpy().astype(np.float32))
+
+    return run
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def best_candidate_scores(vols: list[Volume], cands: list[list[Candidate]]) -> list[float]:
+    """Per nodule: highest candidate score within its radius (0 when none)."""
+    out = []
+    for v, cs in zip(vols, cands, strict=True):
+        for c, r in zip(v.centres, v.radii, strict=True):
+            hits = [k.score for k in cs if np.linalg.norm(np.array(k.voxel) - c) <= max(r, 1.0)]
+            out.append(max(hits, default=0.0))
+    return out
+
+
+def choose_stage1_threshold(scores: list[float], floor: float) -> float:
+    """Threshold keeping at least 99 % of nodules found at ``floor`` (with a 0.7 safety factor).
+    """
+    found = np.sort([s for s in scores if s > 0])
+    if not len(found):
+        return floor
+    q = float(found[int(np.floor(0.01 * len(scores)))]) if len(found) > 1 else float(found[0])
+    return float(max(floor, min(0.5, 0.7 * q)))
+
+
+def screen_all(net: Any, vols: list[Volume], threshold: float) -> list[list[Candidate]]:
+    """Stage-1 candidates of every volume."""
+    pred = torch_predict1(net)
+    return [extract_candidates(screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed,
+                               threshold) for v in vols]
+
+
+def _world(v: Volume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+    o = v.origin_mm
+    return (float(o[0] + c[2] * ISO_SPACING_MM), float(o[1] + c[1] * ISO_SPACING_MM),
+            float(o[2] + c[0] * ISO_SPACING_MM))
+
+
+def choose_operating_threshold(vols: list[Volume], cands: list[list[Candidate]], net2: Any,
+                               target_fps: float) -> tuple[float, dict[str, Any]]:
+    """Lowest stage-2 threshold (>= 0.5) with at most ``target_fps`` FPs/scan on validation."""
+    from models.evaluation import Detection, Reference, ScanCase, fps_per_scan, froc
+
+    pred = torch_predict2(net2)
+    cases = []
+    for v, cs in zip(vols, cands, strict=True):
+        fs = refine_candidates(v.iso.astype(np.float32), cs, pred, v.origin_mm)
+        refs = [Reference(_world(v, c), d) for c, d in zip(v.centres, v.diameters_mm, strict=True)]
+        cases.append(ScanCase(refs, [Detection(f.centre_xyz_mm, f.probability) for f in fs]))
+    res = froc(cases)
+    thr = 0.5
+    for t in sorted(set(np.round(np.linspace(0.5, 0.99, 50), 3))):
+        thr = float(t)
+        if fps_per_scan(cases, thr) <= target_fps:
+            break
+    return thr, {"val_cpm": res.cpm, "val_sensitivities": {str(k): v for k, v in
+                                                           res.sensitivities_at.items()},
+                 "val_fps_per_scan_at_threshold": fps_per_scan(cases, thr)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) -> dict[str, float]:
+    """Largest |onnxruntime - torch| of both exported stages on validation inputs."""
+    import onnxruntime as ort
+
+    v = vols[0]
+    z = (v.box[0].start + v.box[0].stop) // 2
+    x1 = np.stack([np.pad(_crop2d(v.iso.astype(np.float32), z + k, v.iso.shape[1] // 2,
+                                  v.iso.shape[2] // 2, 128), 0) for k in (-2, 0, 2)])
+    ref1 = torch_predict1(net1.eval())(x1)
+    got1 = ort.InferenceSession(str(p1)).run(None, {"slices": x1})[0]
+    ctr: list[tuple[int, int, int]] = [(z, 64, 64)]
+    if len(v.centres):
+        ctr = [(int(v.centres[0][0]), int(v.centres[0][1]), int(v.centres[0][2]))]
+    x2 = np.stack([crop_patch(v.iso.astype(np.float32), c, STAGE2_PATCH)[None] for c in ctr * 2])
+    ref2 = torch_predict2(net2.eval())(x2)
+    got2 = ort.InferenceSession(str(p2)).run(None, {"patch": x2})
+    return {"stage1": float(np.abs(got1 - ref1).max()),
+            "stage2": float(max(np.abs(got2[0] - ref2[0]).max(), np.abs(got2[1] - ref2[1]).max()))}
+
+
+def _prepare_all(seeds: list[int], n_nodules: tuple[int, int] | None) -> list[Volume]:
+    out = []
+    for i, s in enumerate(seeds):
+        out.append(prepare(s, n_nodules))
+        if (i + 1) % 10 == 0:
+            _log(f"prepared {i + 1}/{len(seeds)} phantoms")
+    return out
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole pipeline; returns what it recorded in the manifests."""
+    from models import export as ex
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = _prepare_all(phantom_seeds(args.seed, TRAIN_OFFSET, args.n_train), (1, 5))
+    val = _prepare_all(phantom_seeds(args.seed, VAL_OFFSET, args.n_val), None)
+    _log(f"data ready: {args.n_train} train, {args.n_val} val phantoms")
+    net1 = train_stage1(train, args.s1_iters, args.seed, args.threads)
+    c_train = screen_all(net1, train, args.s1_floor)
+    c_val = screen_all(net1, val, args.s1_floor)
+    t1 = choose_stage1_threshold(best_candidate_scores(train + val, c_train + c_val),
+                                 args.s1_floor)
+    c_train = [[c for c in cs if c.score >= t1] for cs in c_train]
+    c_val = [[c for c in cs if c.score >= t1] for cs in c_val]
+    recall = np.mean([s >= t1 for s in best_candidate_scores(val, c_val)])
+    _log(f"stage1 threshold {t1:.3f}, validation recall {recall:.3f}")
+    ps = stage2_patches(train, c_train, np.random.default_rng(args.seed + 3))
+    _log(f"stage2 patches: {int(ps.y.sum())} positive, {int((ps.y == 0).sum())} negative")
+    net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads)
+    t2, val_info = choose_operating_threshold(val, c_val, net2, args.operating_fps)
+    _log(f"operating threshold {t2:.3f}: {val_info}")
+    training = {
+        "command": "python -m models.train " + " ".join(sys.argv[1:]),
+        "seed": args.seed, "n_train_phantoms": args.n_train, "n_val_phantoms": args.n_val,
+        "stage1_iterations": args.s1_iters, "stage2_iterations": args.s2_iters,
+        "threads": args.threads, "wall_s": None,
+        "train_seeds": f"{args.seed * 100000 + TRAIN_OFFSET}..+{args.n_train - 1}",
+        "val_seeds": f"{args.seed * 100000 + VAL_OFFSET}..+{args.n_val - 1}",
+        "stage1_val_recall": float(recall), **val_info,
+    }
+    p1, p2 = out / "stage1_screen.onnx", out / "stage2_refine.onnx"
+    ex.export_stage1(net1.cpu(), p1)
+    ex.export_stage2(net2.cpu(), p2)
+    training["onnx_vs_torch_max_abs_diff"] = onnx_parity(net1, net2, p1, p2, val)
+    training["wall_s"] = round(time.time() - t0, 1)
+    ex.write_manifest(ex.manifest_stage1(p1, t1, training), out / "stage1_screen.json")
+    ex.write_manifest(ex.manifest_stage2(p2, t2, training), out / "stage2_refine.json")
+    _log(f"done in {training['wall_s']} s; sha256 {sha256(p1)[:12]} {sha256(p2)[:12]}")
+    return training
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__)
+    p.add_argument("command", choices=["all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="models/weights")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--n-val", type=int, default=12)
+    p.add_argument("--s1-iters", type=int, default=1500)
+    p.add_argument("--s2-iters", type=int, default=700)
+    p.add_argument("--s1-floor", type=float, default=0.05)
+    p.add_argument("--operating-fps", type=float, default=0.25)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m models.train``."""
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    info = run_all(args)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
