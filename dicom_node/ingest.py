@@ -155,15 +155,19 @@ class Ingest:
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
         self.spool.write(relpath, data)
-        try:
-            with self.db.session() as session:
-                reopened = record_instance(session, header, relpath, len(data), calling_ae)
-        except IntegrityError:
-            # The same instance arrived at the same time on another association: stored once.
-            if self._known(header.sop_instance_uid):
-                return Stored(header, duplicate=True, reopened=False)
-            raise
-        return Stored(header, duplicate=False, reopened=reopened)
+        for attempt in (1, 2):
+            try:
+                with self.db.session() as session:
+                    reopened = record_instance(session, header, relpath, len(data), calling_ae)
+                return Stored(header, duplicate=False, reopened=reopened)
+            except IntegrityError:
+                # Another association stored the same instance at the same moment (stored once),
+                # or created the same new study or series first (try again: it exists now).
+                if self._known(header.sop_instance_uid):
+                    return Stored(header, duplicate=True, reopened=False)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.db.session() as session:

@@ -4,6 +4,7 @@ per study, consumable from RabbitMQ."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,3 +156,46 @@ def test_instances_arriving_after_the_study_was_queued_make_a_job_that_supersede
         study = session.scalars(select(Study)).one()
     assert study.current_job_id == both[1].id
     assert study.state == "queued"
+
+
+def test_concurrent_associations_each_storing_a_study_all_succeed(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    node = make_node(quiet_seconds=30)
+    slices = sorted((shared_data / "lidc-small").rglob("*.dcm"))
+    folders = []
+    for n in range(4):
+        folder = tmp_path / f"s{n}"
+        folder.mkdir()
+        study = generate_uid()
+        for path in slices:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = study
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(folder / path.name)
+        folders.append(folder)
+    cmds = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aec",
+                "NODULEAI",
+                "+sd",
+                "+sp",
+                "*.dcm",
+                "127.0.0.1",
+                str(node.scp.port),
+                str(folder),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in folders
+    ]
+    for cmd in cmds:
+        _, err = cmd.communicate(timeout=120)
+        assert cmd.returncode == 0, err
+    with node.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4 * len(slices)
+        assert sorted(session.scalars(select(Study.instances))) == [len(slices)] * 4
