@@ -59,6 +59,9 @@ class JobSource(Protocol):
     def reject(self, message: Received, requeue: bool) -> None:
         """Give the message back (``requeue``) or dead-letter it."""
 
+    def dead_letters(self) -> JobSource:
+        """A handle that receives from the dead-letter queue."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -79,10 +82,13 @@ class RabbitQueue:
         Names of the work queue and of the queue its dead letters land in.
     """
 
-    def __init__(self, url: str, queue: str, dead_letter_queue: str) -> None:
+    def __init__(
+        self, url: str, queue: str, dead_letter_queue: str, consume_from: str | None = None
+    ) -> None:
         self.url = url
         self.queue = queue
         self.dead_letter_queue = dead_letter_queue
+        self.consume_from = consume_from or queue
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer: Iterator[Any] | None = None
@@ -130,7 +136,7 @@ class RabbitQueue:
         try:
             if self._consumer is None:
                 channel.basic_qos(prefetch_count=1)
-                self._consumer = channel.consume(self.queue, inactivity_timeout=timeout)
+                self._consumer = channel.consume(self.consume_from, inactivity_timeout=timeout)
             method, _props, body = next(self._consumer)
         except _AMQP_ERRORS as exc:
             self.close()
@@ -146,6 +152,10 @@ class RabbitQueue:
     def reject(self, message: Received, requeue: bool) -> None:
         """Requeue, or dead-letter through the queue's dead-letter exchange."""
         self._open().basic_reject(message.tag, requeue=requeue)
+
+    def dead_letters(self) -> RabbitQueue:
+        """A handle that receives from this queue's dead-letter queue."""
+        return RabbitQueue(self.url, self.queue, self.dead_letter_queue, self.dead_letter_queue)
 
     def close(self) -> None:
         """Close the connection, ignoring errors of a connection already gone."""
@@ -242,6 +252,10 @@ class EmbeddedQueue:
             session.execute(
                 update(QueueMessage).where(QueueMessage.id == message.tag).values(**values)
             )
+
+    def dead_letters(self) -> EmbeddedQueue:
+        """A handle that receives from this queue's dead-letter queue."""
+        return EmbeddedQueue(self.db, self.dead_letter_queue, self.dead_letter_queue)
 
     def close(self) -> None:
         """Nothing to release: the database is shared."""
