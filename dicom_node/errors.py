@@ -38,3 +38,20 @@ class DatasetMismatchError(PermanentError):
 
 class QueueUnavailableError(TransientError):
     """The job queue (RabbitMQ or the embedded one) cannot take or give messages right now."""
+
+
+class StudyRejectedError(PermanentError):
+    """The study cannot be analysed (no eligible series, unusable geometry).
+
+    Parameters
+    ----------
+    code : str
+        Machine-readable reason, e.g. ``no_eligible_series``, ``missing_slices``.
+    detail : str
+        A sentence for people.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
