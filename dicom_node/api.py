@@ -1,7 +1,8 @@
-"""The HTTP API: ``/healthz`` and ``/api/studies`` (stable; the dashboard builds on them)."""
+"""The HTTP API: ``/healthz``, ``/readyz`` and ``/api/studies`` (stable), plus the dashboard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
+from dicom_node.config import Settings
 from dicom_node.db import Database, Job, Study
 
 
@@ -33,9 +35,29 @@ class StudyOut(BaseModel):
     error: str | None
 
 
-def create_app(db: Database) -> FastAPI:
-    """Build the app over ``db``."""
+def create_app(
+    db: Database,
+    settings: Settings | None = None,
+    on_job: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app over ``db``; with ``settings``, mount the dashboard and ``/metrics`` too.
+
+    Parameters
+    ----------
+    db : Database
+        The service database.
+    settings : Settings, optional
+        Enables the dashboard (pages, JSON API, actions, ``/metrics``) and queue checks in
+        ``/readyz``.
+    on_job : callable, optional
+        Called after a dashboard action committed a new job (wakes the publisher).
+    """
     app = FastAPI(title="NoduleAI", version=__version__)
+    dashboard = None
+    if settings is not None:
+        from dicom_node.dashboard import mount_dashboard
+
+        dashboard = mount_dashboard(app, db, settings, on_job)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -46,6 +68,22 @@ def create_app(db: Database) -> FastAPI:
         except SQLAlchemyError as exc:
             return JSONResponse({"status": "error", "database": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "version": __version__})
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Readiness: the database answers and, with the dashboard, the job queue is reachable."""
+        checks: dict[str, str] = {}
+        try:
+            with db.session() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except SQLAlchemyError as exc:
+            checks["database"] = type(exc).__name__
+        if dashboard is not None:
+            checks["queue"] = dashboard.queues.ping() or "ok"
+        ready = all(value == "ok" for value in checks.values())
+        body = {"status": "ok" if ready else "unavailable", "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/api/studies", response_model=list[StudyOut])
     def studies(

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     publish_retry_seconds: float = Field(default=2.0, gt=0)
     log_level: str = "INFO"
 
+    dashboard_token: SecretStr | None = None
+    dashboard_users: SecretStr | None = None  # "alice:password,bob:password" (basic auth)
+    dashboard_public_read: bool = True
+    show_patient_data: bool = False
+
     @property
     def spool_dir(self) -> Path:
         """Directory of received instances, shared with the workers."""

@@ -152,6 +152,8 @@ class Job(Base):
     superseded_at: Mapped[datetime | None] = mapped_column(default=None)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     backend: Mapped[str | None] = mapped_column(String(64), default=None)
+    findings: Mapped[int | None] = mapped_column(Integer, default=None)
+    discarded_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Delivery(Base):
@@ -182,6 +184,19 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(128), default=None)
     detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Worker(Base):
+    """A worker process and its last heartbeat (upserted by :mod:`dicom_node.workers`)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    backend: Mapped[str | None] = mapped_column(String(64), default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    current_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
 
 
 class QueueMessage(Base):

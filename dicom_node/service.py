@@ -72,7 +72,7 @@ class Node:
 
     def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.db),
+            create_app(self.db, self.settings, self.publisher.wake),
             host=self.settings.http_host,
             port=self.settings.http_port,
             log_level="warning",

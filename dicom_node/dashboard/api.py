@@ -1,0 +1,169 @@
+"""The dashboard's JSON API (every page reads one of these; OpenAPI at ``/docs``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from dicom_node.dashboard import service
+from dicom_node.dashboard.actions import ActionError
+from dicom_node.dashboard.auth import authenticate, refuse
+from dicom_node.dashboard.context import Dashboard
+from dicom_node.dashboard.models import (
+    ActionOut,
+    AuditOut,
+    ConfigOut,
+    FailuresOut,
+    LatencyPoint,
+    OverviewOut,
+    QueueOut,
+    StudyDetail,
+    StudyPage,
+    ThroughputPoint,
+    WorkerOut,
+)
+from dicom_node.dashboard.queries import latency_series, search_studies, throughput_series
+
+Window = Annotated[int, Query(ge=1, le=7 * 24 * 60, description="window in minutes")]
+Buckets = Annotated[int, Query(ge=1, le=200)]
+
+
+def reader(dash: Dashboard) -> Callable[[Request], None]:
+    """A dependency that lets reads through when public, else asks for credentials."""
+
+    def check(request: Request) -> None:
+        if dash.creds.public_read or authenticate(request, dash.creds, allow_cookie=True):
+            return
+        raise HTTPException(
+            401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="NoduleAI"'}
+        )
+
+    return check
+
+
+def actor(dash: Dashboard, action: str) -> Callable[[Request], str]:
+    """A dependency that returns the authenticated actor, or audits the refusal and answers 401."""
+
+    def check(request: Request) -> str:
+        who = authenticate(request, dash.creds, allow_cookie=False)
+        if who is None:
+            target = request.path_params.get("study_uid") or request.path_params.get("job_id")
+            raise refuse(dash.db, request, action, target)
+        return who
+
+    return check
+
+
+def _run(dash: Dashboard, who: str, action: str, target: str) -> ActionOut:
+    try:
+        outcome = service.act(dash, who, action, target)
+    except ActionError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    return ActionOut(
+        action=action,
+        study_instance_uid=outcome.study_instance_uid,
+        job_id=outcome.job_id,
+        new_job_id=outcome.new_job_id,
+        detail=outcome.detail,
+    )
+
+
+def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
+    """GET endpoints: overview, series, studies, failures, workers, queues, config, metrics."""
+    router = APIRouter(dependencies=[Depends(reader(dash))])
+
+    @router.get("/api/overview", response_model=OverviewOut, tags=["dashboard"])
+    def overview(window: Window = 60) -> OverviewOut:
+        """Queues, outbox, state counts, workers, last-hour totals and stage percentiles."""
+        return service.overview(dash, timedelta(minutes=window))
+
+    @router.get("/api/throughput", response_model=list[ThroughputPoint], tags=["dashboard"])
+    def throughput(window: Window = 60, buckets: Buckets = 30) -> list[ThroughputPoint]:
+        """Instances received and jobs queued/done/failed per time bucket."""
+        return throughput_series(dash.db, timedelta(minutes=window), buckets)
+
+    @router.get("/api/latency", response_model=list[LatencyPoint], tags=["dashboard"])
+    def latency(window: Window = 60, buckets: Buckets = 30) -> list[LatencyPoint]:
+        """p50/p95/p99 per stage of the jobs created in each time bucket (ms)."""
+        return latency_series(dash.db, timedelta(minutes=window), buckets)
+
+    @router.get("/api/queues", response_model=list[QueueOut], tags=["dashboard"])
+    def queues() -> list[QueueOut]:
+        """Depth and consumers of the work queue and the dead-letter queue."""
+        return service.queues_out(dash)
+
+    @router.get("/api/workers", response_model=list[WorkerOut], tags=["dashboard"])
+    def workers() -> list[WorkerOut]:
+        """Workers and their last heartbeat."""
+        return service.workers_out(dash)
+
+    @router.get("/api/dashboard/studies", response_model=StudyPage, tags=["dashboard"])
+    def studies(
+        state: str | None = None,
+        q: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> StudyPage:
+        """Studies filtered by state and searched by study UID, calling AE or job id."""
+        total, items = search_studies(dash.db, state, q, limit, offset)
+        return StudyPage(total=total, items=items)
+
+    @router.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["dashboard"])
+    def study(study_uid: str) -> StudyDetail:
+        """One study: series, jobs with stage timings, deliveries and its audit trail."""
+        detail = service.study_detail(dash, study_uid)
+        if detail is None:
+            raise HTTPException(404, "no such study")
+        return detail
+
+    @router.get("/api/failures", response_model=FailuresOut, tags=["dashboard"])
+    def failures(
+        include_discarded: bool = False, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+    ) -> FailuresOut:
+        """Failed and rejected jobs with reason and attempts, and the dead letters."""
+        return service.failures_out(dash, include_discarded, limit)
+
+    @router.get("/api/config", response_model=ConfigOut, tags=["dashboard"])
+    def config() -> ConfigOut:
+        """Effective settings, AE policies and destinations, secrets masked."""
+        return service.config_out(dash)
+
+    @router.get("/api/audit", response_model=list[AuditOut], tags=["dashboard"])
+    def audit_log(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
+        """The newest audit-log entries."""
+        return service.audit_log(dash, limit)
+
+    @router.get("/metrics", tags=["metrics"])
+    def metrics() -> Response:
+        """Prometheus text format, derived from the database at scrape time."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def action_router(dash: Dashboard) -> APIRouter:
+    """POST endpoints: retry, rerun, discard (authenticated and audited)."""
+    router = APIRouter(tags=["actions"])
+
+    @router.post("/api/studies/{study_uid}/retry", response_model=ActionOut)
+    def retry(study_uid: str, who: Annotated[str, Depends(actor(dash, "retry"))]) -> ActionOut:
+        """Requeue a failed or rejected study as a new job (through the outbox)."""
+        return _run(dash, who, "retry", study_uid)
+
+    @router.post("/api/studies/{study_uid}/rerun", response_model=ActionOut)
+    def rerun(study_uid: str, who: Annotated[str, Depends(actor(dash, "rerun"))]) -> ActionOut:
+        """Run a study again as a new job, even when it is done."""
+        return _run(dash, who, "rerun", study_uid)
+
+    @router.post("/api/jobs/{job_id}/discard", response_model=ActionOut)
+    def discard(job_id: str, who: Annotated[str, Depends(actor(dash, "discard"))]) -> ActionOut:
+        """Acknowledge a failed job and remove its dead letters."""
+        return _run(dash, who, "discard", job_id)
+
+    return router

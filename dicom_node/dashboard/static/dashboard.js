@@ -1,0 +1,120 @@
+/* NoduleAI dashboard: live refresh of the page's fragment, charts, sign-in and actions. */
+(function () {
+  "use strict";
+  var TOKEN_KEY = "noduleai.token";
+  var live = document.getElementById("live");
+  var flash = document.getElementById("flash");
+
+  function credentials() { return window.localStorage.getItem(TOKEN_KEY) || ""; }
+
+  function authHeader() {
+    var c = credentials();
+    if (!c) return {};
+    return { Authorization: c.indexOf(":") > 0 ? "Basic " + btoa(c) : "Bearer " + c };
+  }
+
+  function showSignedIn() {
+    document.getElementById("signed-in").textContent = credentials() ? "signed in" : "read-only";
+  }
+
+  function say(text, ok) {
+    flash.textContent = text;
+    flash.className = ok ? "ok" : "fail";
+  }
+
+  function fmtMs(v) { return v < 1000 ? v.toFixed(0) + " ms" : (v / 1000).toFixed(1) + " s"; }
+
+  function drawLatency(canvas, data) {
+    var pct = (document.getElementById("percentile") || { value: "p95" }).value;
+    var byStage = {};
+    data.forEach(function (b) {
+      b.stages.forEach(function (s) {
+        (byStage[s.stage] = byStage[s.stage] || []).push([Date.parse(b.t), s[pct]]);
+      });
+    });
+    var series = Object.keys(byStage).map(function (k) { return { name: k + " " + pct, points: byStage[k] }; });
+    return { series: series, format: fmtMs };
+  }
+
+  function drawThroughput(canvas, data) {
+    var names = ["instances", "jobs_queued", "jobs_done", "jobs_failed"];
+    return {
+      series: names.map(function (n) { return { name: n, points: data.map(function (b) { return [Date.parse(b.t), b[n]]; }) }; }),
+      format: function (v) { return v.toFixed(0); }
+    };
+  }
+
+  function drawCharts() {
+    var canvases = live.querySelectorAll("canvas[data-src]");
+    return Promise.all(Array.prototype.map.call(canvases, function (canvas) {
+      return fetch(canvas.dataset.src, { headers: authHeader() }).then(function (r) { return r.json(); }).then(function (data) {
+        var spec = canvas.dataset.kind === "latency" ? drawLatency(canvas, data) : drawThroughput(canvas, data);
+        var win = Number(new URL(canvas.dataset.src, location.href).searchParams.get("window") || 60) * 60000;
+        var now = Date.now();
+        window.NoduleChart.line(canvas, spec.series, { t0: now - win, t1: now, format: spec.format });
+        canvas.dataset.drawn = String(spec.series.length);
+      });
+    }));
+  }
+
+  var refreshing = false;
+  function refresh() {
+    if (refreshing) return Promise.resolve();
+    refreshing = true;
+    var headers = Object.assign({ "X-Partial": "1" }, authHeader());
+    return fetch(location.href, { headers: headers }).then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.text();
+    }).then(function (html) {
+      live.innerHTML = html;
+      document.getElementById("refreshed-at").textContent = "updated " + new Date().toLocaleTimeString();
+      return drawCharts();
+    }).catch(function (err) {
+      document.getElementById("refreshed-at").textContent = "refresh failed: " + err.message;
+    }).then(function () {
+      refreshing = false;
+      live.dataset.refreshes = String(Number(live.dataset.refreshes || 0) + 1);
+    });
+  }
+
+  function act(button) {
+    var action = button.dataset.action, target = button.dataset.target;
+    var url = action === "discard" ? "/api/jobs/" + encodeURIComponent(target) + "/discard"
+      : "/api/studies/" + encodeURIComponent(target) + "/" + action;
+    button.disabled = true;
+    return fetch(url, { method: "POST", headers: authHeader() }).then(function (r) {
+      return r.json().then(function (body) {
+        if (r.ok) say(action + " done: " + body.detail, true);
+        else say(action + " refused (" + r.status + "): " + (body.detail || ""), false);
+      });
+    }).catch(function (err) { say(action + " failed: " + err.message, false); })
+      .then(refresh);
+  }
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-action]");
+    if (button) { event.preventDefault(); act(button); }
+  });
+
+  document.getElementById("signin").addEventListener("submit", function (event) {
+    event.preventDefault();
+    var value = document.getElementById("token").value.trim();
+    if (value) {
+      window.localStorage.setItem(TOKEN_KEY, value);
+      if (value.indexOf(":") < 0) document.cookie = "noduleai_token=" + encodeURIComponent(value) + "; path=/; SameSite=Strict";
+    } else {
+      window.localStorage.removeItem(TOKEN_KEY);
+      document.cookie = "noduleai_token=; path=/; max-age=0";
+    }
+    document.getElementById("token").value = "";
+    showSignedIn();
+    refresh();
+  });
+
+  var pct = document.getElementById("percentile");
+  if (pct) pct.addEventListener("change", drawCharts);
+
+  showSignedIn();
+  drawCharts();
+  setInterval(refresh, Number(live.dataset.refresh || 3000));
+})();
