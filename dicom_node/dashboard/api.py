@@ -152,17 +152,17 @@ def action_router(dash: Dashboard) -> APIRouter:
     router = APIRouter(tags=["actions"])
 
     @router.post("/api/studies/{study_uid}/retry", response_model=ActionOut)
-    def retry(study_uid: str, who: Annotated[str, Depends(actor(dash, "retry"))]) -> ActionOut:
+    def retry(study_uid: str, who: str = Depends(actor(dash, "retry"))) -> ActionOut:
         """Requeue a failed or rejected study as a new job (through the outbox)."""
         return _run(dash, who, "retry", study_uid)
 
     @router.post("/api/studies/{study_uid}/rerun", response_model=ActionOut)
-    def rerun(study_uid: str, who: Annotated[str, Depends(actor(dash, "rerun"))]) -> ActionOut:
+    def rerun(study_uid: str, who: str = Depends(actor(dash, "rerun"))) -> ActionOut:
         """Run a study again as a new job, even when it is done."""
         return _run(dash, who, "rerun", study_uid)
 
     @router.post("/api/jobs/{job_id}/discard", response_model=ActionOut)
-    def discard(job_id: str, who: Annotated[str, Depends(actor(dash, "discard"))]) -> ActionOut:
+    def discard(job_id: str, who: str = Depends(actor(dash, "discard"))) -> ActionOut:
         """Acknowledge a failed job and remove its dead letters."""
         return _run(dash, who, "discard", job_id)
 
