@@ -42,7 +42,9 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from scipy import ndimage
 
 from dicom_node.errors import StudyRejectedError
@@ -109,8 +111,11 @@ class Volume:
     orientation : tuple of float
         The six direction cosines of the *source* (ImageOrientationPatient).
     corrections : list of str
-        Machine-readable notes of what was changed, e.g. ``duplicate_dropped:z=-100.0``,
-        ``resampled_uneven_spacing:2.5``, ``gantry_tilt_corrected:12.0deg``, ``flipped_x``.
+        Machine-readable notes of what was changed or should be known, each ``name`` or
+        ``name:detail``: ``duplicate_dropped:<SOPInstanceUID>``, ``resampled_uneven_spacing:<mm>``,
+        ``resampled_missing_slices:<mm>``, ``gantry_tilt_corrected:<deg>deg``,
+        ``resampled_to_axial_grid:tilt=<deg>deg,plane=<deg>deg``, ``flipped_row_direction``,
+        ``flipped_column_direction``, ``transposed_rows_columns``, ``lossy_compressed_source``.
     pixel_spacing : tuple of float
         Source PixelSpacing (row spacing, column spacing) in mm.
     slice_thickness : float or None
@@ -359,10 +364,7 @@ def read_hu(
     numpy.ndarray
         float32 HU.
     """
-    try:
-        stored = pixel_array(str(path), index=frame_index)
-    except (AttributeError, ValueError, RuntimeError, NotImplementedError, KeyError) as exc:
-        raise _reject("undecodable_pixel_data", f"{path.name}: {exc}") from exc
+    stored = _decode(path, frame_index)
     if stored.ndim != 2:
         raise _reject("unsupported_pixel_data", f"{path.name}: not a single-sample image")
     if out is None:
@@ -372,19 +374,45 @@ def read_hu(
     return out
 
 
+def _decode(path: Path, frame_index: int | None) -> npt.NDArray[Any]:
+    """Stored values of one frame, decoded by pydicom's pixel handlers.
+
+    pydicom decodes a single frame straight from the file, except from a Deflated Explicit VR
+    Little Endian file (PS3.5 A.5), which goes through a full ``dcmread``.
+    """
+    try:
+        deflated = (
+            read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        )
+        source: str | Dataset = dcmread(path) if deflated else str(path)
+        return pixel_array(source, index=frame_index)
+    except (
+        AttributeError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        KeyError,
+        InvalidDicomError,
+        OSError,
+    ) as exc:
+        raise _reject("undecodable_pixel_data", f"{path.name}: {exc}") from exc
+
+
 # --------------------------------------------------------------------------- build
 
 
-def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset]:
+def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset, bool]:
     """Read every instance's header (pixels deferred) into per-frame records.
 
     Returns
     -------
     tuple
-        The frame records and the first readable dataset (for study-level UIDs).
+        The frame records, the first readable dataset (for study-level UIDs), and whether any
+        instance declares LossyImageCompression ``01`` (PS3.3 C.7.6.1.1.5).
     """
     frames: list[FrameHeader] = []
     first: Dataset | None = None
+    lossy = False
     for path in paths:
         try:
             ds = dcmread(path, defer_size="2 KB")
@@ -392,9 +420,10 @@ def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset]:
             raise _reject("unreadable_instance", f"{Path(path).name}: {exc}") from exc
         first = ds if first is None else first
         frames.extend(frame_headers(ds, Path(path)))
+        lossy = lossy or str(ds.get("LossyImageCompression", "")) == "01"
     if first is None:
         raise _reject("too_few_slices", "the series has no instances")
-    return frames, first
+    return frames, first, lossy
 
 
 def build_volume(
@@ -439,7 +468,7 @@ def build_volume(
         ``unsupported_pixel_data``, ``inconsistent_geometry``, ``too_few_slices``,
         ``duplicate_positions``, ``missing_slices``, ``uneven_spacing`` or ``gantry_tilt``.
     """
-    frames, first = read_headers(paths)
+    frames, first, lossy = read_headers(paths)
     for_uid = str(first.get("FrameOfReferenceUID", "") or "")
     if not for_uid:
         raise _reject(
@@ -449,7 +478,7 @@ def build_volume(
     _check_consistent(frames)
     normal = _stack_normal(frames[0].orientation)
     frames = _sort_frames(frames, normal)
-    corrections: list[str] = []
+    corrections: list[str] = ["lossy_compressed_source"] if lossy else []
     frames = _drop_duplicates(frames, normal, corrections)
     if len(frames) < max(1, min_slices):
         raise _reject(
