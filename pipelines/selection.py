@@ -21,9 +21,10 @@ Image, C.7.6.16 Multi-frame Functional Groups):
 
 Among eligible series the ranking is, in order:
 
-1. regular spacing (no gap over 1.5x the median, no duplicate positions) before irregular: an
-   irregular series stays eligible so that volume building can reject it with its precise
-   reason (``missing_slices``, ``duplicate_positions``) when nothing better exists;
+1. regular spacing (even spacing, no duplicate positions) before irregular: an irregular series
+   stays eligible, flagged ``irregular_spacing``, so that volume building can resample it or
+   reject it with its precise reason (``missing_slices``, ``uneven_spacing``,
+   ``duplicate_positions``) when nothing better exists;
 2. effective thickness class: thin (<= 1.5 mm), then standard (<= 3 mm), then thick (<= 5 mm,
    accepted only when nothing thinner qualifies: a hospital would rather have 5 mm analysed,
    flagged ``thick_slices`` in :attr:`SelectedSeries.warnings`, than nothing);
@@ -50,6 +51,7 @@ from pipelines.volume import (
     CT_IMAGE,
     ENHANCED_CT,
     SAME_POSITION_MM,
+    SPACING_NOISE_MM,
     axial_angle_deg,
     frame_attr,
     is_multiframe,
@@ -364,6 +366,7 @@ def _geometry_reasons(
         return [f"too_few_slices: {len(heights)} slice positions (< {min_slices})"], math.inf, False
     steps = np.diff(heights)
     median = float(np.median(steps))
-    irregular = bool(steps.max() > 1.5 * median) or len(heights) < len(series.positions)
+    uneven = float(np.abs(steps - median).max()) > SPACING_NOISE_MM + 0.01 * median
+    irregular = uneven or len(heights) < len(series.positions)
     thickness = max(median, max(series.thicknesses, default=0.0))
     return [], thickness, irregular

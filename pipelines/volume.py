@@ -413,6 +413,7 @@ def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset, boo
     frames: list[FrameHeader] = []
     first: Dataset | None = None
     lossy = False
+    identities: set[tuple[str, str]] = set()
     for path in paths:
         try:
             ds = dcmread(path, defer_size="2 KB")
@@ -421,8 +422,15 @@ def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset, boo
         first = ds if first is None else first
         frames.extend(frame_headers(ds, Path(path)))
         lossy = lossy or str(ds.get("LossyImageCompression", "")) == "01"
+        identities.add(
+            (str(ds.get("SeriesInstanceUID", "")), str(ds.get("FrameOfReferenceUID", "")))
+        )
     if first is None:
         raise _reject("too_few_slices", "the series has no instances")
+    if len(identities) > 1:
+        raise _reject(
+            "mixed_series", "the instances belong to several series or frames of reference"
+        )
     return frames, first, lossy
 
 
@@ -466,7 +474,8 @@ def build_volume(
         With code ``no_pixel_data``, ``no_pixel_spacing``, ``no_image_plane``,
         ``no_frame_of_reference``, ``unreadable_instance``, ``undecodable_pixel_data``,
         ``unsupported_pixel_data``, ``inconsistent_geometry``, ``too_few_slices``,
-        ``duplicate_positions``, ``missing_slices``, ``uneven_spacing`` or ``gantry_tilt``.
+        ``duplicate_positions``, ``missing_slices``, ``uneven_spacing``, ``gantry_tilt``,
+        ``not_axial`` or ``mixed_series``.
     """
     frames, first, lossy = read_headers(paths)
     for_uid = str(first.get("FrameOfReferenceUID", "") or "")
@@ -477,9 +486,8 @@ def build_volume(
         )
     _check_consistent(frames)
     normal = _stack_normal(frames[0].orientation)
-    frames = _sort_frames(frames, normal)
     corrections: list[str] = ["lossy_compressed_source"] if lossy else []
-    frames = _drop_duplicates(frames, normal, corrections)
+    frames = _drop_duplicates(_sort_frames(frames, normal), normal, corrections)
     if len(frames) < max(1, min_slices):
         raise _reject(
             "too_few_slices",
@@ -487,11 +495,43 @@ def build_volume(
         )
     heights = np.array([np.dot(f.position, normal) for f in frames])
     plan = _plan_spacing(heights, max_gap_factor, uneven_tolerance, resample_gaps)
-    stack = _load_stack(frames)
-    stack, sources = _apply_spacing_plan(stack, heights, plan, frames, corrections)
     drift = _fit_drift(frames, normal, heights)
-    volume = _to_canonical(stack, frames[0], normal, plan.spacing, drift, max_tilt_deg, corrections)
+    _check_tilt(drift, frames[0], _header_tilt(first), max_tilt_deg, corrections)
+    stack, sources = _apply_spacing_plan(_load_stack(frames), heights, plan, frames, corrections)
+    volume = _to_canonical(stack, frames[0], normal, plan.spacing, drift, corrections)
     return _finish(volume, sources, frames, first, for_uid, corrections)
+
+
+def _header_tilt(ds: Dataset) -> float:
+    """GantryDetectorTilt (0018,1120) in degrees, 0 when absent (PS3.3 C.8.2.1)."""
+    try:
+        return float(ds.get("GantryDetectorTilt", 0) or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _check_tilt(
+    drift: _Drift,
+    head: FrameHeader,
+    header_tilt: float,
+    max_tilt_deg: float,
+    corrections: list[str],
+) -> None:
+    """Reject tilts beyond the limit before any pixel is decoded.
+
+    The geometry (ImagePositionPatient/ImageOrientationPatient) is authoritative; a
+    GantryDetectorTilt that the geometry does not show is only noted.
+    """
+    tilt = drift.angle_deg
+    oblique = axial_angle_deg(head.orientation)
+    if tilt > max_tilt_deg:
+        raise _reject(
+            "gantry_tilt", f"gantry tilt of {tilt:.1f} degrees exceeds {max_tilt_deg:.0f} degrees"
+        )
+    if oblique > max_tilt_deg:
+        raise _reject("not_axial", f"image plane is {oblique:.1f} degrees from axial")
+    if abs(header_tilt) > 0.5 and max(tilt, oblique) < 0.5:
+        corrections.append(f"gantry_tilt_attribute_only:{header_tilt:.2f}deg")
 
 
 def _finish(
@@ -505,10 +545,7 @@ def _finish(
     hu, spacing, origin, keeps_slices = volume
     if not keeps_slices:
         sources = [None] * hu.shape[0]
-    uids: list[str] = []
-    for frame in frames:
-        if frame.sop_instance_uid not in uids:
-            uids.append(frame.sop_instance_uid)
+    uids = list(dict.fromkeys(frame.sop_instance_uid for frame in frames))
     head = frames[0]
     return Volume(
         hu=hu,
@@ -746,30 +783,19 @@ def _to_canonical(
     normal: Vec,
     spacing: float,
     drift: _Drift,
-    max_tilt_deg: float,
     corrections: list[str],
 ) -> Canonical:
     """Put the stack on the canonical LPS grid (flips, in-plane shifts or affine resampling)."""
-    tilt = drift.angle_deg
-    oblique = axial_angle_deg(head.orientation)
-    if tilt > max_tilt_deg:
-        raise _reject(
-            "gantry_tilt", f"gantry tilt of {tilt:.1f} degrees exceeds {max_tilt_deg:.0f} degrees"
-        )
-    if oblique > max_tilt_deg:
-        raise _reject("not_axial", f"image plane is {oblique:.1f} degrees from axial")
     layout = _axis_layout(head.orientation)
     if layout is None:
         return _affine_resample(stack, head, normal, spacing, drift, corrections)
     if _has_drift(drift, head):
-        _shift_slices(stack, head, normal, spacing, drift)
-        corrections.append(f"gantry_tilt_corrected:{tilt:.2f}deg")
+        _shift_slices(stack, head, spacing, drift)
+        corrections.append(f"gantry_tilt_corrected:{drift.angle_deg:.2f}deg")
     return _flip_axis_aligned(stack, head, layout, spacing, corrections)
 
 
-def _shift_slices(
-    stack: FloatArray, head: FrameHeader, normal: Vec, spacing: float, drift: _Drift
-) -> None:
+def _shift_slices(stack: FloatArray, head: FrameHeader, spacing: float, drift: _Drift) -> None:
     """Shear a leaning stack back in-plane, slice by slice (``scipy.ndimage.shift``), in place."""
     buffer = np.empty(stack.shape[1:], dtype=np.float32)
     height0 = float(drift.heights[0])

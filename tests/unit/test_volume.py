@@ -477,3 +477,22 @@ def test_enhanced_ct_frames_are_sorted_by_position_with_per_frame_rescale(tmp_pa
     assert volume.hu.shape == (5, SIZE, SIZE)
     assert [s.frame_number for s in volume.source_positions if s] == [2, 4, 1, 5, 3]
     assert_matches_field(volume)
+
+
+def test_a_gantry_tilt_attribute_the_geometry_does_not_show_is_only_noted(tmp_path: Path) -> None:
+    volume = build_volume(write_series(tmp_path, axial_positions(4), GantryDetectorTilt=12.0))
+    assert volume.corrections == ["gantry_tilt_attribute_only:12.00deg"]
+    assert_matches_field(volume)
+
+
+def test_instances_of_two_series_are_not_mixed_into_one_volume(tmp_path: Path) -> None:
+    first = write_series(tmp_path / "a", axial_positions(3))
+    second = write_series(tmp_path / "b", axial_positions(3, z0=0.0), SeriesInstanceUID="1.2.9")
+    assert rejection(lambda: build_volume([*first, *second])).code == "mixed_series"
+
+
+def test_an_image_plane_far_from_axial_is_rejected(tmp_path: Path) -> None:
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    positions = [(0.0, float(y), 0.0) for y in range(4)]
+    error = rejection(lambda: build_volume(write_series(tmp_path, positions, orientation=coronal)))
+    assert error.code == "not_axial"
