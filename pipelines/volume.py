@@ -43,7 +43,7 @@ import numpy.typing as npt
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.pixels.utils import pixel_array
+from pydicom.pixels.utils import iter_pixels, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from scipy import ndimage
 
@@ -278,7 +278,14 @@ def _frame_header(ds: Dataset, path: Path, index: int | None) -> FrameHeader:
         sop_instance_uid=sop_instance_uid(ds),
         frame_index=index,
         position=(position[0], position[1], position[2]),
-        orientation=(*orientation[:6],),  # type: ignore[arg-type]
+        orientation=(
+            orientation[0],
+            orientation[1],
+            orientation[2],
+            orientation[3],
+            orientation[4],
+            orientation[5],
+        ),
         pixel_spacing=(spacing[0], spacing[1]),
         slice_thickness=None if thickness is None else float(thickness),
         slope=1.0 if slope is None else float(slope),
@@ -364,38 +371,51 @@ def read_hu(
     numpy.ndarray
         float32 HU.
     """
-    stored = _decode(path, frame_index)
+    try:
+        stored = pixel_array(_decoder_source(path), index=frame_index)
+    except DECODE_ERRORS as exc:
+        raise _reject("undecodable_pixel_data", f"{path.name}: {exc}") from exc
+    return _rescale(stored, slope, intercept, out, path.name)
+
+
+DECODE_ERRORS = (
+    AttributeError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    KeyError,
+    InvalidDicomError,
+    OSError,
+)
+
+
+def _decoder_source(path: Path) -> str | Dataset:
+    """What to hand pydicom's decoders: the path (frames read on demand), or a dataset.
+
+    pydicom decodes frames straight from the file, except from a Deflated Explicit VR Little
+    Endian file (PS3.5 A.5), which needs a full ``dcmread`` first.
+    """
+    syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+    return dcmread(path) if syntax == DeflatedExplicitVRLittleEndian else str(path)
+
+
+def _rescale(
+    stored: npt.NDArray[Any],
+    slope: float,
+    intercept: float,
+    out: FloatArray | None,
+    name: str,
+) -> FloatArray:
+    """``stored * slope + intercept`` as float32, written into ``out`` (PS3.3 C.11.1.1.2)."""
     if stored.ndim != 2:
-        raise _reject("unsupported_pixel_data", f"{path.name}: not a single-sample image")
+        raise _reject("unsupported_pixel_data", f"{name}: not a single-sample image")
     if out is None:
         out = np.empty(stored.shape, dtype=np.float32)
+    elif out.shape != stored.shape:
+        raise _reject("inconsistent_geometry", f"{name}: pixel matrix is not Rows x Columns")
     np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
     out += np.float32(intercept)
     return out
-
-
-def _decode(path: Path, frame_index: int | None) -> npt.NDArray[Any]:
-    """Stored values of one frame, decoded by pydicom's pixel handlers.
-
-    pydicom decodes a single frame straight from the file, except from a Deflated Explicit VR
-    Little Endian file (PS3.5 A.5), which goes through a full ``dcmread``.
-    """
-    try:
-        deflated = (
-            read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-        )
-        source: str | Dataset = dcmread(path) if deflated else str(path)
-        return pixel_array(source, index=frame_index)
-    except (
-        AttributeError,
-        ValueError,
-        RuntimeError,
-        NotImplementedError,
-        KeyError,
-        InvalidDicomError,
-        OSError,
-    ) as exc:
-        raise _reject("undecodable_pixel_data", f"{path.name}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- build
@@ -641,14 +661,36 @@ def _plan_spacing(
 
 
 def _load_stack(frames: Sequence[FrameHeader]) -> FloatArray:
-    """Decode every frame, in order, into one preallocated float32 array."""
+    """Decode every frame into one preallocated float32 array, in the given (z) order.
+
+    Single-frame instances are decoded one file at a time; the frames of a multi-frame instance
+    are decoded in one sequential pass over the file (``iter_pixels``), not by seeking each.
+    """
     head = frames[0]
     stack = np.empty((len(frames), head.rows, head.columns), dtype=np.float32)
+    members: dict[Path, list[tuple[int, FrameHeader]]] = {}
     for k, frame in enumerate(frames):
-        hu = read_hu(frame.path, frame.frame_index, frame.slope, frame.intercept, out=stack[k])
-        if hu.shape != stack.shape[1:]:
-            raise _reject("inconsistent_geometry", f"{frame.path.name}: pixel matrix size")
+        members.setdefault(frame.path, []).append((k, frame))
+    for path, slots in members.items():
+        if slots[0][1].frame_index is None:
+            for k, frame in slots:
+                read_hu(path, None, frame.slope, frame.intercept, out=stack[k])
+        else:
+            _load_multiframe(path, slots, stack)
     return stack
+
+
+def _load_multiframe(path: Path, slots: list[tuple[int, FrameHeader]], stack: FloatArray) -> None:
+    """Decode the wanted frames of one multi-frame instance into their slots (PS3.3 C.7.6.16)."""
+    by_index = {frame.frame_index: (k, frame) for k, frame in slots}
+    wanted = sorted(i for i in by_index if i is not None)
+    try:
+        decoded = iter_pixels(_decoder_source(path), indices=wanted)
+        for index, stored in zip(wanted, decoded, strict=True):
+            k, frame = by_index[index]
+            _rescale(stored, frame.slope, frame.intercept, stack[k], path.name)
+    except DECODE_ERRORS as exc:
+        raise _reject("undecodable_pixel_data", f"{path.name}: {exc}") from exc
 
 
 def _apply_spacing_plan(
