@@ -105,8 +105,8 @@ class NoEligibleSeriesError(StudyRejectedError):
     ----------
     reasons_by_series : dict of str to list of str
         For each series key, its refusal reasons (``not_ct``, ``not_original``, ``localizer``,
-        ``not_axial``, ``no_frame_of_reference``, ``no_image_plane``, ``too_few_slices``,
-        ``too_thick``), each followed by ``: detail``.
+        ``not_axial``, ``no_frame_of_reference``, ``no_image_plane``, ``inconsistent_geometry``,
+        ``too_few_slices``, ``too_thick``), each followed by ``: detail``.
     """
 
     def __init__(self, reasons_by_series: dict[str, list[str]]) -> None:
@@ -356,6 +356,8 @@ def _geometry_reasons(
     """Orientation, slice count, spacing (PS3.3 C.7.6.2): reasons, thickness, irregular."""
     if series.missing_plane:
         return ["no_image_plane: position, orientation or pixel spacing missing"], math.inf, False
+    if np.ptp(np.array(series.orientations), axis=0).max() > 1e-3:
+        return ["inconsistent_geometry: orientation differs between slices"], math.inf, False
     angles = [axial_angle_deg(o) for o in series.orientations]
     if max(angles) > max_tilt_deg:
         return [f"not_axial: slice plane {max(angles):.0f} degrees from axial"], math.inf, False

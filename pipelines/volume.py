@@ -27,6 +27,18 @@ Policy (each step noted in :attr:`Volume.corrections` when it changes anything):
   ``max_tilt_deg`` it is corrected, by a per-slice in-plane shift when the image plane is axial,
   otherwise by an affine resampling onto an axial grid; beyond, ``gantry_tilt``.
 * Axis-aligned orientations are canonicalised by flips/transposes only (no interpolation).
+
+Rejection codes (:attr:`StudyRejectedError.code`): ``no_pixel_data``, ``no_pixel_spacing``,
+``no_image_plane``, ``no_frame_of_reference``, ``mixed_series``, ``unreadable_instance``,
+``undecodable_pixel_data`` (e.g. JPEG processes 6-8/10-12 without GDCM),
+``unsupported_pixel_data``, ``inconsistent_geometry``, ``too_few_slices``,
+``duplicate_positions``, ``missing_slices``, ``uneven_spacing``, ``gantry_tilt``, ``not_axial``.
+All geometry checks run on headers before any pixel is decoded, except the duplicate check.
+
+Memory: headers are read with pixel data deferred, then frames are decoded one at a time into a
+preallocated float32 array that becomes :attr:`Volume.hu` (int16 to float32 once); flips are done
+slice by slice in place. Peak is about one volume (300 x 512 x 512: 300 MiB), two when
+resampling (uneven spacing, tilted planes) or transposing a non-square matrix.
 """
 
 from __future__ import annotations
@@ -865,19 +877,43 @@ def _flip_axis_aligned(
     d_row, d_col = head.pixel_spacing
     if row_sign < 0:
         origin = origin + (head.columns - 1) * d_col * row
-        stack = stack[:, :, ::-1]
         corrections.append("flipped_row_direction")
     if col_sign < 0:
         origin = origin + (head.rows - 1) * d_row * col
-        stack = stack[:, ::-1, :]
         corrections.append("flipped_column_direction")
     dy, dx = d_row, d_col
     if row_axis == 1:
-        stack = stack.transpose(0, 2, 1)
         dy, dx = d_col, d_row
         corrections.append("transposed_rows_columns")
-    hu = np.ascontiguousarray(stack)
+    hu = _reorient_in_place(stack, row_sign < 0, col_sign < 0, row_axis == 1)
     return hu, (spacing, dy, dx), (float(origin[0]), float(origin[1]), float(origin[2])), True
+
+
+def _reorient_in_place(
+    stack: FloatArray, flip_columns: bool, flip_rows: bool, transpose: bool
+) -> FloatArray:
+    """Flip (and transpose) every slice, one slice at a time so memory stays one volume.
+
+    Only a transpose of a non-square matrix needs a second whole array.
+    """
+    if not (flip_columns or flip_rows or transpose):
+        return stack
+    square = stack.shape[1] == stack.shape[2]
+    if transpose and not square:
+        steps = (
+            slice(None),
+            slice(None, None, -1 if flip_rows else 1),
+            slice(None, None, -1 if flip_columns else 1),
+        )
+        return np.ascontiguousarray(stack[steps].transpose(0, 2, 1))
+    for k in range(stack.shape[0]):
+        plane = stack[k]
+        if flip_columns:
+            plane = plane[:, ::-1]
+        if flip_rows:
+            plane = plane[::-1, :]
+        stack[k] = (plane.T if transpose else plane).copy()
+    return stack
 
 
 def _affine_resample(

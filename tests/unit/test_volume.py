@@ -32,11 +32,14 @@ def field_hu(x: npt.ArrayLike, y: npt.ArrayLike, z: npt.ArrayLike) -> npt.NDArra
 
 
 def plane_pixels(
-    position: Sequence[float], orientation: Sequence[float], spacing: float
+    position: Sequence[float],
+    orientation: Sequence[float],
+    spacing: float,
+    shape: tuple[int, int] = (SIZE, SIZE),
 ) -> npt.NDArray[np.float64]:
     """HU of every pixel of an image plane (PS3.3 C.7.6.2.1.1 pixel-to-patient mapping)."""
     row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
-    j, i = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    j, i = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     world = (
         np.asarray(position)[:, None, None]
         + row[:, None, None] * i * spacing
@@ -88,8 +91,9 @@ def write_slice(
     ds.PixelSpacing = [spacing, spacing]
     ds.SliceThickness = thickness
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    values = plane_pixels(position, orientation, spacing) if hu is None else hu
-    ds.PixelData = (np.round(values) + 1024).astype("<i2").tobytes()
+    if hu is None:
+        hu = plane_pixels(position, orientation, spacing, (int(ds.Rows), int(ds.Columns)))
+    ds.PixelData = (np.round(hu) + 1024).astype("<i2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -496,3 +500,12 @@ def test_an_image_plane_far_from_axial_is_rejected(tmp_path: Path) -> None:
     positions = [(0.0, float(y), 0.0) for y in range(4)]
     error = rejection(lambda: build_volume(write_series(tmp_path, positions, orientation=coronal)))
     assert error.code == "not_axial"
+
+
+def test_a_non_square_matrix_with_rows_along_y_is_transposed(tmp_path: Path) -> None:
+    orientation = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0)
+    paths = write_series(tmp_path, axial_positions(4), orientation=orientation, Rows=16)
+    volume = build_volume(paths)
+    assert volume.hu.shape == (4, SIZE, 16)
+    assert "transposed_rows_columns" in volume.corrections
+    assert_matches_field(volume)
