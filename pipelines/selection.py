@@ -63,6 +63,7 @@ from pipelines.volume import (
 log = logging.getLogger(__name__)
 
 CT_SOP_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT})
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 THIN_MM = 1.5
 PREFERRED_MM = 3.0
 
@@ -245,11 +246,16 @@ def _group(paths: Iterable[Path]) -> dict[str, _Series]:
 
 
 def _read_header(path: Path) -> Dataset | None:
+    """The header of a DICOM instance; None (logged at debug) for anything else or a DICOMDIR."""
     try:
-        return dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         log.debug("skipping %s: not DICOM (%s)", path.name, type(exc).__name__)
         return None
+    if sop_class_uid(ds) == MEDIA_STORAGE_DIRECTORY:
+        log.debug("skipping %s: DICOMDIR", path.name)
+        return None
+    return ds
 
 
 def _accumulate(series: _Series, ds: Dataset, path: Path) -> None:

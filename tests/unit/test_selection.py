@@ -57,11 +57,16 @@ def test_files_without_series_uid_are_grouped_by_frame_of_reference(shared_data:
     assert len(chosen.paths) == 20
 
 
-def test_non_dicom_files_are_ignored(tmp_path: Path) -> None:
+def test_non_dicom_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
     paths = series(tmp_path / "ct")
     (tmp_path / "notes.txt").write_text("not DICOM")
     (tmp_path / "empty.dcm").write_bytes(b"")
-    chosen = select_series([*paths, tmp_path / "notes.txt", tmp_path / "empty.dcm"])
+    dicomdir = write_slice(
+        tmp_path / "DICOMDIR", (0.0, 0.0, 0.0), SOPClassUID="1.2.840.10008.1.3.10"
+    )
+    others = [tmp_path / "notes.txt", tmp_path / "empty.dcm", dicomdir]
+    chosen = select_series([*paths, *others])
+    assert list(chosen.reasons_by_series) == [chosen.key]
     assert len(chosen.paths) == 22
 
 
