@@ -124,10 +124,13 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
 
     @router.get("/api/failures", response_model=FailuresOut, tags=["dashboard"])
     def failures(
-        include_discarded: bool = False, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+        include_history: bool = False, limit: Annotated[int, Query(ge=1, le=1000)] = 200
     ) -> FailuresOut:
-        """Failed and rejected jobs with reason and attempts, and the dead letters."""
-        return service.failures_out(dash, include_discarded, limit)
+        """Failed and rejected jobs with reason and attempts, and the dead letters.
+
+        ``include_history`` adds failed jobs already retried (superseded) or discarded.
+        """
+        return service.failures_out(dash, include_history, limit)
 
     @router.get("/api/config", response_model=ConfigOut, tags=["dashboard"])
     def config() -> ConfigOut:

@@ -78,11 +78,9 @@ def page_router(dash: Dashboard) -> APIRouter:
         return _render(request, "study", "Study", d=detail)
 
     @router.get("/dashboard/failures", response_class=HTMLResponse)
-    def failures(request: Request, include_discarded: bool = False) -> Response:
-        data = service.failures_out(dash, include_discarded, 200)
-        return _render(
-            request, "failures", "Failures", data=data, include_discarded=include_discarded
-        )
+    def failures(request: Request, include_history: bool = False) -> Response:
+        data = service.failures_out(dash, include_history, 200)
+        return _render(request, "failures", "Failures", data=data, include_history=include_history)
 
     @router.get("/dashboard/config", response_class=HTMLResponse)
     def config(request: Request) -> Response:

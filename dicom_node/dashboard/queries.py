@@ -294,8 +294,12 @@ def study_parts(
 FAILED_STATES = (JobState.FAILED, JobState.REJECTED)
 
 
-def failures(db: Database, include_discarded: bool, limit: int) -> list[FailureRow]:
-    """Failed and rejected jobs, newest first, with their reasons."""
+def failures(db: Database, include_history: bool, limit: int) -> list[FailureRow]:
+    """Failed and rejected jobs, newest first, with their reasons.
+
+    By default only those still current for their study and not discarded; with
+    ``include_history`` also those retried since (superseded) or discarded.
+    """
     query = (
         select(Job, Study)
         .join(Study, Study.id == Job.study_id)
@@ -303,8 +307,8 @@ def failures(db: Database, include_discarded: bool, limit: int) -> list[FailureR
         .order_by(Job.created_at.desc())
         .limit(limit)
     )
-    if not include_discarded:
-        query = query.where(Job.discarded_at.is_(None))
+    if not include_history:  # what still needs an operator: current and not discarded
+        query = query.where(Job.discarded_at.is_(None), Study.current_job_id == Job.id)
     with db.session() as session:
         rows = session.execute(query).all()
     return [

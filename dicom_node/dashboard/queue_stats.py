@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from dicom_node.db import Database, QueueMessage, utcnow
 
 _AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
+NOT_FOUND = 404
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class RabbitInspector:
             with self._channel() as channel:
                 ok = channel.queue_declare(name, passive=True).method
                 return QueueDepth(name, int(ok.message_count), int(ok.consumer_count))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == NOT_FOUND:  # the publisher declares it on its first message
+                return QueueDepth(name, 0, 0, error="not declared yet")
+            return QueueDepth(name, None, None, error=type(exc).__name__)
         except _AMQP_ERRORS as exc:
             return QueueDepth(name, None, None, error=type(exc).__name__)
 
@@ -141,9 +146,12 @@ class RabbitInspector:
         return len(mine)
 
     def ping(self) -> str | None:
-        """Reachable when the work queue can be declared passively."""
-        depth = self._depth(self.names[0])
-        return depth.error
+        """``None`` when the broker accepts a connection and a channel."""
+        try:
+            with self._channel():
+                return None
+        except _AMQP_ERRORS as exc:
+            return type(exc).__name__
 
 
 def _decode(body: bytes) -> dict[str, Any]:

@@ -135,11 +135,11 @@ def audit_log(dash: Dashboard, limit: int) -> list[AuditOut]:
         return [_audit_out(a) for a in rows]
 
 
-def failures_out(dash: Dashboard, include_discarded: bool, limit: int) -> FailuresOut:
+def failures_out(dash: Dashboard, include_history: bool, limit: int) -> FailuresOut:
     """Failed/rejected jobs, the dead letters, and the dead-letter queue's depth."""
     dead = dash.queues.dead_letters(limit)
     return FailuresOut(
-        failures=failures(dash.db, include_discarded, limit),
+        failures=failures(dash.db, include_history, limit),
         dead_letters=[
             DeadLetterOut(
                 job_id=d.job_id, study_instance_uid=d.study_instance_uid, redelivered=d.redelivered
