@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database
@@ -26,18 +28,75 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
-def _run_node(settings: Settings) -> int:
-    from dicom_node.service import Node
-
-    node = Node(settings)
+def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node.start()
-    LOGGER.info("ready")
     stop.wait()
     LOGGER.info("stopping")
+
+
+def _run_node(settings: Settings, workers: int) -> int:
+    from dicom_node.service import Node
+    from pipelines.worker import Worker, run_worker
+
+    node = Node(settings)
+    node.start()
+    pool = [Worker(settings, node.db) for _ in range(workers)]
+    threads = [
+        threading.Thread(target=run_worker, args=(settings, node.db, w), name=f"worker-{i}")
+        for i, w in enumerate(pool)
+    ]
+    for thread in threads:
+        thread.start()
+    LOGGER.info("ready (%d worker%s)", workers, "" if workers == 1 else "s")
+    _wait_for_signal()
+    node.scp.stop()
+    for worker in pool:
+        worker.stop()
+    for thread in threads:
+        thread.join(timeout=settings.job_timeout_seconds)
     node.stop()
+    return 0
+
+
+def _run_worker(settings: Settings) -> int:
+    from dicom_node.migrate import upgrade
+    from pipelines.worker import Worker, run_worker
+
+    db = Database(settings.database_url)
+    upgrade(db)
+    worker = Worker(settings, db)
+    thread = threading.Thread(target=run_worker, args=(settings, db, worker), name="worker")
+    thread.start()
+    LOGGER.info("worker %s ready", worker.worker_id)
+    _wait_for_signal()
+    worker.stop()
+    thread.join(timeout=settings.job_timeout_seconds)
+    db.dispose()
+    return 0
+
+
+def _detect(settings: Settings, path: Path, out: Path) -> int:
+    """Run the pipeline offline on a folder of DICOM files and write ``out/findings.json``."""
+    from dicom_node.errors import StudyRejectedError
+    from pipelines.analysis import analyse
+    from pipelines.detect import Detector
+    from pipelines.worker import detector_config
+
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _volume, detection = analyse(
+            files, Detector(detector_config(settings)), settings.min_slices
+        )
+        report: dict[str, object] = detection.to_json()
+        LOGGER.info("%d nodule(s) found", len(detection.nodules))
+    except StudyRejectedError as exc:
+        report = {"rejected": {"code": exc.code, "detail": exc.detail}}
+        LOGGER.info("rejected: %s", exc.code)
+    (out / "findings.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(out / "findings.json")
     return 0
 
 
@@ -56,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run everything in one process: SCP, jobs, workers, HTTP")
     commands.add_parser("node", help="run the DICOM node (SCP, completeness, jobs, HTTP)")
+    commands.add_parser("worker", help="run an inference worker on the configured queue")
+    detect = commands.add_parser("detect", help="run the pipeline offline on a folder of DICOM")
+    detect.add_argument("path", type=Path, help="folder (any nesting) or file; non-DICOM ignored")
+    detect.add_argument("--out", type=Path, required=True, help="folder for findings.json")
     db = commands.add_parser("db", help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="create or migrate the schema to the newest revision")
@@ -69,8 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(settings.log_level)
     LOGGER.info("effective configuration: %s", settings.effective())
     try:
-        if args.command in ("serve", "node"):
-            return _run_node(settings)
+        if args.command == "serve":
+            return _run_node(settings, workers=settings.workers)
+        if args.command == "node":
+            return _run_node(settings, workers=0)
+        if args.command == "worker":
+            return _run_worker(settings)
+        if args.command == "detect":
+            return _detect(settings, args.path, args.out)
         return _db_upgrade(settings)
     except ConfigError as exc:
         LOGGER.error("%s", exc)

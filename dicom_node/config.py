@@ -19,7 +19,7 @@ import logging
 import socket
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -115,6 +115,18 @@ class Settings(BaseSettings):
 
     publish_retry_seconds: float = Field(default=2.0, gt=0)
     log_level: str = "INFO"
+
+    backend: Literal["auto", "tensorrt", "onnx-tensorrt", "onnx-cuda", "onnx-cpu"] = "auto"
+    fp16: bool = False
+    models_dir: Path | None = None
+    inference_threads: int | None = Field(default=None, ge=1)
+    operating_threshold: float | None = Field(default=None, ge=0, le=1)
+    review_band: float = Field(default=0.1, ge=0, le=1)
+    min_slices: int = Field(default=20, ge=3)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    job_timeout_seconds: float = Field(default=900.0, gt=0)
+    workers: int = Field(default=1, ge=0)
 
     dashboard_token: SecretStr | None = None
     dashboard_users: SecretStr | None = None  # "alice:password,bob:password" (basic auth)

@@ -214,6 +214,20 @@ class QueueMessage(Base):
     acked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class Result(Base):
+    """The result set of one job: exactly one per job (the unique ``job_id``), written together
+    with the job's move out of ``processing`` so that a redelivered job cannot add a second."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    nodules: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def new_job_id() -> str:
     """A fresh job id (a random UUID; it carries nothing about the patient)."""
     return str(uuid.uuid4())

@@ -43,3 +43,45 @@ def storescu(
     cmd = ["storescu", "-aet", aet, "-aec", aec, "+sd", "+r", "+sp", pattern, *extra]
     cmd += ["127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+class Service:
+    """A ``noduleai`` process of the test's own: output to a log file, stopped by its pid."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        import os
+        import sys
+
+        self.log = log
+        self._out = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", *args],
+            env={**os.environ, **env},
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait; SIGKILL after ``timeout``. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._out.close()
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed host would."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+        self._out.close()

@@ -1,0 +1,32 @@
+"""One study, start to finish: select the series, build the volume, detect.
+
+Shared by the worker and by ``noduleai detect`` so that both compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipelines.detect import Detection, Detector
+from pipelines.selection import select_series
+from pipelines.volume import Volume, build_volume
+
+
+def analyse(paths: Iterable[Path], detector: Detector, min_slices: int) -> tuple[Volume, Detection]:
+    """Analyse the files of one study.
+
+    Raises
+    ------
+    dicom_node.errors.StudyRejectedError
+        No eligible series, or geometry that cannot be used; the code says which.
+    """
+    start = time.perf_counter()
+    selected = select_series(paths, min_slices=min_slices)
+    volume = build_volume(selected.paths)
+    loaded = (time.perf_counter() - start) * 1000.0
+    detection = detector.run(volume)
+    detection.timings_ms = {"load": loaded, **detection.timings_ms}
+    detection.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
+    return volume, detection

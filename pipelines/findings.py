@@ -1,0 +1,127 @@
+"""Post-processing: stage-2 findings into nodules a radiologist reads.
+
+Per nodule: centre (LPS, mm), long- and short-axis diameters on the axial slice of largest extent
+(as RECIST and Lung-RADS measure), volume, mean HU, attenuation type and probability, with a
+"needs review" flag inside the uncertainty band above the operating point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from models.infer import Finding
+from models.preprocessing import ISO_SPACING_MM
+
+#: HU above which a voxel counts as solid (soft tissue) rather than ground glass.
+SOLID_HU = -300.0
+#: Solid fraction of the nodule's core at or above which it is solid, at or below which it is
+#: ground-glass; part-solid in between (Fleischner Society glossary, attenuation categories).
+SOLID_FRACTION, GROUND_GLASS_FRACTION = 0.8, 0.2
+
+
+@dataclass
+class Nodule:
+    """One reported nodule; the mask lies on the isotropic grid at ``mask_origin_mm``."""
+
+    center_mm: tuple[float, float, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_mm3: float
+    mean_hu: float
+    type: str
+    probability: float
+    needs_review: bool
+    mask: npt.NDArray[np.bool_] = field(repr=False)
+    mask_origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mask_spacing_mm: float = ISO_SPACING_MM
+
+    def to_json(self) -> dict[str, Any]:
+        """The nodule as ``findings.json`` reports it (mask left out)."""
+        return {
+            "center_mm": [round(float(v), 2) for v in self.center_mm],
+            "long_axis_mm": round(self.long_axis_mm, 2),
+            "short_axis_mm": round(self.short_axis_mm, 2),
+            "volume_mm3": round(self.volume_mm3, 1),
+            "mean_hu": round(self.mean_hu, 1),
+            "type": self.type,
+            "probability": round(self.probability, 4),
+            "needs_review": self.needs_review,
+        }
+
+
+def describe(
+    finding: Finding,
+    iso_hu: npt.NDArray[np.floating[Any]],
+    origin_mm: tuple[float, float, float],
+    threshold: float,
+    review_band: float,
+) -> Nodule:
+    """Measure ``finding`` on the isotropic HU volume and classify it."""
+    mask = finding.mask
+    hu = _masked_hu(mask, finding.mask_origin_xyz_mm, iso_hu, origin_mm)
+    long_axis, short_axis = axes_mm(mask) if mask.any() else (finding.diameter_mm, 0.0)
+    return Nodule(
+        center_mm=finding.centre_xyz_mm,
+        long_axis_mm=long_axis,
+        short_axis_mm=short_axis,
+        volume_mm3=finding.volume_mm3,
+        mean_hu=float(hu.mean()) if hu.size else float("nan"),
+        type=attenuation_type(mask, hu),
+        probability=finding.probability,
+        needs_review=finding.probability < threshold + review_band,
+        mask=mask,
+        mask_origin_mm=finding.mask_origin_xyz_mm,
+    )
+
+
+def _masked_hu(
+    mask: npt.NDArray[np.bool_],
+    mask_origin_mm: tuple[float, float, float],
+    iso_hu: npt.NDArray[np.floating[Any]],
+    origin_mm: tuple[float, float, float],
+) -> npt.NDArray[np.floating[Any]]:
+    """HU values under ``mask`` (in mask order), clipped to the volume."""
+    lo = [round((mask_origin_mm[i] - origin_mm[i]) / ISO_SPACING_MM) for i in (2, 1, 0)]
+    src = tuple(
+        slice(max(0, a), min(n, a + m))
+        for a, m, n in zip(lo, mask.shape, iso_hu.shape, strict=True)
+    )
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo, strict=True))
+    return iso_hu[src][mask[dst]]
+
+
+def axes_mm(mask: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """Long axis and the longest extent perpendicular to it, on the largest axial slice."""
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    points = np.argwhere(mask[z]).astype(np.float64)
+    if len(points) < 2:
+        return ISO_SPACING_MM, ISO_SPACING_MM
+    edge = mask[z] & ~ndimage.binary_erosion(mask[z])
+    outline = np.argwhere(edge).astype(np.float64) if edge.sum() >= 2 else points
+    d = np.sqrt(((outline[:, None, :] - outline[None, :, :]) ** 2).sum(-1))
+    i, j = np.unravel_index(int(np.argmax(d)), d.shape)
+    direction = (outline[j] - outline[i]) / max(d[i, j], 1e-9)
+    normal = np.array([-direction[1], direction[0]])
+    across = points @ normal
+    long_axis = (d[i, j] + 1.0) * ISO_SPACING_MM
+    short_axis = (across.max() - across.min() + 1.0) * ISO_SPACING_MM
+    return float(long_axis), float(min(short_axis, long_axis))
+
+
+def attenuation_type(mask: npt.NDArray[np.bool_], hu: npt.NDArray[np.floating[Any]]) -> str:
+    """``solid``, ``part-solid`` or ``ground-glass`` from the solid fraction of the core."""
+    if hu.size == 0:
+        return "solid"
+    core = ndimage.binary_erosion(mask)
+    values = hu[core[mask]] if core.sum() >= 8 else hu
+    solid = float((values > SOLID_HU).mean())
+    if solid >= SOLID_FRACTION:
+        return "solid"
+    if solid <= GROUND_GLASS_FRACTION:
+        return "ground-glass"
+    return "part-solid"
