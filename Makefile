@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: serve test check lint types install install-dev system-deps bench
+.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,16 @@ install-dev: $(BIN)/python
 system-deps:
 	./scripts/system-deps.sh
 
+## playwright-core (pinned by tests/e2e/package-lock.json) for the dashboard browser test.
+e2e-deps:
+	cd tests/e2e && npm ci --no-audit --no-fund
+
 ## Install and start the service on its embedded defaults (SQLite, embedded queue, CPU).
 serve: install
 	$(BIN)/noduleai serve
 
 ## Install everything the tests need and run the whole suite (SQLite and PostgreSQL).
-test: system-deps install-dev
+test: system-deps install-dev e2e-deps
 	$(BIN)/pytest
 
 lint: install-dev

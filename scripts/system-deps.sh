@@ -3,7 +3,7 @@
 # DCMTK (modality and SCU/SCP peer), Orthanc with DICOMweb (the PACS), dicom3tools (dciodvfy).
 set -euo pipefail
 
-packages=(python3-venv dcmtk orthanc orthanc-dicomweb dicom3tools openssl)
+packages=(python3-venv dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
