@@ -49,6 +49,8 @@ def service_env(tmp_path: Path, database_url: str) -> dict[str, str]:
         "NODULEAI_HTTP_PORT": str(free_port()),
         "NODULEAI_QUIET_SECONDS": "1",
         "NODULEAI_MIN_FREE_BYTES": "0",
+        # No workers in-process: the test itself consumes the embedded queue, as a worker would.
+        "NODULEAI_WORKERS": "0",
     }
 
 
