@@ -40,6 +40,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicom_node import reactor
 from dicom_node.config import Settings
 from dicom_node.errors import NoduleAIError
 from dicom_node.ingest import Ingest
@@ -117,12 +118,12 @@ class _PolicyACSE(ACSE):
 
 def _request_handler(policy: AssociationPolicy) -> type[RequestHandler]:
     class PolicyRequestHandler(RequestHandler):
-        """Sets TCP_NODELAY on the accepted socket and installs the policy ACSE."""
+        """Sets TCP_NODELAY, installs the event-driven reactors and the policy ACSE."""
 
         def _create_association(self) -> Association:
             sock = self.request
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            assoc = super()._create_association()
+            assoc = reactor.install(super()._create_association())
             assoc.acse = _PolicyACSE(assoc, policy)
             return assoc
 
