@@ -50,7 +50,7 @@ def bench(provider: str, threads: int, repeat: int, batch1: int = 8, batch2: int
     rng = np.random.default_rng(0)
     s1 = _session("stage1_screen", provider, threads)
     s2 = _session("stage2_refine", provider, threads)
-    x1 = rng.random((batch1, 3, size, size), dtype=np.float32)
+    x1 = rng.random((batch1, 5, size, size), dtype=np.float32)
     x2 = rng.random((batch2, 1, 32, 32, 32), dtype=np.float32)
     t1 = _time(lambda: s1.run(None, {"slices": x1}), repeat)
     t2 = _time(lambda: s2.run(None, {"patch": x2}), repeat)

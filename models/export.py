@@ -66,7 +66,7 @@ def manifest_stage1(path: Path, threshold: float, training: dict[str, Any]) -> d
         "opset": OPSET, "framework": "onnx",
         "inputs": [{"name": "slices", "shape": ["batch", 2 * STAGE1_CONTEXT + 1, "height",
                                                  "width"], "dtype": "float32",
-                    "meaning": "isotropic axial slices z-1, z, z+1 as channels, HU window scaled "
+                    "meaning": "isotropic axial slices z-2 .. z+2 as channels, HU window scaled "
                                "to [0, 1]; height and width multiples of 8"}],
         "outputs": [{"name": "heatmap", "shape": ["batch", 1, "height", "width"],
                      "dtype": "float32",

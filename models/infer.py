@@ -45,7 +45,7 @@ from models.preprocessing import (
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 STAGE1_NAME = "stage1_screen"
 STAGE2_NAME = "stage2_refine"
-MAX_CANDIDATES = 48
+MAX_CANDIDATES = 96
 """Most candidates per scan passed to stage 2 (highest stage-1 scores first)."""
 
 Predict1 = Callable[[FloatArray], FloatArray]
@@ -124,7 +124,7 @@ def lung_box(lung: npt.NDArray[np.bool_], margin: int = 8) -> tuple[slice, slice
 
 
 def stage1_input(iso_norm: FloatArray, z: int) -> FloatArray:
-    """The 2.5D input of slice ``z``: ``(3, H, W)`` slices ``z-1, z, z+1`` (edges repeated)."""
+    """The 2.5D input of slice ``z``: slices ``z-2 .. z+2`` as channels (edges repeated)."""
     idx = np.clip(np.arange(z - STAGE1_CONTEXT, z + STAGE1_CONTEXT + 1), 0, iso_norm.shape[0] - 1)
     return np.ascontiguousarray(iso_norm[idx], dtype=np.float32)
 

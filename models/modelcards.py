@@ -109,7 +109,7 @@ def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any],
     syn = _synthetic_table(s) if s else "Not evaluated.\n"
     s1 = f"""# Model card: stage1_screen {m1['version']}
 
-2D (2.5D) nodule screening network, stage 1 of NoduleAI's detector. Input: three adjacent
+2D (2.5D) nodule screening network, stage 1 of NoduleAI's detector. Input: five adjacent
 isotropic axial slices as channels; depthwise-separable convolutions at strides 1-8 with
 top-down multi-scale fusion back to full resolution; output: per-slice nodule-centre heatmap.
 Local 3D maxima of the stacked heatmaps at or above the candidate threshold
@@ -120,7 +120,7 @@ Local 3D maxima of the stacked heatmaps at or above the candidate threshold
 
 - Stage-1 recall on the held-out set at the candidate threshold (a candidate within the nodule's
   radius): **{_fmt(s['stage1_recall']) if s else 'n/a'}**, with
-  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 48).
+  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 96).
 - Validation recall when the threshold was chosen: {_fmt(m1['training']['stage1_val_recall'])}.
 - Speed (onnxruntime CPU): {bench.get('stage1_ms_per_slice', 'see benchmarks/models.py')} ms
   per slice.

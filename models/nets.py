@@ -1,6 +1,6 @@
 """The two networks (torch; training and export only, never imported by the service).
 
-- :class:`ScreenNet` (stage 1): 2.5D slice screen. Input ``(N, 3, H, W)``: slices ``z-1, z, z+1``
+- :class:`ScreenNet` (stage 1): 2.5D slice screen. Input ``(N, 5, H, W)``: slices ``z-2 .. z+2``
   of the isotropic grid, HU window scaled to [0, 1]. Depthwise-separable convolutions at strides
   1 to 8, top-down multi-scale fusion back to full resolution (small nodules keep their detail),
   output ``(N, 1, H, W)`` nodule-centre heatmap logits.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.preprocessing import STAGE1_CONTEXT
 
 
 class DSConv(nn.Module):
@@ -35,7 +37,7 @@ class DSConv(nn.Module):
 class ScreenNet(nn.Module):
     """Stage 1: light 2.5D screening network with multi-scale fusion (see module docstring)."""
 
-    def __init__(self, in_ch: int = 3, width: int = 12) -> None:
+    def __init__(self, in_ch: int = 2 * STAGE1_CONTEXT + 1, width: int = 12) -> None:
         super().__init__()
         w = width
         self.stem = nn.Sequential(nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),

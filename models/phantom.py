@@ -553,7 +553,8 @@ def _anatomy_volume(rng: Rng, grid: _Grid, anat: _Anatomy, shape: tuple[int, int
     tex = _lung_texture(rng, shape, grid.spacing, grid.y, anat)
     _draw_vessels(rng, anat)
     vessel, wall, lumen = _rasterise_vessels(grid, anat, shape)
-    lung_hu = tex * (1 - vessel) + SOFT_HU * vessel
+    vessel_hu = rng.uniform(20.0, 260.0)  # without or with intravenous contrast
+    lung_hu = tex * (1 - vessel) + vessel_hu * vessel
     lung_hu = lung_hu * (1 - wall) + 0.0 * wall
     lung_hu = lung_hu * (1 - lumen) - 1000.0 * lumen
     hu[lungs] = lung_hu[lungs]

@@ -21,8 +21,8 @@ ISO_SPACING_MM = 1.25
 HU_WINDOW = (-1000.0, 400.0)
 """HU values are clipped to this window and mapped linearly to [0, 1]."""
 
-STAGE1_CONTEXT = 1
-"""Stage 1 sees slices ``z - 1, z, z + 1`` of the isotropic grid as three channels (2.5D)."""
+STAGE1_CONTEXT = 2
+"""Stage 1 sees slices ``z - 2 .. z + 2`` of the isotropic grid as five channels (2.5D)."""
 
 STAGE2_PATCH = 32
 """Stage 2 patch edge in voxels (32 x 1.25 mm = 40 mm field of view)."""

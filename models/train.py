@@ -37,6 +37,7 @@ from models.infer import (
 from models.phantom import make_phantom
 from models.preprocessing import (
     ISO_SPACING_MM,
+    STAGE1_CONTEXT,
     STAGE2_PATCH,
     FloatArray,
     crop_patch,
@@ -93,8 +94,8 @@ def _log(msg: str) -> None:
 
 
 def _crop2d(vol: npt.NDArray[np.floating[Any]], z: int, cy: int, cx: int, size: int) -> FloatArray:
-    idx = np.clip(np.arange(z - 1, z + 2), 0, vol.shape[0] - 1)
-    out = np.zeros((3, size, size), np.float32)
+    idx = np.clip(np.arange(z - STAGE1_CONTEXT, z + STAGE1_CONTEXT + 1), 0, vol.shape[0] - 1)
+    out = np.zeros((len(idx), size, size), np.float32)
     y0, x0 = cy - size // 2, cx - size // 2
     ys = slice(max(0, y0), min(vol.shape[1], y0 + size))
     xs = slice(max(0, x0), min(vol.shape[2], x0 + size))
@@ -119,15 +120,15 @@ def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray
 
 def stage1_batch(vols: list[Volume], rng: np.random.Generator, batch: int, size: int
                  ) -> tuple[FloatArray, FloatArray]:
-    """Half the crops around nodules (near their centre slice), half anywhere in the lungs."""
+    """Two thirds of the crops around nodules (mostly their centre slice), a third anywhere."""
     xs, ys = [], []
     with_nod = [v for v in vols if len(v.radii)]
     for i in range(batch):
-        if i % 2 == 0 and with_nod:
+        if i % 3 != 2 and with_nod:
             v = with_nod[int(rng.integers(len(with_nod)))]
             k = int(rng.integers(len(v.radii)))
             c = v.centres[k]
-            z = round(c[0]) + int(rng.integers(-1, 2)) * int(rng.random() < 0.5)
+            z = round(c[0]) + int(rng.integers(-2, 3)) * int(rng.random() < 0.4)
             cy = int(c[1] + rng.integers(-size // 3, size // 3 + 1))
             cx = int(c[2] + rng.integers(-size // 3, size // 3 + 1))
         else:
@@ -486,8 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-val", type=int, default=12)
-    p.add_argument("--s1-iters", type=int, default=1500)
-    p.add_argument("--s2-iters", type=int, default=700)
+    p.add_argument("--s1-iters", type=int, default=2000)
+    p.add_argument("--s2-iters", type=int, default=800)
     p.add_argument("--s1-floor", type=float, default=0.05)
     p.add_argument("--operating-fps", type=float, default=0.25)
     return p.parse_args(argv)

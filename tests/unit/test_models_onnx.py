@@ -37,7 +37,7 @@ def test_stage1_onnxruntime_matches_torch_within_tolerance(tmp_path: Path) -> No
     net.eval()
     path = tmp_path / "s1.onnx"
     export_stage1(net, path)
-    x = np.random.default_rng(0).random((3, 3, 80, 112), dtype=np.float32)  # batch 3, new H, W
+    x = np.random.default_rng(0).random((3, 5, 80, 112), dtype=np.float32)  # batch 3, new H, W
     with torch.no_grad():
         ref = torch.sigmoid(net(torch.from_numpy(x))).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(

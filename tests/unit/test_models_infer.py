@@ -1,0 +1,114 @@
+"""The torch-free detection glue: resampling, lung mask, candidates, mask measurement, merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.infer import (
+    Candidate,
+    Finding,
+    extract_candidates,
+    make_finding,
+    merge_findings,
+    screen_volume,
+)
+from models.phantom import make_phantom
+from models.preprocessing import (
+    ISO_SPACING_MM,
+    STAGE2_PATCH,
+    iso_shape,
+    lung_mask,
+    normalise_hu,
+    resample_to_iso,
+)
+
+
+def test_resampling_keeps_voxel_zero_and_places_samples_at_iso_spacing() -> None:
+    z = np.arange(10, dtype=np.float32)[:, None, None] * 2.5  # value = position in mm
+    vol = np.broadcast_to(z, (10, 4, 4))
+    iso = resample_to_iso(vol, (2.5, 1.25, 1.25))
+    assert iso.shape == iso_shape(vol.shape, (2.5, 1.25, 1.25)) == (19, 4, 4)
+    assert np.allclose(iso[:, 0, 0], np.arange(19) * ISO_SPACING_MM)
+
+
+def test_nearest_resampling_keeps_label_values() -> None:
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:6, 2:6, 2:6] = 3
+    out = resample_to_iso(lab, (2.5, 2.5, 2.5), order=0)
+    assert set(np.unique(out)) == {0.0, 3.0}
+
+
+def test_hu_window_maps_to_unit_interval() -> None:
+    out = normalise_hu(np.array([-3000, -1000, -300, 400, 3000]))
+    assert out.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_lung_mask_covers_phantom_lungs_and_their_nodules() -> None:
+    ph = make_phantom(5, shape=(24, 128, 128), spacing_mm=(2.5, 2.8, 2.8), n_nodules=2)
+    iso = resample_to_iso(ph.volume_hu, ph.spacing_mm)
+    lung = lung_mask(iso)
+    assert 0.05 < lung.mean() < 0.6
+    labels = resample_to_iso(ph.labels, ph.spacing_mm, order=0)
+    if (labels > 0).any():
+        assert lung[labels > 0].mean() > 0.5
+
+
+def test_screen_volume_runs_every_slice_in_the_box_and_pads_to_multiples_of_eight() -> None:
+    iso = np.zeros((6, 30, 21), np.float32)
+    seen: list[tuple[int, ...]] = []
+
+    def fake(x: np.ndarray) -> np.ndarray:
+        seen.append(x.shape)
+        assert x.shape[2] % 8 == 0 and x.shape[3] % 8 == 0
+        return np.full((x.shape[0], 1, x.shape[2], x.shape[3]), 0.5, np.float32)
+
+    heat = screen_volume(iso, (slice(1, 5), slice(2, 27), slice(0, 21)), fake, batch=3)
+    assert sum(s[0] for s in seen) == 4
+    assert heat[1:5, 2:27].min() == 0.5 and heat[0].max() == 0 and heat[5].max() == 0
+
+
+def test_candidates_are_thresholded_local_maxima_strongest_first() -> None:
+    heat = np.zeros((10, 20, 20), np.float32)
+    heat[5, 5, 5] = 0.9
+    heat[5, 6, 5] = 0.8  # beside a stronger peak: not a local maximum
+    heat[2, 15, 15] = 0.4
+    heat[8, 15, 3] = 0.05  # below threshold
+    allowed = np.ones_like(heat, bool)
+    cands = extract_candidates(heat, allowed, threshold=0.1)
+    assert [c.voxel for c in cands] == [(5, 5, 5), (2, 15, 15)]
+    allowed[2] = False
+    assert len(extract_candidates(heat, allowed, threshold=0.1)) == 1
+
+
+def test_finding_measures_a_sphere_mask_and_recentres_on_it() -> None:
+    n = STAGE2_PATCH
+    zz, yy, xx = np.mgrid[:n, :n, :n]
+    r_vox = 8.0  # 20 mm diameter sphere, centred 2 voxels off the patch centre in x
+    mask = (((zz - 16) ** 2 + (yy - 16) ** 2 + (xx - 18) ** 2) <= r_vox**2).astype(np.float32)
+    f = make_finding(Candidate((40, 50, 60), 0.7), 0.95, mask, origin_mm=(0.0, 0.0, 0.0))
+    assert f.centre_xyz_mm == pytest.approx(
+        (62 * ISO_SPACING_MM, 50 * ISO_SPACING_MM, 40 * ISO_SPACING_MM), abs=0.1
+    )
+    assert f.diameter_mm == pytest.approx(20.0, rel=0.1)
+    assert f.equivalent_diameter_mm == pytest.approx(20.0, rel=0.1)
+    assert f.probability == 0.95 and f.stage1_score == 0.7
+
+
+def test_empty_mask_keeps_the_candidate_centre_and_zero_size() -> None:
+    f = make_finding(
+        Candidate((4, 5, 6), 0.3), 0.2, np.zeros((32, 32, 32), np.float32), (10.0, 20.0, 30.0)
+    )
+    assert f.centre_xyz_mm == pytest.approx((10 + 6 * 1.25, 20 + 5 * 1.25, 30 + 4 * 1.25))
+    assert f.diameter_mm == 0.0
+
+
+def _finding(x: float, p: float, d: float) -> Finding:
+    return Finding((x, 0.0, 0.0), p, d, d, 0.0, 0.5, np.zeros((1, 1, 1), bool))
+
+
+def test_overlapping_findings_merge_into_the_most_probable() -> None:
+    kept = merge_findings(
+        [_finding(0.0, 0.6, 20.0), _finding(5.0, 0.9, 20.0), _finding(40.0, 0.5, 4.0)]
+    )
+    assert [f.probability for f in kept] == [0.9, 0.5]
