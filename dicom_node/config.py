@@ -41,7 +41,7 @@ class Completeness(StrEnum):
 
 
 class AEPolicy(BaseModel):
-    """What a calling AE may do and how its studies are judged complete."""
+    """What a calling AE may do, how its studies are judged complete, where results go."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +49,11 @@ class AEPolicy(BaseModel):
     hosts: list[str] = Field(default_factory=list)
     completeness: Completeness = Completeness.QUIET
     quiet_seconds: float | None = Field(default=None, gt=0)
+    #: Compute and keep results, send nothing to DICOM destinations (FHIR still per ``fhir``).
+    shadow: bool = False
+    #: Destination names for this AE's results; default: the DICOM destination with the same AE
+    #: title (back to the sending PACS) and every FHIR destination.
+    results_to: list[str] | None = None
 
     def networks(self) -> list[IPNetwork]:
         """Return the networks this AE may connect from (empty: any address)."""
@@ -67,13 +72,100 @@ def _network(host: str) -> IPNetwork:
         raise ConfigError(f"ae_policies.hosts: cannot resolve host {host!r}") from exc
 
 
+class TLSFiles(BaseModel):
+    """Client-side TLS for a DICOM destination."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class DimseDestination(BaseModel):
+    """A DICOM C-STORE SCP (usually the PACS) that results are stored to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    type: Literal["dimse"] = "dimse"
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSFiles | None = None
+
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb server that takes results by STOW-RS (PS3.18 10.5)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    type: Literal["dicomweb"] = "dicomweb"
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+
+class FhirDestination(BaseModel):
+    """An HL7 FHIR R4 server that takes the DiagnosticReport and its Observations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    type: Literal["fhir"] = "fhir"
+    url: str
+    token: SecretStr | None = None
+
+
+Destination = Annotated[
+    DimseDestination | DicomWebDestination | FhirDestination, Field(discriminator="type")
+]
+
+
 class NodeConfig(BaseModel):
     """The YAML part of the configuration."""
 
     model_config = ConfigDict(extra="forbid")
 
     ae_policies: list[AEPolicy] = Field(default_factory=list)
-    destinations: list[dict[str, Any]] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names listed twice: {', '.join(duplicates)}")
+        return destinations
+
+    def destinations_for(self, calling_ae: str) -> list[Destination]:
+        """Where the results of a study sent by ``calling_ae`` go (none in shadow mode but FHIR).
+
+        Raises
+        ------
+        ConfigError
+            When the AE's ``results_to`` names an unknown destination.
+        """
+        policy = next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+        by_name = {d.name: d for d in self.destinations}
+        if policy is not None and policy.results_to is not None:
+            unknown = [n for n in policy.results_to if n not in by_name]
+            if unknown:
+                raise ConfigError(f"ae_policies.{calling_ae}.results_to: unknown {unknown}")
+            chosen = [by_name[n] for n in policy.results_to]
+        else:
+            chosen = [
+                d
+                for d in self.destinations
+                if isinstance(d, FhirDestination)
+                or (isinstance(d, DimseDestination) and d.ae_title == calling_ae.strip())
+            ]
+        if policy is not None and policy.shadow:
+            chosen = [d for d in chosen if isinstance(d, FhirDestination)]
+        return chosen
 
     @field_validator("ae_policies")
     @classmethod
@@ -127,6 +219,8 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
     job_timeout_seconds: float = Field(default=900.0, gt=0)
     workers: int = Field(default=1, ge=0)
+    delivery_max_attempts: int = Field(default=6, ge=1)
+    delivery_backoff_seconds: float = Field(default=2.0, ge=0)
 
     dashboard_token: SecretStr | None = None
     dashboard_users: SecretStr | None = None  # "alice:password,bob:password" (basic auth)
@@ -159,6 +253,7 @@ class Settings(BaseSettings):
             raise ConfigError(f"NODULEAI_CONFIG ({self.config}): {_describe(exc)}") from exc
         for policy in node.ae_policies:
             policy.networks()  # resolve now so that a bad host fails at start
+            node.destinations_for(policy.ae_title)  # and an unknown destination name
         return node
 
     def effective(self) -> dict[str, Any]:

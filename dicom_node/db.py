@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -156,15 +157,31 @@ class Job(Base):
     discarded_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class DeliveryState(StrEnum):
+    """Where a delivery is."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class Delivery(Base):
-    """One result object (or report) on its way to one destination."""
+    """One result object (or report) on its way to one destination.
+
+    DICOM objects get a row each (``object_uid`` is the SOP Instance UID, ``path`` the result file
+    relative to the spool), so that only what a destination did not confirm is sent again; the
+    FHIR report of a job is one row.
+    """
 
     __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "object_uid"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
+    object_uid: Mapped[str] = mapped_column(UID, default="")
+    path: Mapped[str | None] = mapped_column(String(400), default=None)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -11,6 +11,7 @@ from dicom_node.api import create_app
 from dicom_node.completeness import CompletenessLoop, CompletenessTracker
 from dicom_node.config import Settings
 from dicom_node.db import Database
+from dicom_node.export import DeliveryLoop
 from dicom_node.ingest import Ingest
 from dicom_node.migrate import upgrade
 from dicom_node.policy import AssociationPolicy
@@ -45,7 +46,8 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.policy = AssociationPolicy(settings.node_config(), settings.quiet_seconds)
+        self.config = settings.node_config()
+        self.policy = AssociationPolicy(self.config, settings.quiet_seconds)
         self.db = Database(settings.database_url)
         upgrade(self.db)
         self.spool = LocalSpool(settings.spool_dir, settings.min_free_bytes)
@@ -57,6 +59,7 @@ class Node:
         self.scp = StorageSCP(
             settings, self.policy, Ingest(self.db, self.spool), self.tracker.association_released
         )
+        self.delivery = DeliveryLoop(settings, self.db, self.config)
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -66,6 +69,7 @@ class Node:
             LOGGER.warning("no ae_policies configured: any calling AE may store to this node")
         self.publisher.start()
         self.completeness.start()
+        self.delivery.start()
         self.scp.start()
         self._start_http()
         self.publisher.wake()
@@ -102,5 +106,6 @@ class Node:
         if self._http_thread is not None:
             self._http_thread.join(timeout=10)
         self.completeness.stop()
+        self.delivery.stop()
         self.publisher.stop()
         self.db.dispose()

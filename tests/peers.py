@@ -91,8 +91,9 @@ class Orthanc:
         if shutil.which(ORTHANC_BINARY) is None:
             raise OrthancError(f"{ORTHANC_BINARY} is not installed (apt-get install orthanc)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        # A restart keeps the ports, as a PACS coming back after maintenance would.
+        self.http_port = self.http_port or free_port()
+        self.dicom_port = self.dicom_port or free_port()
         self.config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
