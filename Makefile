@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps
+.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps fhir-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,16 @@ system-deps:
 e2e-deps:
 	cd tests/e2e && npm ci --no-audit --no-fund
 
+## Medplum's FHIR router (pinned by tests/fhir_server/package-lock.json), the tests' FHIR R4 server.
+fhir-deps:
+	npm ci --prefix tests/fhir_server --no-audit --no-fund
+
 ## Install and start the service on its embedded defaults (SQLite, embedded queue, CPU).
 serve: install
 	$(BIN)/noduleai serve
 
 ## Install everything the tests need and run the whole suite (SQLite and PostgreSQL).
-test: system-deps install-dev e2e-deps
+test: system-deps install-dev e2e-deps fhir-deps
 	$(BIN)/pytest
 
 lint: install-dev

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Iterator
 
 import pytest
 
+from tests.fhir_peer import FhirServer
+from tests.fhir_peer import install as fhir_install
 from tests.peers import Orthanc
 
 
@@ -46,3 +49,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for server in _orthancs_of(item):
             report.sections.append((f"Orthanc log {server.log_path} (tail)", server.log()))
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer]:
+    """One FHIR R4 server (Medplum's router, in memory) for the session; requires a bearer token.
+
+    ``npm ci`` runs once here when ``tests/fhir_server/node_modules`` is missing. Tests keep
+    apart by using studies of their own.
+    """
+    fhir_install()
+    server = FhirServer(
+        tmp_path_factory.mktemp("fhir") / "fhir.log", token=secrets.token_urlsafe(16)
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,503 @@
+"""FHIR R4 resources for a study's findings: one DiagnosticReport, one Observation per nodule.
+
+Pure resource building, no I/O: :mod:`dicom_node.fhir_client` sends what this module builds.
+
+Resources are validated with the ``fhir.resources.R4B`` pydantic models. FHIR R4B (4.3.0) left
+DiagnosticReport and Observation unchanged from R4 (4.0.1): same elements, cardinalities, types
+and value sets (R4B's changes are in the medication-definition, evidence and subscription
+resources; HL7 FHIR R4B "Changes from R4", https://hl7.org/fhir/R4B/diff.html), so what validates
+here is valid R4 on the wire. Like the servers they go to, the models check structure, not value
+sets: the ``status`` codes are checked here (:data:`REPORT_STATUSES`, :data:`OBSERVATION_STATUSES`).
+
+Identity (what makes retries and reruns idempotent):
+
+- the DiagnosticReport is identified by ``urn:noduleai:report`` | a UUIDv5 of the
+  StudyInstanceUID, so every run for a study updates the same report;
+- each Observation is identified by ``urn:dicom:uid`` | ``urn:oid:<TrackingUID>`` of its nodule
+  (the tracking UID the SR gives the nodule, PS3.3 C.17.3.2.3, TID 1500 "Tracking Unique
+  Identifier"), or, when none is given, a UID derived from the report and the nodule's index;
+- the ImagingStudy is referenced *logically* by ``urn:dicom:uid`` | ``urn:oid:<StudyInstanceUID>``
+  (FHIR R4 ImagingStudy.identifier, "DICOM Study Instance UID"), the patient by identifier; no
+  Patient or ImagingStudy resource needs to exist on the server.
+
+The report's ``result`` references carry the Observations' identifiers; the client turns them
+into literal ``Observation/<id>`` references once the server has assigned ids.
+
+Codes (HL7 FHIR R4 DiagnosticReport, Observation; DICOM PS3.16 for the measurement concepts,
+the same concepts the TID 1500 SR uses, so the two outputs say the same thing):
+
+- report category ``v2-0074#RAD`` "Radiology"; report code LOINC ``24627-2`` "CT Chest" (PS3.16
+  CID 7000 "CT Chest Report": the document is a chest CT report, more specific than ``18748-4``
+  "Diagnostic imaging study");
+- Observation category ``observation-category#imaging``; code SNOMED CT ``27925004`` "Nodule";
+  body site SNOMED CT ``39607008`` "Lung structure" qualified by the mCODE laterality extension
+  (:data:`LATERALITY_EXTENSION`) with ``7771000`` "Left" or ``24028007`` "Right" from the sign of
+  the LPS x coordinate (+x is patient left, PS3.3 C.7.6.2.1.1);
+- components: ``SCT#103339001`` "Long axis" and ``SCT#103340004`` "Short axis" (UCUM ``mm``),
+  ``SCT#118565006`` "Volume" (UCUM ``mm3``), ``DCM#112031`` "Attenuation Coefficient" as the
+  mean over the nodule (UCUM ``[hnsf'U]``), attenuation type, detection probability (UCUM ``1``)
+  and the needs-review flag. The last three have no standard code we could verify (SNOMED CT's
+  solid / part-solid / ground-glass *nodule* concepts were not checkable offline; ``DCM#111047``
+  means probability of *cancer*, not of detection), so they use the local code system
+  :data:`COMPONENT_SYSTEM`, with ``DCM#112120`` "Ground glass opacity" added to the ground-glass
+  type as a second coding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+
+JSON = dict[str, Any]
+ReportStatus = Literal["registered", "preliminary", "final", "amended", "cancelled"]
+
+SNOMED: Final = "http://snomed.info/sct"
+LOINC: Final = "http://loinc.org"
+DCM: Final = "http://dicom.nema.org/resources/ontology/DCM"
+UCUM: Final = "http://unitsofmeasure.org"
+V2_0074: Final = "http://terminology.hl7.org/CodeSystem/v2-0074"
+OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation-category"
+#: FHIR's identifier system for DICOM UIDs, whose values are ``urn:oid:<uid>`` (FHIR R4 §2.24.0.1).
+DICOM_UID_SYSTEM: Final = "urn:dicom:uid"
+#: Identifier system of the reports this node writes.
+REPORT_SYSTEM: Final = "urn:noduleai:report"
+#: Local code system for the components no standard terminology covers.
+COMPONENT_SYSTEM: Final = "urn:noduleai:fhir:nodule"
+
+#: DiagnosticReport.status codes (FHIR R4 value set ``diagnostic-report-status``, required).
+REPORT_STATUSES: Final = frozenset(
+    {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+#: Observation.status codes (FHIR R4 value set ``observation-status``, required).
+OBSERVATION_STATUSES: Final = frozenset(
+    {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+
+#: Namespace of the UUIDv5 values this module derives (report identifiers, fallback nodule UIDs).
+NAMESPACE: Final = uuid.UUID("5b0c7d0e-2f4a-5c55-9a51-6e6f64756c65")
+
+REPORT_CODE: Final[JSON] = {
+    "coding": [{"system": LOINC, "code": "24627-2", "display": "CT Chest"}],
+    "text": "CT chest: lung nodule detection (AI)",
+}
+RADIOLOGY: Final[JSON] = {"coding": [{"system": V2_0074, "code": "RAD", "display": "Radiology"}]}
+IMAGING: Final[JSON] = {
+    "coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]
+}
+NODULE_CODE: Final[JSON] = {
+    "coding": [{"system": SNOMED, "code": "27925004", "display": "Nodule"}],
+    "text": "Lung nodule",
+}
+LUNG: Final[JSON] = {"system": SNOMED, "code": "39607008", "display": "Lung structure"}
+#: Laterality qualifier of a body site (HL7 mCODE STU2, laterality qualifier extension; R4 has no
+#: laterality element, and a second coding would claim "left" is a synonym of "lung").
+LATERALITY_EXTENSION: Final = (
+    "http://hl7.org/fhir/us/mcode/StructureDefinition/mcode-laterality-qualifier"
+)
+LATERALITY: Final[dict[str, JSON]] = {
+    "left": {"system": SNOMED, "code": "7771000", "display": "Left"},
+    "right": {"system": SNOMED, "code": "24028007", "display": "Right"},
+}
+
+LONG_AXIS: Final[JSON] = {"system": SNOMED, "code": "103339001", "display": "Long axis"}
+SHORT_AXIS: Final[JSON] = {"system": SNOMED, "code": "103340004", "display": "Short axis"}
+VOLUME: Final[JSON] = {"system": SNOMED, "code": "118565006", "display": "Volume"}
+MEAN_HU: Final[JSON] = {"system": DCM, "code": "112031", "display": "Attenuation Coefficient"}
+NODULE_TYPE: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "attenuation-type",
+    "display": "Nodule attenuation type",
+}
+PROBABILITY: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "detection-probability",
+    "display": "Detection probability",
+}
+NEEDS_REVIEW: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "needs-review",
+    "display": "Needs review (probability in the uncertainty band)",
+}
+#: Attenuation types (Fleischner Society glossary) as ``pipelines.findings`` names them.
+NODULE_TYPES: Final[dict[str, JSON]] = {
+    "solid": {
+        "coding": [{"system": COMPONENT_SYSTEM, "code": "solid", "display": "Solid nodule"}],
+        "text": "Solid",
+    },
+    "part-solid": {
+        "coding": [
+            {"system": COMPONENT_SYSTEM, "code": "part-solid", "display": "Part-solid nodule"}
+        ],
+        "text": "Part-solid",
+    },
+    "ground-glass": {
+        "coding": [
+            {"system": COMPONENT_SYSTEM, "code": "ground-glass", "display": "Ground-glass nodule"},
+            {"system": DCM, "code": "112120", "display": "Ground glass opacity"},
+        ],
+        "text": "Ground-glass",
+    },
+}
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+@dataclass(frozen=True)
+class Study:
+    """What the resources say about the study and its patient.
+
+    Parameters
+    ----------
+    study_instance_uid : str
+        StudyInstanceUID (0020,000D).
+    patient_id : str
+        PatientID (0010,0020), read from the spooled header at job time; never logged.
+    issuer_of_patient_id : str, optional
+        IssuerOfPatientID (0010,0021); becomes the patient identifier's system
+        (:func:`patient_identifier_system`).
+    """
+
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str | None = None
+
+    def __repr__(self) -> str:  # keep patient data out of logs and tracebacks
+        return f"Study(study_instance_uid={self.study_instance_uid!r}, patient=<hidden>)"
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model that produced the findings (name and version as its manifest gives them)."""
+
+    name: str
+    version: str
+
+    @property
+    def display(self) -> str:
+        """``name version``, as the Observations' device and method show it."""
+        return f"{self.name} {self.version}"
+
+
+def dicom_uid_identifier(uid: str) -> JSON:
+    """A DICOM UID as a FHIR Identifier: ``urn:dicom:uid`` | ``urn:oid:<uid>`` (FHIR R4 §2.24)."""
+    return {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}
+
+
+def report_identifier(study_instance_uid: str) -> JSON:
+    """The report's identifier: a UUIDv5 of the StudyInstanceUID, the same for every run."""
+    value = str(uuid.uuid5(NAMESPACE, f"report:{study_instance_uid}"))
+    return {"use": "official", "system": REPORT_SYSTEM, "value": value}
+
+
+def patient_identifier_system(issuer_of_patient_id: str | None) -> str | None:
+    """The Identifier.system for an IssuerOfPatientID (0010,0021).
+
+    An OID becomes ``urn:oid:<oid>``, a URI is kept, other text becomes
+    ``urn:noduleai:issuer:<text>`` (spaces as ``%20``); no issuer gives no system.
+    """
+    if not issuer_of_patient_id or not issuer_of_patient_id.strip():
+        return None
+    issuer = issuer_of_patient_id.strip()
+    if _OID.match(issuer):
+        return f"urn:oid:{issuer}"
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", issuer):
+        return issuer
+    return "urn:noduleai:issuer:" + issuer.replace("%", "%25").replace(" ", "%20")
+
+
+def patient_reference(study: Study) -> JSON:
+    """Logical reference to the patient by identifier (FHIR R4 Reference.identifier)."""
+    identifier: JSON = {"value": study.patient_id}
+    system = patient_identifier_system(study.issuer_of_patient_id)
+    if system is not None:
+        identifier = {"system": system, **identifier}
+    return {"type": "Patient", "identifier": identifier}
+
+
+def imaging_study_reference(study_instance_uid: str) -> JSON:
+    """Logical reference to the ImagingStudy by its ``urn:dicom:uid`` identifier."""
+    return {
+        "type": "ImagingStudy",
+        "identifier": dicom_uid_identifier(study_instance_uid),
+        "display": "CT study",
+    }
+
+
+def nodule_uid(study_instance_uid: str, index: int) -> str:
+    """A fallback tracking UID (``2.25.<uuid5>``, PS3.5 B.2) when the SR gives none."""
+    return f"2.25.{uuid.uuid5(NAMESPACE, f'nodule:{study_instance_uid}:{index}').int}"
+
+
+def laterality(center_mm: Sequence[float]) -> Literal["left", "right"]:
+    """Left or right lung from the LPS x coordinate (+x points to the patient's left)."""
+    return "left" if float(center_mm[0]) > 0 else "right"
+
+
+def build_observation(
+    study: Study,
+    nodule: Mapping[str, Any],
+    tracking_uid: str,
+    model: Model,
+    *,
+    sr_uid: str | None = None,
+    seg_uid: str | None = None,
+    issued: datetime | None = None,
+    status: str = "preliminary",
+) -> JSON:
+    """One nodule as an R4 Observation (validated, as a JSON dict).
+
+    Parameters
+    ----------
+    study : Study
+        The study and its patient.
+    nodule : mapping
+        As ``pipelines.findings.Nodule.to_json()`` gives it.
+    tracking_uid : str
+        The nodule's tracking UID (TID 1500); the Observation's identifier.
+    model : Model
+        Shown as ``device`` (display only) and ``method``.
+    sr_uid, seg_uid : str, optional
+        SOP Instance UIDs of the SR and SEG that hold the nodule, referenced from ``derivedFrom``
+        as DocumentReference by ``urn:dicom:uid`` identifier.
+    issued : datetime, optional
+        Observation.issued; left out by default so that reruns produce identical resources.
+    status : str
+        Observation.status (FHIR R4 ``observation-status``).
+
+    Returns
+    -------
+    dict
+        The Observation's JSON.
+    """
+    if status not in OBSERVATION_STATUSES:
+        raise ValueError(f"not an Observation.status: {status!r}")
+    kind = str(nodule["type"])
+    if kind not in NODULE_TYPES:
+        raise ValueError(f"unknown nodule type {kind!r}; expected one of {sorted(NODULE_TYPES)}")
+    side = laterality(nodule["center_mm"])
+    derived = [imaging_study_reference(study.study_instance_uid)]
+    for uid, what in ((sr_uid, "DICOM SR (TID 1500)"), (seg_uid, "DICOM SEG")):
+        if uid:
+            derived.append(
+                {
+                    "type": "DocumentReference",
+                    "identifier": dicom_uid_identifier(uid),
+                    "display": what,
+                }
+            )
+    components = [
+        _quantity(LONG_AXIS, nodule["long_axis_mm"], "mm", "mm"),
+        _quantity(SHORT_AXIS, nodule["short_axis_mm"], "mm", "mm"),
+        _quantity(VOLUME, nodule["volume_mm3"], "mm3", "mm3"),
+        _quantity(MEAN_HU, nodule["mean_hu"], "HU", "[hnsf'U]", text="Mean attenuation (HU)"),
+        {"code": {"coding": [NODULE_TYPE]}, "valueCodeableConcept": NODULE_TYPES[kind]},
+        _quantity(PROBABILITY, nodule["probability"], "probability", "1"),
+        {"code": {"coding": [NEEDS_REVIEW]}, "valueBoolean": bool(nodule["needs_review"])},
+    ]
+    x, y, z = (float(v) for v in nodule["center_mm"])
+    resource: JSON = {
+        "resourceType": "Observation",
+        "identifier": [dicom_uid_identifier(tracking_uid)],
+        "status": status,
+        "category": [IMAGING],
+        "code": NODULE_CODE,
+        "subject": patient_reference(study),
+        "focus": [imaging_study_reference(study.study_instance_uid)],
+        "bodySite": {
+            "extension": [
+                {
+                    "url": LATERALITY_EXTENSION,
+                    "valueCodeableConcept": {"coding": [LATERALITY[side]]},
+                }
+            ],
+            "coding": [LUNG],
+            "text": f"{side.capitalize()} lung",
+        },
+        "method": {"text": f"AI detection: {model.display}"},
+        "device": {"display": model.display},
+        "derivedFrom": derived,
+        "note": [{"text": f"Centre (DICOM patient LPS, mm): {x:.1f}, {y:.1f}, {z:.1f}"}],
+        "component": [c for c in components if c is not None],
+    }
+    if issued is not None:
+        resource["issued"] = issued.isoformat()
+    return _validated(Observation, resource)
+
+
+def build_report(
+    study: Study,
+    status: ReportStatus,
+    *,
+    observations: Sequence[Mapping[str, Any]] = (),
+    model: Model | None = None,
+    conclusion: str | None = None,
+    sr_uid: str | None = None,
+    issued: datetime | None = None,
+) -> JSON:
+    """The study's DiagnosticReport (validated, as a JSON dict).
+
+    Parameters
+    ----------
+    study : Study
+        The study and its patient.
+    status : {"registered", "preliminary", "final", "amended", "cancelled"}
+        ``registered`` when the study is queued, ``preliminary`` with results, ``cancelled`` on
+        rejection or failure (FHIR R4 DiagnosticReport.status).
+    observations : sequence of dict
+        The Observations (from :func:`build_observation`) the report's ``result`` lists, by
+        identifier; :mod:`dicom_node.fhir_client` makes the references literal.
+    model : Model, optional
+        Named in the default conclusion.
+    conclusion : str, optional
+        DiagnosticReport.conclusion; for ``cancelled`` the reason (required). For ``preliminary``
+        a count of the nodules by default.
+    sr_uid : str, optional
+        SOP Instance UID of the SR; added as a second identifier (``urn:dicom:uid``).
+    issued : datetime, optional
+        DiagnosticReport.issued; left out by default so that reruns are identical.
+
+    Returns
+    -------
+    dict
+        The DiagnosticReport's JSON.
+    """
+    if status not in REPORT_STATUSES:
+        raise ValueError(f"not a DiagnosticReport.status: {status!r}")
+    if status == "cancelled" and not conclusion:
+        raise ValueError("a cancelled report needs the reason in its conclusion")
+    identifiers = [report_identifier(study.study_instance_uid)]
+    if sr_uid:
+        identifiers.append(dicom_uid_identifier(sr_uid))
+    resource: JSON = {
+        "resourceType": "DiagnosticReport",
+        "identifier": identifiers,
+        "status": status,
+        "category": [RADIOLOGY],
+        "code": REPORT_CODE,
+        "subject": patient_reference(study),
+        "imagingStudy": [imaging_study_reference(study.study_instance_uid)],
+    }
+    if observations:
+        resource["result"] = [
+            {"type": "Observation", "identifier": obs["identifier"][0]} for obs in observations
+        ]
+    if conclusion is None and status in ("preliminary", "final"):
+        conclusion = summary(observations, model)
+    if conclusion:
+        resource["conclusion"] = conclusion
+    if issued is not None:
+        resource["issued"] = issued.isoformat()
+    return _validated(DiagnosticReport, resource)
+
+
+def build_results(
+    study: Study,
+    nodules: Sequence[Mapping[str, Any]],
+    model: Model,
+    *,
+    tracking_uids: Sequence[str] | None = None,
+    sr_uid: str | None = None,
+    seg_uid: str | None = None,
+    issued: datetime | None = None,
+) -> tuple[JSON, list[JSON]]:
+    """The ``preliminary`` report with one Observation per nodule.
+
+    Parameters
+    ----------
+    study : Study
+        The study and its patient.
+    nodules : sequence of mapping
+        ``Nodule.to_json()`` dicts, in the SR's order.
+    model : Model
+        The model that found them.
+    tracking_uids : sequence of str, optional
+        The nodules' tracking UIDs as the SR gives them (same order); derived from the study and
+        the index when left out.
+    sr_uid, seg_uid : str, optional
+        SOP Instance UIDs of the SR and SEG.
+    issued : datetime, optional
+        Set on every resource when given.
+
+    Returns
+    -------
+    tuple
+        ``(report, observations)``.
+    """
+    if tracking_uids is None:
+        tracking_uids = [nodule_uid(study.study_instance_uid, i) for i in range(len(nodules))]
+    if len(tracking_uids) != len(nodules):
+        raise ValueError(f"{len(tracking_uids)} tracking UIDs for {len(nodules)} nodules")
+    observations = [
+        build_observation(study, nodule, uid, model, sr_uid=sr_uid, seg_uid=seg_uid, issued=issued)
+        for nodule, uid in zip(nodules, tracking_uids, strict=True)
+    ]
+    report = build_report(
+        study, "preliminary", observations=observations, model=model, sr_uid=sr_uid, issued=issued
+    )
+    return report, observations
+
+
+def summary(observations: Sequence[Mapping[str, Any]], model: Model | None = None) -> str:
+    """A one-sentence conclusion: how many nodules, how many need review, by which model."""
+    n = len(observations)
+    review = sum(
+        1
+        for obs in observations
+        for c in obs.get("component", [])
+        if c["code"]["coding"][0] == NEEDS_REVIEW and c.get("valueBoolean")
+    )
+    text = "No lung nodules detected." if n == 0 else f"{n} lung nodule{'s' * (n != 1)} detected"
+    if n:
+        text += f" ({review} to review)." if review else "."
+    if model is not None:
+        text += f" Preliminary AI result ({model.display}); not reviewed by a radiologist."
+    return text
+
+
+def _quantity(
+    code: JSON, value: Any, unit: str, ucum: str, *, text: str | None = None
+) -> JSON | None:
+    """An Observation.component with a UCUM valueQuantity; ``None`` for a missing/NaN value."""
+    if value is None or not math.isfinite(float(value)):
+        return None
+    concept: JSON = {"coding": [code]}
+    if text:
+        concept["text"] = text
+    return {
+        "code": concept,
+        "valueQuantity": {"value": float(value), "unit": unit, "system": UCUM, "code": ucum},
+    }
+
+
+def _validated(model: type[DiagnosticReport] | type[Observation], resource: JSON) -> JSON:
+    """Validate ``resource`` with the R4B model and return its JSON (``None``s dropped)."""
+    validated: JSON = model.model_validate(resource).model_dump(mode="json", exclude_none=True)
+    return validated

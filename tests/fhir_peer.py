@@ -1,0 +1,159 @@
+"""A real FHIR R4 server for the tests: Medplum's FHIR router (npm) behind a small wrapper.
+
+The server keeps everything in memory, listens on a free loopback port, validates resources
+against the R4 StructureDefinitions (structure, not value sets) and, with a token, requires
+``Authorization: Bearer``. It runs as ``node --experimental-websocket server.mjs PORT`` (Debian's
+Node 20 needs the flag for Medplum's core), logs to a file, and is stopped by its process id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.helpers import free_port
+
+SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
+NODE = os.environ.get("NODULEAI_TEST_NODE", "node")
+
+
+class FhirServerError(RuntimeError):
+    """The FHIR server could not be installed or did not start."""
+
+
+def install(timeout: float = 300.0) -> None:
+    """``npm ci`` in ``tests/fhir_server`` when its ``node_modules`` is missing (pinned lock)."""
+    if (SERVER_DIR / "node_modules" / "@medplum" / "fhir-router").is_dir():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FhirServerError("npm is not installed; the FHIR test server needs Node 20 and npm")
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=SERVER_DIR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise FhirServerError(f"npm ci failed in {SERVER_DIR}:\n{result.stdout}\n{result.stderr}")
+
+
+class FhirServer:
+    """A Medplum FHIR router process of a test's own.
+
+    Parameters
+    ----------
+    log_path : Path
+        Where the server's stdout and stderr go.
+    token : str, optional
+        Bearer token the server then requires on every FHIR request.
+    startup_timeout : float
+        Seconds to wait for ``/metadata``.
+    """
+
+    def __init__(
+        self, log_path: Path, token: str | None = None, startup_timeout: float = 30.0
+    ) -> None:
+        self.log_path = log_path
+        self.token = token
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The FHIR base URL."""
+        return f"http://127.0.0.1:{self.port}/fhir/R4"
+
+    def start(self) -> FhirServer:
+        """Start the server and return once ``/metadata`` answers; raise with its log otherwise."""
+        if shutil.which(NODE) is None:
+            raise FhirServerError(f"{NODE} is not installed (Node 20)")
+        install()
+        self.port = free_port()
+        env = {**os.environ, "FHIR_TOKEN": self.token or ""}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                [NODE, "--experimental-websocket", "server.mjs", str(self.port)],
+                cwd=SERVER_DIR,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last: object = "no answer"
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise FhirServerError(
+                    f"FHIR server exited with {self._process.returncode}\n{self.log()}"
+                )
+            try:
+                response = httpx.get(f"{self.url}/metadata", timeout=2.0)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise FhirServerError(
+            f"FHIR server not ready within {self.startup_timeout} s ({last!r})\n{self.log()}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process started by :meth:`start` (by its pid); kill it if it lingers."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+
+    def __enter__(self) -> FhirServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self, tail: int = 100) -> str:
+        """The last ``tail`` lines of the server's log."""
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return "(no FHIR server log)"
+        return "\n".join(lines[-tail:])
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The requests the server has seen: method, url and Authorization header of each."""
+        response = httpx.get(f"http://127.0.0.1:{self.port}/_test/requests", timeout=5.0)
+        response.raise_for_status()
+        seen: list[dict[str, Any]] = response.json()
+        return seen
+
+    def get(self, path: str, **params: Any) -> Any:
+        """``GET`` a FHIR path (with the token) and return the decoded JSON."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        response = httpx.get(f"{self.url}/{path}", params=params, headers=headers, timeout=10.0)
+        response.raise_for_status()
+        return response.json()

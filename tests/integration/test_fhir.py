@@ -1,0 +1,209 @@
+"""FHIR delivery against a real FHIR R4 server (Medplum's router): one report per study, ever."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from dicom_node.errors import PermanentError, TransientError
+from dicom_node.fhir_client import FhirClient
+from pipelines.fhir import (
+    DICOM_UID_SYSTEM,
+    REPORT_SYSTEM,
+    SNOMED,
+    Model,
+    Study,
+    build_report,
+    build_results,
+    report_identifier,
+)
+from tests.fhir_peer import FhirServer
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+
+MODEL = Model("noduleai-two-stage", "1.2.0")
+NODULES: list[dict[str, Any]] = [
+    {
+        "center_mm": [62.5, -20.0, -140.0],
+        "long_axis_mm": 9.4,
+        "short_axis_mm": 7.1,
+        "volume_mm3": 310.2,
+        "mean_hu": 12.5,
+        "type": "solid",
+        "probability": 0.93,
+        "needs_review": False,
+    },
+    {
+        "center_mm": [-80.0, 5.5, -160.0],
+        "long_axis_mm": 6.2,
+        "short_axis_mm": 4.0,
+        "volume_mm3": 88.0,
+        "mean_hu": -610.0,
+        "type": "ground-glass",
+        "probability": 0.61,
+        "needs_review": True,
+    },
+    {
+        "center_mm": [-35.0, 40.0, -120.0],
+        "long_axis_mm": 12.0,
+        "short_axis_mm": 10.5,
+        "volume_mm3": 701.0,
+        "mean_hu": -250.0,
+        "type": "part-solid",
+        "probability": 0.88,
+        "needs_review": False,
+    },
+]
+
+
+def new_study() -> Study:
+    return Study(f"2.25.{uuid.uuid4().int}", f"PID-{uuid.uuid4().hex[:8]}", "HOSPITAL A")
+
+
+@pytest.fixture
+def client(fhir_server: FhirServer) -> Iterator[FhirClient]:
+    assert fhir_server.token is not None
+    with FhirClient(fhir_server.url, token=SecretStr(fhir_server.token), timeout=10.0) as client:
+        yield client
+
+
+def reports_of(server: FhirServer, study: Study) -> list[dict[str, Any]]:
+    ident = report_identifier(study.study_instance_uid)
+    bundle = server.get("DiagnosticReport", identifier=f"{REPORT_SYSTEM}|{ident['value']}")
+    return [e["resource"] for e in bundle.get("entry", [])]
+
+
+def observations_of(server: FhirServer, study: Study) -> list[dict[str, Any]]:
+    bundle = server.get("Observation", _count="1000")
+    return [
+        e["resource"]
+        for e in bundle.get("entry", [])
+        if e["resource"]["focus"][0]["identifier"]["value"] == f"urn:oid:{study.study_instance_uid}"
+    ]
+
+
+def test_a_study_keeps_one_report_through_its_lifecycle_and_reruns(
+    client: FhirClient, fhir_server: FhirServer
+) -> None:
+    """registered → preliminary (3 nodules) → rerun → cancelled: one report, history in order."""
+    study = new_study()
+    tracking = [f"2.25.{uuid.uuid4().int}" for _ in NODULES]
+    sr_uid, seg_uid = f"2.25.{uuid.uuid4().int}", f"2.25.{uuid.uuid4().int}"
+
+    queued = client.publish(build_report(study, "registered"), [])
+    assert queued.report.action == "created"
+
+    report, observations = build_results(
+        study, NODULES, MODEL, tracking_uids=tracking, sr_uid=sr_uid, seg_uid=seg_uid
+    )
+    first = client.publish(report, observations)
+    assert first.report.action == "updated"
+    assert [w.action for w in first.observations] == ["created"] * 3
+
+    rerun = client.publish(
+        *build_results(
+            study, NODULES, MODEL, tracking_uids=tracking, sr_uid=sr_uid, seg_uid=seg_uid
+        )
+    )
+    assert rerun.report.action == "unchanged"
+    assert [w.action for w in rerun.observations] == ["unchanged"] * 3
+    assert [w.reference for w in rerun.observations] == [w.reference for w in first.observations]
+
+    client.set_status(study.study_instance_uid, "cancelled", "Study failed: model crashed")
+
+    (stored,) = reports_of(fhir_server, study)
+    assert stored["status"] == "cancelled"
+    assert stored["conclusion"] == "Study failed: model crashed"
+    assert stored["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "24627-2",
+        "display": "CT Chest",
+    }
+    assert stored["category"][0]["coding"][0]["code"] == "RAD"
+    assert stored["subject"]["identifier"] == {
+        "system": "urn:noduleai:issuer:HOSPITAL%20A",
+        "value": study.patient_id,
+    }
+    assert stored["imagingStudy"][0]["identifier"] == {
+        "system": DICOM_UID_SYSTEM,
+        "value": f"urn:oid:{study.study_instance_uid}",
+    }
+    assert [r["reference"] for r in stored["result"]] == [w.reference for w in first.observations]
+
+    history = client.history("DiagnosticReport", stored["id"])
+    assert [v["status"] for v in reversed(history)] == ["registered", "preliminary", "cancelled"]
+
+    stored_obs = observations_of(fhir_server, study)
+    assert len(stored_obs) == len(NODULES)
+    by_uid = {o["identifier"][0]["value"]: o for o in stored_obs}
+    assert set(by_uid) == {f"urn:oid:{uid}" for uid in tracking}
+    for uid, nodule in zip(tracking, NODULES, strict=True):
+        obs = by_uid[f"urn:oid:{uid}"]
+        assert obs["status"] == "preliminary"
+        assert obs["code"]["coding"][0]["system"] == SNOMED
+        assert obs["code"]["coding"][0]["code"] == "27925004"
+        assert obs["bodySite"]["coding"][0]["code"] == "39607008"
+        side = obs["bodySite"]["extension"][0]["valueCodeableConcept"]["coding"][0]["code"]
+        assert side == ("7771000" if nodule["center_mm"][0] > 0 else "24028007")
+        codes = {c["code"]["coding"][0]["code"]: c for c in obs["component"]}
+        assert codes["103339001"]["valueQuantity"]["value"] == nodule["long_axis_mm"]
+        assert codes["103339001"]["valueQuantity"]["code"] == "mm"
+        assert codes["118565006"]["valueQuantity"]["code"] == "mm3"
+        assert codes["112031"]["valueQuantity"]["code"] == "[hnsf'U]"
+        assert (
+            codes["attenuation-type"]["valueCodeableConcept"]["coding"][0]["code"] == nodule["type"]
+        )
+        assert codes["needs-review"]["valueBoolean"] is nodule["needs_review"]
+        assert len(client.history("Observation", obs["id"])) == 1
+
+
+def test_a_rerun_with_fewer_nodules_withdraws_the_ones_no_longer_found(
+    client: FhirClient, fhir_server: FhirServer
+) -> None:
+    """Observations the new results drop are set entered-in-error, not left dangling."""
+    study = new_study()
+    tracking = [f"2.25.{uuid.uuid4().int}" for _ in NODULES]
+    first = client.publish(*build_results(study, NODULES, MODEL, tracking_uids=tracking))
+    second = client.publish(*build_results(study, NODULES[:1], MODEL, tracking_uids=tracking[:1]))
+    assert second.withdrawn == [w.reference for w in first.observations[1:]]
+    statuses = sorted(o["status"] for o in observations_of(fhir_server, study))
+    assert statuses == ["entered-in-error", "entered-in-error", "preliminary"]
+    (stored,) = reports_of(fhir_server, study)
+    assert len(stored["result"]) == 1
+
+
+def test_the_bearer_token_is_sent_and_required(client: FhirClient, fhir_server: FhirServer) -> None:
+    """Every request carries the token; without it the server's 401 is a permanent error."""
+    study = new_study()
+    client.publish(build_report(study, "registered"), [])
+    assert fhir_server.token is not None
+    mine = [r for r in fhir_server.requests() if "DiagnosticReport" in r["url"]]
+    assert mine and all(r["authorization"] == f"Bearer {fhir_server.token}" for r in mine)
+    with FhirClient(fhir_server.url) as anonymous, pytest.raises(PermanentError, match="401"):
+        anonymous.publish(build_report(new_study(), "registered"), [])
+
+
+def test_an_invalid_resource_is_a_permanent_error(client: FhirClient) -> None:
+    """The server's structural validation (400) is not retried."""
+    report = {**build_report(new_study(), "registered"), "bogus": 1}
+    with pytest.raises(PermanentError, match="400"):
+        client.upsert(report)
+
+
+def test_an_unreachable_server_is_a_transient_error() -> None:
+    """Connection refused is worth a retry."""
+    with (
+        FhirClient(f"http://127.0.0.1:{free_port()}/fhir/R4", timeout=2.0) as client,
+        pytest.raises(TransientError),
+    ):
+        client.publish(build_report(new_study(), "registered"), [])
+
+
+def test_set_status_of_an_unknown_report_is_a_permanent_error(client: FhirClient) -> None:
+    with pytest.raises(PermanentError, match="no DiagnosticReport"):
+        client.set_status(new_study().study_instance_uid, "cancelled", "rejected: no CT series")
