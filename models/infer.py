@@ -212,14 +212,18 @@ def measure_mask(mask_prob: FloatArray) -> tuple[npt.NDArray[np.bool_], tuple[fl
 
 
 def make_finding(cand: Candidate, prob: float, mask_prob: FloatArray,
-                 origin_mm: tuple[float, float, float]) -> Finding:
-    """Turn a scored candidate and its mask into a :class:`Finding` (world coordinates)."""
+                 origin_mm: tuple[float, float, float], max_offset: float = 0.6) -> Finding:
+    """Turn a scored candidate and its mask into a :class:`Finding` (world coordinates).
+
+    The mask is kept when its centroid lies within ``max_offset`` half-patches of the patch
+    centre; otherwise the finding keeps the candidate's centre and has no mask.
+    """
     comp, centroid = measure_mask(mask_prob)
     half = STAGE2_PATCH // 2
     lo = tuple(v - half for v in cand.voxel)
     mask_origin = (origin_mm[0] + lo[2] * ISO_SPACING_MM, origin_mm[1] + lo[1] * ISO_SPACING_MM,
                    origin_mm[2] + lo[0] * ISO_SPACING_MM)
-    if centroid is not None and np.linalg.norm(np.array(centroid) - half) < half * 0.6:
+    if centroid is not None and np.linalg.norm(np.array(centroid) - half) < half * max_offset:
         cz, cy, cx = centroid
     else:
         cz, cy, cx, comp = float(half), float(half), float(half), np.zeros_like(comp)
@@ -245,16 +249,48 @@ def merge_findings(findings: list[Finding]) -> list[Finding]:
 
 
 def refine_candidates(iso_norm: FloatArray, candidates: list[Candidate], predict: Predict2,
-                      origin_mm: tuple[float, float, float], batch: int = 16) -> list[Finding]:
-    """Run stage 2 on a patch around every candidate and return merged findings."""
+                      origin_mm: tuple[float, float, float], batch: int = 16,
+                      max_offset: float = 0.6) -> list[Finding]:
+    """Run stage 2 on a patch around every candidate and return merged findings.
+
+    ``max_offset`` is passed to :func:`make_finding` (training's threshold choice used 0.6;
+    :meth:`NoduleDetector.detect` uses 1.0 and then :func:`recentre_findings`).
+    """
     out: list[Finding] = []
     for i in range(0, len(candidates), batch):
         chunk = candidates[i:i + batch]
         x = np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in chunk])
         prob, mask = predict(x)
-        out.extend(make_finding(c, float(p[0]), m[0], origin_mm)
+        out.extend(make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
                    for c, p, m in zip(chunk, prob, mask, strict=True))
     return merge_findings(out)
+
+
+def recentre_findings(iso_norm: FloatArray, findings: list[Finding], predict: Predict2,
+                      origin_mm: tuple[float, float, float], min_probability: float = 0.05
+                      ) -> list[Finding]:
+    """Second stage-2 pass centred on each finding's mask centroid.
+
+    A large nodule whose candidate sat off its centre gets a mask that is no longer cut by the
+    patch border, so its centre and size improve. The probability stays the first pass's (the
+    one the operating threshold was chosen with); findings are merged again afterwards.
+    """
+    todo = [f for f in findings if f.probability >= min_probability and f.mask.any()]
+    if not todo:
+        return findings
+    cands = [Candidate(voxel=(round((f.centre_xyz_mm[2] - origin_mm[2]) / ISO_SPACING_MM),
+                              round((f.centre_xyz_mm[1] - origin_mm[1]) / ISO_SPACING_MM),
+                              round((f.centre_xyz_mm[0] - origin_mm[0]) / ISO_SPACING_MM)),
+                       score=f.stage1_score) for f in todo]
+    masks = np.concatenate([
+        predict(np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None]
+                          for c in cands[i:i + 16]]))[1] for i in range(0, len(cands), 16)])
+    redone = [make_finding(c, f.probability, m[0], origin_mm)
+              for c, f, m in zip(cands, todo, masks, strict=True)]
+    redone = [r if r.mask.any() else f for r, f in zip(redone, todo, strict=True)]
+    done = {id(f) for f in todo}
+    rest = [f for f in findings if id(f) not in done]
+    return merge_findings(redone + rest)
 
 
 # --------------------------------------------------------------------------- onnx
@@ -350,7 +386,8 @@ class NoduleDetector:
         heat = screen_volume(iso, lung_box(lung), self.predict1)
         cands = extract_candidates(heat, near_lung(lung), self.stage1_threshold)
         t2 = time.perf_counter()
-        findings = refine_candidates(iso, cands, self.predict2, origin_mm)
+        findings = refine_candidates(iso, cands, self.predict2, origin_mm, max_offset=1.0)
+        findings = recentre_findings(iso, findings, self.predict2, origin_mm)
         t3 = time.perf_counter()
         return DetectionResult(candidates=cands, findings=findings, threshold=self.threshold,
                                timings={"preprocess_s": t1 - t0, "stage1_s": t2 - t1,

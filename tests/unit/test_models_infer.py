@@ -112,3 +112,23 @@ def test_overlapping_findings_merge_into_the_most_probable() -> None:
         [_finding(0.0, 0.6, 20.0), _finding(5.0, 0.9, 20.0), _finding(40.0, 0.5, 4.0)]
     )
     assert [f.probability for f in kept] == [0.9, 0.5]
+
+
+def test_recentring_on_the_mask_recovers_a_large_nodule_cut_by_the_patch_border() -> None:
+    from models.infer import recentre_findings, refine_candidates
+
+    iso = np.zeros((64, 64, 64), np.float32)
+    zz, yy, xx = np.mgrid[:64, :64, :64]
+    iso[((zz - 32) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2) <= 12 ** 2] = 1.0  # 30 mm sphere
+
+    def fake(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((len(x), 1), 0.9, np.float32), (x > 0.5).astype(np.float32)
+
+    first = refine_candidates(iso, [Candidate((32, 44, 44), 0.5)], fake, (0.0, 0.0, 0.0),
+                              max_offset=1.0)
+    assert first[0].equivalent_diameter_mm < 27.0  # cut by the patch border
+    again = recentre_findings(iso, first, fake, (0.0, 0.0, 0.0))
+    assert again[0].centre_xyz_mm == pytest.approx((40.0, 40.0, 40.0), abs=0.7)
+    assert again[0].equivalent_diameter_mm == pytest.approx(30.0, abs=1.0)
+    assert again[0].diameter_mm == pytest.approx(31.25, abs=1.5)
+    assert again[0].probability == pytest.approx(0.9)
