@@ -1,0 +1,142 @@
+"""Deterministic UIDs for the objects NoduleAI writes (PS3.5 B.2, "2.25" UUID-derived UIDs).
+
+Results are delivered at least once: a redelivered job, or a rerun of the same series with the
+same model, must produce byte-identical identities so that a PACS stores each object once. Every
+UID written by the encoders is therefore ``2.25.<integer of a uuid5>`` of a fixed project
+namespace and the inputs that define the result (:func:`derive_uid`).
+
+What each UID depends on (:class:`ResultUIDs`):
+
+* **Series** (SEG, SR, GSPS SeriesInstanceUID): the source SeriesInstanceUID, the model version
+  and the object kind. Reruns of the same source series with the same model put their objects in
+  the same result series, so a rerun after late instances adds a new version next to its
+  predecessor instead of scattering series.
+* **Instances** (SOPInstanceUID of SEG, SR, GSPS) and **per-nodule tracking UIDs**
+  (TrackingUniqueIdentifier, TID 1500 / TID 4108): additionally the *sorted set* of source
+  SOPInstanceUIDs. Reprocessing the same instances gives the same UIDs; a different instance set
+  (late instances arrived) gives new ones, and the new SR names its predecessor
+  (PredecessorDocumentsSequence, PS3.3 C.17.2.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+#: The project namespace for uuid5 (fixed forever: changing it changes every result UID).
+NAMESPACE = uuid.UUID("0b8f6f3e-5f55-5a4e-9c1d-6e6f64756c65")
+
+#: Object kinds that get their own series and instance UIDs.
+KINDS = ("seg", "sr", "gsps")
+
+
+def derive_uid(*parts: str) -> str:
+    """A ``2.25`` UID (PS3.5 B.2) from a uuid5 of the project namespace and ``parts``.
+
+    Parameters
+    ----------
+    *parts : str
+        The identity of the object; joined with a unit separator, so ``("a", "bc")`` and
+        ``("ab", "c")`` differ.
+
+    Returns
+    -------
+    str
+        ``"2.25."`` followed by the uuid's 128-bit integer (at most 44 characters, within the
+        64-character UI limit).
+    """
+    return f"2.25.{uuid.uuid5(NAMESPACE, chr(0x1F).join(parts)).int}"
+
+
+def instance_set_digest(sop_instance_uids: Iterable[str]) -> str:
+    """SHA-256 of the sorted, de-duplicated SOPInstanceUIDs (order of arrival does not matter)."""
+    joined = "\n".join(sorted(set(sop_instance_uids)))
+    return hashlib.sha256(joined.encode("ascii", "replace")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ResultUIDs:
+    """Every UID of one encoding run, derived from its inputs.
+
+    Parameters
+    ----------
+    source_series_uid : str
+        SeriesInstanceUID of the CT series the nodules were found in.
+    source_instance_uids : tuple of str
+        SOPInstanceUIDs of the instances used (any order; they are sorted).
+    model_version : str
+        Model name and version (e.g. ``"noduleai-stage2 1.2.0"``); a new model gives new objects.
+    """
+
+    source_series_uid: str
+    source_instance_uids: tuple[str, ...]
+    model_version: str
+    instance_digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "source_instance_uids", tuple(sorted(set(self.source_instance_uids)))
+        )
+        object.__setattr__(self, "instance_digest", instance_set_digest(self.source_instance_uids))
+
+    @classmethod
+    def create(
+        cls, source_series_uid: str, source_instance_uids: Iterable[str], model_version: str
+    ) -> ResultUIDs:
+        """Build from any iterable of instance UIDs."""
+        return cls(source_series_uid, tuple(source_instance_uids), model_version)
+
+    def series_uid(self, kind: str) -> str:
+        """SeriesInstanceUID of the ``kind`` (``seg``, ``sr``, ``gsps``) result series."""
+        _check_kind(kind)
+        return derive_uid("series", kind, self.source_series_uid, self.model_version)
+
+    def instance_uid(self, kind: str) -> str:
+        """SOPInstanceUID of the ``kind`` object for this exact instance set."""
+        _check_kind(kind)
+        return derive_uid(
+            "instance", kind, self.source_series_uid, self.instance_digest, self.model_version
+        )
+
+    def tracking_uid(self, index: int) -> str:
+        """TrackingUniqueIdentifier of nodule ``index`` (0-based, in the order reported)."""
+        return derive_uid(
+            "nodule", str(index), self.source_series_uid, self.instance_digest, self.model_version
+        )
+
+    @property
+    def seg_series_uid(self) -> str:
+        """SEG SeriesInstanceUID."""
+        return self.series_uid("seg")
+
+    @property
+    def seg_instance_uid(self) -> str:
+        """SEG SOPInstanceUID."""
+        return self.instance_uid("seg")
+
+    @property
+    def sr_series_uid(self) -> str:
+        """SR SeriesInstanceUID."""
+        return self.series_uid("sr")
+
+    @property
+    def sr_instance_uid(self) -> str:
+        """SR SOPInstanceUID."""
+        return self.instance_uid("sr")
+
+    @property
+    def gsps_series_uid(self) -> str:
+        """GSPS SeriesInstanceUID."""
+        return self.series_uid("gsps")
+
+    @property
+    def gsps_instance_uid(self) -> str:
+        """GSPS SOPInstanceUID."""
+        return self.instance_uid("gsps")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown result kind {kind!r}; expected one of {KINDS}")
