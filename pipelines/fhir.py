@@ -2,12 +2,13 @@
 
 Pure resource building, no I/O: :mod:`dicom_node.fhir_client` sends what this module builds.
 
-Resources are validated with the ``fhir.resources.R4B`` pydantic models. FHIR R4B (4.3.0) left
-DiagnosticReport and Observation unchanged from R4 (4.0.1): same elements, cardinalities, types
-and value sets (R4B's changes are in the medication-definition, evidence and subscription
-resources; HL7 FHIR R4B "Changes from R4", https://hl7.org/fhir/R4B/diff.html), so what validates
-here is valid R4 on the wire. Like the servers they go to, the models check structure, not value
-sets: the ``status`` codes are checked here (:data:`REPORT_STATUSES`, :data:`OBSERVATION_STATUSES`).
+Resources are validated with the ``fhir.resources.R4B`` pydantic models (the package has no R4
+module). R4B (4.3.0) left DiagnosticReport and Observation as they were in R4 (4.0.1): the
+integration tests compare the R4B models with the R4 StructureDefinitions element by element
+(top level, ``Observation.component``, every ``[x]`` choice type) and send every resource built
+here to an R4 server that validates it against those definitions. Like that server, the models
+check structure, not value sets: the ``status`` codes are checked here
+(:data:`REPORT_STATUSES`, :data:`OBSERVATION_STATUSES`).
 
 Identity (what makes retries and reruns idempotent):
 

@@ -248,3 +248,19 @@ def test_the_r4b_models_have_exactly_the_r4_elements(
         fields = {f.alias or n for n, f in get_fhir_model_class(model_name).model_fields.items()}
         r4b = {f for f in fields if not f.startswith("_")} - {"id", "fhir_comments"}
         assert r4b - {"resourceType"} == r4 - {"resourceType"}, model_name
+
+
+def test_a_concurrent_update_is_a_transient_error_not_a_lost_update(
+    client: FhirClient, fhir_server: FhirServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conditional update carries If-Match; a stale read gets 412 and is retried later."""
+    study = new_study()
+    client.publish(build_report(study, "registered"), [])
+    stale = client.find("DiagnosticReport", report_identifier(study.study_instance_uid))
+    client.set_status(study.study_instance_uid, "cancelled", "rejected: no eligible series")
+    monkeypatch.setattr(client, "find", lambda *_: stale)
+    with pytest.raises(TransientError, match="412"):
+        client.set_status(study.study_instance_uid, "cancelled", "another writer")
+    monkeypatch.undo()
+    (stored,) = reports_of(fhir_server, study)
+    assert stored["conclusion"] == "rejected: no eligible series"
