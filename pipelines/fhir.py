@@ -15,8 +15,9 @@ Identity (what makes retries and reruns idempotent):
 - the DiagnosticReport is identified by ``urn:noduleai:report`` | a UUIDv5 of the
   StudyInstanceUID, so every run for a study updates the same report;
 - each Observation is identified by ``urn:dicom:uid`` | ``urn:oid:<TrackingUID>`` of its nodule
-  (the tracking UID the SR gives the nodule, PS3.3 C.17.3.2.3, TID 1500 "Tracking Unique
-  Identifier"), or, when none is given, a UID derived from the report and the nodule's index;
+  (the SR's ``(112040, DCM, "Tracking Unique Identifier")`` of the nodule, PS3.16 TID 1500;
+  :meth:`pipelines.uids.ResultUIDs.tracking_uid` derives it), or, when none is given, a UID
+  derived from the study and the nodule's index;
 - the ImagingStudy is referenced *logically* by ``urn:dicom:uid`` | ``urn:oid:<StudyInstanceUID>``
   (FHIR R4 ImagingStudy.identifier, "DICOM Study Instance UID"), the patient by identifier; no
   Patient or ImagingStudy resource needs to exist on the server.
