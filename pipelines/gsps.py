@@ -46,9 +46,9 @@ class GspsNodule:
 def label(number: int, nodule: Nodule) -> str:
     """Short text: ``N<number> <long axis> mm <type> <probability>`` (64 characters at most)."""
     flag = " ?" if nodule.needs_review else ""
-    return (
-        f"N{number} {nodule.long_axis_mm:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}"
-    )[:64]
+    return (f"N{number} {nodule.long_axis_mm:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}")[
+        :64
+    ]
 
 
 def _label_box(outline: Outline) -> tuple[float, float, float, float]:
@@ -90,10 +90,6 @@ def annotation(
             )
         ],
     )
-    # General Series Laterality is Type 2C on paired body parts (PS3.3 C.7.3.1); naming the
-    # (unpaired) body part of the source series tells validators none is needed.
-    gsps.BodyPartExamined = str(source_datasets[0].get("BodyPartExamined", "") or "CHEST")
-    return gsps
 
 
 def encode_gsps(

@@ -303,7 +303,9 @@ def outline_points(mask: BoolArray) -> Points:
         if len(options) > 1:
             # prefer the left turn (cross < 0 with y down): cross to the diagonal neighbour
             options.sort(
-                key=lambda e: direction[0] * (e[1] - current[1]) - direction[1] * (e[0] - current[0])
+                key=lambda e: (
+                    direction[0] * (e[1] - current[1]) - direction[1] * (e[0] - current[0])
+                )
             )
         nxt = options.pop(0)
         remaining -= 1

@@ -30,9 +30,7 @@ from pipelines.volume import Volume
 
 def _load(sources: Sequence[Dataset | str | Path]) -> list[Dataset]:
     """Datasets as given, or headers read from paths (pixel data is never needed)."""
-    return [
-        s if isinstance(s, Dataset) else dcmread(s, stop_before_pixels=True) for s in sources
-    ]
+    return [s if isinstance(s, Dataset) else dcmread(s, stop_before_pixels=True) for s in sources]
 
 
 def model_identity(model_name: str, model_version: str) -> str:
@@ -112,7 +110,5 @@ def encode_results(
 
 
 def _same_sr(predecessor: Predecessor, sop_instance_uid: str) -> bool:
-    uid = (
-        str(predecessor.SOPInstanceUID) if isinstance(predecessor, Dataset) else predecessor[2]
-    )
+    uid = str(predecessor.SOPInstanceUID) if isinstance(predecessor, Dataset) else predecessor[2]
     return uid == sop_instance_uid

@@ -55,7 +55,9 @@ class SegmentInput:
     label: str
 
 
-def algorithm_identification(model_name: str, model_version: str) -> hd.AlgorithmIdentificationSequence:
+def algorithm_identification(
+    model_name: str, model_version: str
+) -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification (PS3.3 C.8.20.2, family CID 7162 Artificial Intelligence)."""
     return hd.AlgorithmIdentificationSequence(
         name=model_name,
@@ -123,9 +125,7 @@ def encode_segmentation(
     if not segments:
         raise ValueError("a SEG needs at least one segment")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
-    touched = {
-        _frame_key(m) for segment in segments for m in segment.masks if m.area_px > 0
-    }
+    touched = {_frame_key(m) for segment in segments for m in segment.masks if m.area_px > 0}
     if not touched:
         raise ValueError("no segment has any pixel on a source frame")
     multiframe = any(frame is not None for _, frame in touched)

@@ -69,7 +69,8 @@ TYPE_VALUES = {
 }
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 CAD_SUMMARY = codes.DCM.CADProcessingAndFindingsSummary
-CT_CHEST = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+#: Procedure reported (CID 100 Quantitative Diagnostic Imaging Procedures): LOINC "CT Chest".
+CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 
 Predecessor = Dataset | tuple[str, str, str]
 
@@ -90,7 +91,9 @@ def algorithm(model_name: str, model_version: str) -> hd.sr.AlgorithmIdentificat
     return hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
 
 
-def _mm(name: hd.sr.CodedConcept, value: float, algo: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+def _mm(
+    name: hd.sr.CodedConcept, value: float, algo: hd.sr.AlgorithmIdentification
+) -> hd.sr.Measurement:
     return hd.sr.Measurement(
         name=name, value=round(float(value), 2), unit=codes.UCUM.Millimeter, algorithm_id=algo
     )
@@ -220,6 +223,13 @@ def _summary_container(found: bool) -> hd.sr.ContainerContentItem:
     return container
 
 
+def _library(reports: Sequence[NoduleReport], source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """TID 1600 Image Library entries: the images the outlines are drawn on (not the whole
+    series, which the evidence sequence already lists; 133 entries cost seconds in highdicom)."""
+    wanted = {r.outline.plane.source.sop_instance_uid for r in reports}
+    return [ds for ds in source_datasets if str(ds.SOPInstanceUID) in wanted]
+
+
 def measurement_report(
     reports: Sequence[NoduleReport],
     source_datasets: Sequence[Dataset],
@@ -249,13 +259,13 @@ def measurement_report(
                 )
             )
         ]
-    report = hd.sr.MeasurementReport(
+    content = hd.sr.MeasurementReport(
         observation_context=observation_context(model_name, model_version),
         procedure_reported=CT_CHEST,
         imaging_measurements=groups,
-        referenced_images=list(source_datasets),
+        referenced_images=_library(reports, source_datasets) or None,
     )
-    root = report[0]
+    root = content[0]
     if negative:
         root.ContentSequence = hd.sr.ContentSequence(
             [
@@ -265,10 +275,10 @@ def measurement_report(
             ]
         )
     root.ContentSequence.append(_summary_container(not negative))
-    return report
+    return content
 
 
-def predecessor_sequence(predecessor: Predecessor) -> DicomSequence:
+def predecessor_sequence(predecessor: Predecessor) -> list[Dataset]:
     """PredecessorDocumentsSequence (PS3.3 C.17.2.3) naming one earlier SR."""
     if isinstance(predecessor, Dataset):
         study = str(predecessor.StudyInstanceUID)
@@ -287,7 +297,7 @@ def predecessor_sequence(predecessor: Predecessor) -> DicomSequence:
     study_item = Dataset()
     study_item.StudyInstanceUID = study
     study_item.ReferencedSeriesSequence = DicomSequence([series_item])
-    return DicomSequence([study_item])
+    return [study_item]
 
 
 def encode_sr(
@@ -331,7 +341,7 @@ def encode_sr(
         None if seg is None else str(seg.SOPInstanceUID),
         uids.source_series_uid,
     )
-    evidence = [*source_datasets, *([seg] if seg is not None else [])]
+    evidence: list[Dataset] = [*source_datasets, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content,

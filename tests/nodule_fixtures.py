@@ -45,7 +45,7 @@ def _reading_mask(reading: LidcReading, volume: Volume) -> npt.NDArray[np.bool_]
     for roi in reading.rois:
         if len(roi.xy_px) < 3:
             continue
-        k = int(round((roi.z_mm - z0) / dz))
+        k = round((roi.z_mm - z0) / dz)
         if 0 <= k < mask.shape[0]:
             filled = _fill_polygon(roi.xy_px, mask.shape[1:])
             mask[k] = mask[k] | filled if roi.inclusion else mask[k] & ~filled
