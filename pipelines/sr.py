@@ -227,7 +227,14 @@ def _library(reports: Sequence[NoduleReport], source_datasets: Sequence[Dataset]
     """TID 1600 Image Library entries: the images the outlines are drawn on (not the whole
     series, which the evidence sequence already lists; 133 entries cost seconds in highdicom)."""
     wanted = {r.outline.plane.source.sop_instance_uid for r in reports}
-    return [ds for ds in source_datasets if str(ds.SOPInstanceUID) in wanted]
+    # highdicom 0.28's TID 1602 descriptors read top-level PixelSpacing, which multi-frame
+    # (Enhanced CT) instances keep in functional groups: those are left out (the library is
+    # optional in TID 1500; the SCOORDs still reference them by frame number).
+    return [
+        ds
+        for ds in source_datasets
+        if str(ds.SOPInstanceUID) in wanted and "PerFrameFunctionalGroupsSequence" not in ds
+    ]
 
 
 def measurement_report(

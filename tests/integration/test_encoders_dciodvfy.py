@@ -269,3 +269,40 @@ def test_reprocessing_gives_identical_uids_and_late_instances_new_ones(phantom: 
     assert predecessor.StudyInstanceUID == first_sr.StudyInstanceUID
     ref = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == earlier[0].SOPInstanceUID
+
+
+@needs_dciodvfy
+def test_enhanced_ct_frames_are_referenced_by_number_and_flips_are_undone(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A multi-frame source whose rows run right-to-left (Volume flips it) still gets masks
+    and outlines where the nodule is in patient space, on the stored columns."""
+    path = shared_data / "transfer-syntaxes" / "CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"
+    volume = build_volume([path], min_slices=2)
+    assert "flipped_row_direction" in volume.corrections
+    grid = np.zeros(volume.hu.shape, dtype=bool)
+    grid[:, 200:230, 300:330] = True  # canonical [z, y, x]: off-centre, so a wrong flip shows
+    nodule = grid_mask_to_nodule(grid, volume)
+    objects = encode_results([path], volume, [nodule], MODEL, VERSION)
+    files = _write(objects, tmp_path)
+    for modality in ("SEG", "SR", "PR"):
+        _assert_no_errors_of_ours(files[modality])
+    seg = dcmread(files["SEG"])
+    source = dcmread(path, stop_before_pixels=True)
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    number = int(ref.ReferencedFrameNumber)
+    src_frame = source.PerFrameFunctionalGroupsSequence[number - 1]
+    shared = source.SharedFunctionalGroupsSequence[0]
+    ipp = np.asarray([float(v) for v in src_frame.PlanePositionSequence[0].ImagePositionPatient])
+    assert np.allclose(
+        [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], ipp, atol=1e-3
+    )
+    iop = np.asarray([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient])
+    dc = float(shared.PixelMeasuresSequence[0].PixelSpacing[1])
+    columns = np.nonzero(seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)[0].any(axis=0))[0]
+    world_x = ipp[0] + columns * dc * iop[0]
+    x_lo = volume.origin_mm[0] + 299.5 * volume.spacing_mm[2]
+    x_hi = volume.origin_mm[0] + 329.5 * volume.spacing_mm[2]
+    assert world_x.min() >= x_lo - 1.0 and world_x.max() <= x_hi + 1.0
