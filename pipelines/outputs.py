@@ -67,8 +67,14 @@ def encode_results(
     -------
     list of pydicom.Dataset
         ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without. Nodules whose mask falls on no stored
-        frame (e.g. only on interpolated slices) are reported without outline or segment: they
-        are left out of all three objects.
+        frame (e.g. only on interpolated slices) are left out of all three objects.
+
+    Raises
+    ------
+    ValueError
+        When there are nodules but none lies on a stored frame (e.g. a Volume resampled onto
+        an axial grid from a tilted series has no ``source_positions``): a negative report
+        would be false.
     """
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -94,6 +100,9 @@ def encode_results(
         )
     if predecessor is not None and _same_sr(predecessor, uids.sr_instance_uid):
         predecessor = None
+    if nodules and not reports:
+        # a "without findings" SR would be false; the caller must fail the job instead
+        raise ValueError("no nodule lies on a stored frame (volume resampled off the source?)")
     if not reports:
         return [encode_sr([], used, uids, model_name, model_version, predecessor=predecessor)]
     slice_order = [(p.source.sop_instance_uid, p.source.frame_number) for p in planes]
