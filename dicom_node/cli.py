@@ -88,7 +88,7 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         _volume, detection = analyse(
-            files, Detector(detector_config(settings)), settings.min_slices
+            files, lambda: Detector(detector_config(settings)), settings.min_slices
         )
         report: dict[str, object] = detection.to_json()
         LOGGER.info("%d nodule(s) found", len(detection.nodules))

@@ -20,19 +20,14 @@ from sqlalchemy import select
 from dicom_node.config import AEPolicy, Completeness
 from dicom_node.db import (
     Database,
-    Job,
-    JobState,
     Study,
     StudyState,
-    new_job_id,
-    set_job_state,
     utcnow,
 )
+from dicom_node.jobs import queue_job
 from dicom_node.policy import AssociationPolicy
 
 LOGGER = logging.getLogger(__name__)
-
-_UNFINISHED = (JobState.QUEUED, JobState.PROCESSING, JobState.DELIVERING)
 
 
 class CompletenessTracker:
@@ -88,24 +83,8 @@ class CompletenessTracker:
             )
             if study is None or study.state != StudyState.RECEIVING:
                 return None
-            previous = session.get(Job, study.current_job_id) if study.current_job_id else None
-            job = Job(
-                id=new_job_id(),
-                study_id=study.id,
-                state=JobState.QUEUED,
-                attempts=0,
-                instances=study.instances,
-                supersedes=previous.id if previous is not None else None,
-            )
-            session.add(job)
-            if previous is not None and previous.state in _UNFINISHED:
-                set_job_state(session, previous, JobState.SUPERSEDED)
-            study.current_job_id = job.id
-            session.flush()
-            set_job_state(session, job, JobState.QUEUED)
-            job_id = job.id
-            instances = study.instances
-            superseded = previous.id if previous is not None else None
+            job = queue_job(session, study, self.policy.config)
+            job_id, instances, superseded = job.id, study.instances, job.supersedes
         LOGGER.info(
             "job %s queued: %d instances%s",
             job_id,

@@ -13,10 +13,10 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from pydicom import dcmread
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import (
     DicomWebDestination,
     DimseDestination,
+    FhirDestination,
     NodeConfig,
     Settings,
 )
@@ -34,8 +35,12 @@ from dicom_node.db import (
     Database,
     Delivery,
     DeliveryState,
+    Instance,
     Job,
     JobState,
+    Result,
+    Series,
+    Study,
     set_job_state,
     utcnow,
 )
@@ -203,6 +208,43 @@ def _stow_failures(response: httpx.Response) -> dict[str, str]:
     return out
 
 
+FHIR_ORDER = ("registered", "preliminary", "cancelled")
+
+
+def delivery_rows(
+    config: NodeConfig,
+    calling_ae: str,
+    job_id: str,
+    objects: Sequence[dict[str, str]],
+    fhir_status: str | None,
+) -> list[Delivery]:
+    """The delivery rows of a job: each DICOM object to each DICOM destination of the calling
+    AE, and the FHIR report's new ``fhir_status`` to each FHIR destination."""
+    rows = []
+    for destination in config.destinations_for(calling_ae):
+        if isinstance(destination, FhirDestination):
+            if fhir_status is not None:
+                rows.append(_row(job_id, destination.name, "fhir", fhir_status, None))
+            continue
+        rows += [
+            _row(job_id, destination.name, "dicom", obj["sop_instance_uid"], obj["path"])
+            for obj in objects
+        ]
+    return rows
+
+
+def _row(job_id: str, destination: str, kind: str, uid: str, path: str | None) -> Delivery:
+    return Delivery(
+        job_id=job_id,
+        destination=destination,
+        kind=kind,
+        object_uid=uid,
+        path=path,
+        attempts=0,
+        state=DeliveryState.PENDING,
+    )
+
+
 class DeliveryLoop(threading.Thread):
     """Sends due deliveries every ``interval`` seconds, or when woken.
 
@@ -214,24 +256,16 @@ class DeliveryLoop(threading.Thread):
         Delivery rows and jobs.
     config : NodeConfig
         The destinations.
-    fhir : callable, optional
-        ``fhir(job_id, destination_name)`` publishes a job's FHIR report; raises on failure.
     """
 
     def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        config: NodeConfig,
-        fhir: Callable[[str, str], None] | None = None,
-        interval: float = 1.0,
+        self, settings: Settings, db: Database, config: NodeConfig, interval: float = 1.0
     ) -> None:
         super().__init__(name="delivery", daemon=True)
         self.settings = settings
         self.db = db
         self.destinations = {d.name: d for d in config.destinations}
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
-        self.fhir = fhir
         self.interval = interval
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -301,10 +335,8 @@ class DeliveryLoop(threading.Thread):
             )
             paths = [self.spool.path(path) for _kind, _uid, path in objects if path]
             return sender.send(paths)
-        if self.fhir is None:
-            raise PermanentError("FHIR delivery is not available")
-        self.fhir(job_id, name)
-        return {uid: None for _kind, uid, _path in objects}
+        statuses = sorted((uid for _kind, uid, _path in objects), key=FHIR_ORDER.index)
+        return FhirReporter(self.db, self.spool, destination).send(job_id, statuses)
 
     def _record(
         self,
@@ -352,3 +384,77 @@ def settle_job(session: Session, job_id: str) -> None:
         set_job_state(session, job, JobState.FAILED, error="delivery failed: " + "; ".join(reasons))
     else:
         set_job_state(session, job, JobState.DONE)
+
+
+class FhirReporter:
+    """Publishes a job's DiagnosticReport (and Observations) to one FHIR server.
+
+    ``registered`` is sent only while the job is still waiting or running (a later status has
+    already replaced it otherwise); ``preliminary`` carries the results; ``cancelled`` the reason
+    the study was rejected or failed. The patient is referenced by the PatientID (and issuer) read
+    from the spooled header at send time; it is never logged or stored in the database.
+    """
+
+    def __init__(self, db: Database, spool: LocalSpool, destination: FhirDestination) -> None:
+        self.db = db
+        self.spool = spool
+        self.destination = destination
+
+    def send(self, job_id: str, statuses: Sequence[str]) -> Outcome:
+        """Publish each status in order; raise :class:`TransientError` if the server fails."""
+        from dicom_node.fhir_client import FhirClient
+        from pipelines.fhir import Model, build_report, build_results
+
+        job, study_uid, result, first_path = self._load(job_id)
+        study = self._study(study_uid, first_path)
+        outcome: Outcome = {}
+        with FhirClient.from_destination(self.destination) as client:
+            for status in statuses:
+                if status == "registered" and job.state in (JobState.QUEUED, JobState.PROCESSING):
+                    client.publish(build_report(study, "registered"), [])
+                elif status == "preliminary" and result is not None:
+                    outputs = result.detail.get("outputs", {})
+                    report, observations = build_results(
+                        study,
+                        result.nodules,
+                        Model(**outputs["model"]),
+                        tracking_uids=outputs.get("tracking_uids"),
+                        sr_uid=outputs.get("sr_uid"),
+                        seg_uid=outputs.get("seg_uid"),
+                    )
+                    client.publish(report, observations)
+                elif status == "cancelled":
+                    reason = job.error or "the study could not be analysed"
+                    client.publish(build_report(study, "cancelled", conclusion=reason), [])
+                outcome[status] = None
+        return outcome
+
+    def _load(self, job_id: str) -> tuple[Job, str, Result | None, str | None]:
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise PermanentError(f"job {job_id} is gone")
+            study = session.get(Study, job.study_id)
+            assert study is not None
+            result = session.scalar(select(Result).where(Result.job_id == job_id))
+            first = session.scalar(
+                select(Instance.path)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.study_id == study.id)
+                .limit(1)
+            )
+            return job, study.study_instance_uid, result, first
+
+    def _study(self, study_uid: str, path: str | None) -> Any:
+        from pipelines.fhir import Study as FhirStudy
+
+        patient_id, issuer = "", None
+        if path is not None:
+            ds = dcmread(
+                self.spool.path(path),
+                stop_before_pixels=True,
+                specific_tags=["PatientID", "IssuerOfPatientID"],
+            )
+            patient_id = str(ds.get("PatientID", "") or "")
+            issuer = str(ds.get("IssuerOfPatientID", "") or "") or None
+        return FhirStudy(study_uid, patient_id, issuer)

@@ -22,6 +22,7 @@ class AssociationPolicy:
     """
 
     def __init__(self, config: NodeConfig, default_quiet_seconds: float) -> None:
+        self.config = config
         self.default_quiet_seconds = default_quiet_seconds
         self._policies = {p.ae_title: p for p in config.ae_policies}
         self._networks: dict[str, list[IPNetwork]] = {

@@ -6,7 +6,7 @@ Shared by the worker and by ``noduleai detect`` so that both compute exactly the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pipelines.detect import Detection, Detector
@@ -14,8 +14,13 @@ from pipelines.selection import select_series
 from pipelines.volume import Volume, build_volume
 
 
-def analyse(paths: Iterable[Path], detector: Detector, min_slices: int) -> tuple[Volume, Detection]:
+def analyse(
+    paths: Iterable[Path], detector: Callable[[], Detector], min_slices: int
+) -> tuple[Volume, Detection]:
     """Analyse the files of one study.
+
+    ``detector`` is called only once the study proved analysable, so a rejection never waits
+    for (or depends on) loading the models.
 
     Raises
     ------
@@ -26,7 +31,7 @@ def analyse(paths: Iterable[Path], detector: Detector, min_slices: int) -> tuple
     selected = select_series(paths, min_slices=min_slices)
     volume = build_volume(selected.paths)
     loaded = (time.perf_counter() - start) * 1000.0
-    detection = detector.run(volume)
+    detection = detector().run(volume)
     detection.timings_ms = {"load": loaded, **detection.timings_ms}
     detection.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
     return volume, detection

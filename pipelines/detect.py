@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from models.infer import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
 from models.preprocessing import lung_mask, normalise_hu, resample_to_iso
 from pipelines.backends import InferenceBackend, load_backend
@@ -22,6 +25,9 @@ from pipelines.screen import screen
 from pipelines.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
+
+
+MODEL_NAME = "NoduleAI lung nodule detector"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,18 @@ class Detection:
     timings_ms: dict[str, float]
     backend: str
     model_versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The algorithm's name in result objects."""
+        return MODEL_NAME
+
+    @property
+    def model_version(self) -> str:
+        """Both stages' versions, e.g. ``stage1_screen-1.0.0+stage2_refine-1.0.0``."""
+        return "+".join(
+            f"{name}-{version}" for name, version in sorted(self.model_versions.items())
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``findings.json``: the series, the nodules, timings per stage, the backend."""
@@ -96,10 +114,22 @@ class Detector:
         return "+".join(sorted(names))
 
     def run(self, volume: Volume) -> Detection:
-        """Detect nodules in ``volume``; timings in ms per step."""
+        """Detect nodules in a built series volume; timings in ms per step."""
+        return self.detect(
+            volume.hu, volume.spacing_mm, volume.origin_mm, volume.series_instance_uid
+        )
+
+    def detect(
+        self,
+        hu: npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]],
+        spacing_mm: tuple[float, float, float],
+        origin_mm: tuple[float, float, float],
+        series_instance_uid: str = "",
+    ) -> Detection:
+        """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``."""
         timings: dict[str, float] = {}
         with _timed(timings, "preprocess"):
-            iso_hu = resample_to_iso(volume.hu, volume.spacing_mm)
+            iso_hu = resample_to_iso(hu, spacing_mm)
             lung = lung_mask(iso_hu)
             iso = normalise_hu(iso_hu)
         with _timed(timings, "stage1"):
@@ -107,16 +137,16 @@ class Detector:
                 iso, lung, self.stage1, self.candidate_threshold, self.config.max_candidates
             )
         with _timed(timings, "stage2"):
-            findings = refine(iso, candidates, self.stage2, volume.origin_mm)
+            findings = refine(iso, candidates, self.stage2, origin_mm)
         with _timed(timings, "postprocess"):
             nodules = [
-                describe(f, iso_hu, volume.origin_mm, self.threshold, self.config.review_band)
+                describe(f, iso_hu, origin_mm, self.threshold, self.config.review_band)
                 for f in findings
                 if f.probability >= self.threshold
             ]
             nodules.sort(key=lambda n: -n.probability)
         return Detection(
-            series_instance_uid=volume.series_instance_uid,
+            series_instance_uid=series_instance_uid,
             nodules=nodules,
             candidates=len(candidates),
             timings_ms=timings,

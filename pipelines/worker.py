@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from enum import Enum
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
-from dicom_node.db import Database, Instance, Job, JobState, Result, Series, set_job_state
+from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study, set_job_state
 from dicom_node.errors import PermanentError, StudyRejectedError, TransientError
+from dicom_node.export import delivery_rows
 from dicom_node.queues import EmbeddedQueue, JobSource, Received, declare_topology
-from dicom_node.spool import LocalSpool
+from dicom_node.spool import LocalSpool, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import analyse
 from pipelines.detect import Detection, Detector, DetectorConfig
+from pipelines.outputs import encode_results, model_identity
+from pipelines.uids import ResultUIDs
+from pipelines.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
 
@@ -89,6 +94,7 @@ class Worker:
         self.settings = settings
         self.db = db
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
+        self.config = settings.node_config()
         self._detector = detector
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:04x}"
         self.current_job: str | None = None
@@ -116,7 +122,8 @@ class Worker:
         self.current_job = job_id
         self.heartbeat()
         try:
-            _volume, detection = analyse(paths, self.detector, self.settings.min_slices)
+            volume, detection = analyse(paths, lambda: self.detector, self.settings.min_slices)
+            outputs = self._encode(job_id, paths, volume, detection)
         except StudyRejectedError as exc:
             self._finish(job_id, JobState.REJECTED, error=f"{exc.code}: {exc.detail}")
             LOGGER.info("job %s rejected: %s", job_id, exc.code)
@@ -125,7 +132,7 @@ class Worker:
             return self._failed(job_id, exc)
         finally:
             self.current_job = None
-        self._save(job_id, detection)
+        self._save(job_id, detection, outputs)
         LOGGER.info(
             "job %s done: %d nodules from %d candidates in %.0f ms on %s",
             job_id,
@@ -153,8 +160,68 @@ class Worker:
             LOGGER.info("job %s processing (attempt %d)", job_id, job.attempts)
         return [self.spool.path(p) for p in relpaths]
 
-    def _save(self, job_id: str, detection: Detection) -> None:
-        """Write the result set and finish the job in one transaction."""
+    def _encode(
+        self, job_id: str, paths: list[Path], volume: Volume, detection: Detection
+    ) -> dict[str, Any]:
+        """Encode SEG/SR/GSPS into the spool (``results/<job>/``); describe what was written."""
+        start = time.perf_counter()
+        datasets = encode_results(
+            paths,
+            volume,
+            detection.nodules,
+            detection.model_name,
+            detection.model_version,
+            predecessor=self._predecessor(job_id),
+        )
+        uids = ResultUIDs.create(
+            volume.series_instance_uid,
+            volume.sop_instance_uids,
+            model_identity(detection.model_name, detection.model_version),
+        )
+        objects = []
+        for ds in datasets:
+            relpath = f"results/{safe_uid(job_id)}/{ds.Modality}-{safe_uid(ds.SOPInstanceUID)}.dcm"
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            self.spool.write(relpath, buffer.getvalue())
+            objects.append(
+                {
+                    "modality": str(ds.Modality),
+                    "sop_class_uid": str(ds.SOPClassUID),
+                    "sop_instance_uid": str(ds.SOPInstanceUID),
+                    "series_instance_uid": str(ds.SeriesInstanceUID),
+                    "study_instance_uid": str(ds.StudyInstanceUID),
+                    "path": relpath,
+                }
+            )
+        detection.timings_ms["encode"] = (time.perf_counter() - start) * 1000.0
+        return {
+            "objects": objects,
+            "tracking_uids": [uids.tracking_uid(i) for i in range(len(detection.nodules))],
+            "sr_uid": uids.sr_instance_uid,
+            "seg_uid": uids.seg_instance_uid if detection.nodules else None,
+            "model": {"name": detection.model_name, "version": detection.model_version},
+        }
+
+    def _predecessor(self, job_id: str) -> tuple[str, str, str] | None:
+        """The SR of the job this one supersedes, if it produced one."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            previous = job.supersedes if job is not None else None
+            result = session.scalar(select(Result).where(Result.job_id == previous))
+        if result is None:
+            return None
+        for obj in result.detail.get("outputs", {}).get("objects", []):
+            if obj["modality"] == "SR":
+                return (
+                    obj["study_instance_uid"],
+                    obj["series_instance_uid"],
+                    obj["sop_instance_uid"],
+                )
+        return None
+
+    def _save(self, job_id: str, detection: Detection, outputs: dict[str, Any]) -> None:
+        """Write the result set and its deliveries and move the job on, in one transaction."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.PROCESSING:
@@ -167,19 +234,27 @@ class Worker:
                         job_id=job_id,
                         series_instance_uid=detection.series_instance_uid,
                         nodules=[n.to_json() for n in detection.nodules],
-                        detail=detection.to_json(),
+                        detail={**detection.to_json(), "outputs": outputs},
                     )
                 )
             job.timings = {k: round(v, 1) for k, v in detection.timings_ms.items()}
             job.backend = detection.backend
             job.findings = len(detection.nodules)
-            set_job_state(session, job, JobState.DONE)
+            study = session.get(Study, job.study_id)
+            calling_ae = study.calling_ae if study is not None else ""
+            rows = delivery_rows(self.config, calling_ae, job_id, outputs["objects"], "preliminary")
+            session.add_all(rows)
+            set_job_state(session, job, JobState.DELIVERING if rows else JobState.DONE)
 
     def _finish(self, job_id: str, state: JobState, error: str) -> None:
+        """End the job rejected or failed; the FHIR report says ``cancelled``."""
         with self.db.session() as session:
             job = session.get(Job, job_id)
             if job is not None and job.state == JobState.PROCESSING:
                 set_job_state(session, job, state, error=error)
+                study = session.get(Study, job.study_id)
+                calling_ae = study.calling_ae if study is not None else ""
+                session.add_all(delivery_rows(self.config, calling_ae, job_id, [], "cancelled"))
 
     def _failed(self, job_id: str, exc: Exception) -> Decision:
         """Retry a transient failure with backoff, or fail the job for good."""

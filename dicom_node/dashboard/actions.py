@@ -1,9 +1,9 @@
 """Operator actions: retry, rerun and discard.
 
-Retry and rerun create a new job through the outbox, exactly as completeness does: the job row
-is committed in the ``queued`` state without ``published_at``, and the publisher sends it. The
-new job supersedes the study's previous one. Discard acknowledges a failed job: it stays failed,
-is stamped ``discarded_at`` and its dead letters are removed from the dead-letter queue.
+Retry and rerun create a new job with :func:`dicom_node.jobs.queue_job`, exactly as
+completeness does (outbox, superseding the study's previous job). Discard acknowledges a failed
+job: it stays failed, is stamped ``discarded_at`` and its dead letters are removed from the
+dead-letter queue.
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.config import NodeConfig
 from dicom_node.dashboard.queries import FAILED_STATES
 from dicom_node.db import (
     Database,
     Job,
-    JobState,
     Study,
     StudyState,
-    new_job_id,
-    set_job_state,
     utcnow,
 )
-
-_UNFINISHED = (JobState.QUEUED, JobState.PROCESSING, JobState.DELIVERING)
+from dicom_node.jobs import queue_job
 
 
 class ActionError(Exception):
@@ -55,25 +52,6 @@ def _study(session: Session, study_uid: str) -> Study:
     return study
 
 
-def _requeue(session: Session, study: Study, previous: Job) -> str:
-    """Create a queued job superseding ``previous``; the publisher picks it up (outbox)."""
-    job = Job(
-        id=new_job_id(),
-        study_id=study.id,
-        state=JobState.QUEUED,
-        attempts=0,
-        instances=study.instances,
-        supersedes=previous.id,
-    )
-    session.add(job)
-    if previous.state in _UNFINISHED:
-        set_job_state(session, previous, JobState.SUPERSEDED)
-    study.current_job_id = job.id
-    session.flush()
-    set_job_state(session, job, JobState.QUEUED)
-    return job.id
-
-
 def _current_job(session: Session, study: Study) -> Job:
     job = session.get(Job, study.current_job_id) if study.current_job_id else None
     if job is None:
@@ -81,7 +59,7 @@ def _current_job(session: Session, study: Study) -> Job:
     return job
 
 
-def retry(db: Database, study_uid: str) -> Outcome:
+def retry(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
     """Requeue a failed or rejected study as a new job."""
     with db.session() as session:
         study = _study(session, study_uid)
@@ -90,18 +68,18 @@ def retry(db: Database, study_uid: str) -> Outcome:
             raise ActionError(
                 f"only a failed or rejected study can be retried (it is {study.state})"
             )
-        new_id = _requeue(session, study, previous)
+        new_id = queue_job(session, study, config).id
         return Outcome(study_uid, previous.id, new_id, f"retry of {previous.state} job")
 
 
-def rerun(db: Database, study_uid: str) -> Outcome:
+def rerun(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
     """Run the study again as a new job, whatever its current job's state."""
     with db.session() as session:
         study = _study(session, study_uid)
         if study.state == StudyState.RECEIVING:
             raise ActionError("the study is still receiving")
         previous = _current_job(session, study)
-        new_id = _requeue(session, study, previous)
+        new_id = queue_job(session, study, config).id
         return Outcome(study_uid, previous.id, new_id, f"rerun of {previous.state} job")
 
 

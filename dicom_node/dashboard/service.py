@@ -185,7 +185,8 @@ def act(dash: Dashboard, actor: str, action: str, target: str) -> Outcome:
                 f"{outcome.detail}; {removed} dead letter(s) removed",
             )
         else:
-            outcome = (retry if action == "retry" else rerun)(dash.db, target)
+            config = dash.settings.node_config()
+            outcome = (retry if action == "retry" else rerun)(dash.db, config, target)
     except ActionError as exc:
         audit(dash.db, actor, f"{action}.rejected", target, str(exc))
         raise
