@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select, text
@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
 from dicom_node.config import Settings
-from dicom_node.db import Database, Job, Study
+from dicom_node.db import Database, Job, Result, Study
 
 
 class StudyOut(BaseModel):
@@ -33,6 +33,17 @@ class StudyOut(BaseModel):
     timings_ms: dict[str, Any] | None
     backend: str | None
     error: str | None
+
+
+class FindingsOut(BaseModel):
+    """The nodules of a study's current job (empty until its results are stored)."""
+
+    study_instance_uid: str
+    state: str
+    job_id: str | None
+    series_instance_uid: str | None
+    nodules: list[dict[str, Any]]
+    models: dict[str, Any] | None
 
 
 def create_app(
@@ -101,6 +112,25 @@ def create_app(
         with db.session() as session:
             rows = session.execute(query).all()
         return [_study_out(study, job) for study, job in rows]
+
+    @app.get("/api/studies/{study_uid}/findings", response_model=FindingsOut)
+    def findings(study_uid: str) -> FindingsOut:
+        """The current job's nodules (centre mm, long/short axis, probability, ...); read-only."""
+        with db.session() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+            if study is None:
+                raise HTTPException(status_code=404, detail="unknown study")
+            result = None
+            if study.current_job_id is not None:
+                result = session.scalar(select(Result).where(Result.job_id == study.current_job_id))
+            return FindingsOut(
+                study_instance_uid=study.study_instance_uid,
+                state=study.state,
+                job_id=study.current_job_id,
+                series_instance_uid=result.series_instance_uid if result else None,
+                nodules=list(result.nodules) if result else [],
+                models=result.detail.get("models") if result else None,
+            )
 
     return app
 

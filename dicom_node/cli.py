@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     detect = commands.add_parser("detect", help="run the pipeline offline on a folder of DICOM")
     detect.add_argument("path", type=Path, help="folder (any nesting) or file; non-DICOM ignored")
     detect.add_argument("--out", type=Path, required=True, help="folder for findings.json")
+    from dicom_node import demo
+
+    demo.add_arguments(commands.add_parser("demo", help="send a synthetic CT, compare findings"))
     db = commands.add_parser("db", help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="create or migrate the schema to the newest revision")
@@ -140,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_worker(settings)
         if args.command == "detect":
             return _detect(settings, args.path, args.out)
+        if args.command == "demo":
+            return demo.run(settings, args)
         return _db_upgrade(settings)
     except ConfigError as exc:
         LOGGER.error("%s", exc)
