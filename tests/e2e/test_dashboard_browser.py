@@ -26,16 +26,12 @@ from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Job, JobState, Study, set_job_state
 from tests.conftest import AMQP_URL, REPO
-from tests.helpers import free_port, storescu, wait_for
+from tests.helpers import Service, free_port, storescu, wait_for
 
 E2E = Path(__file__).parent
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 TOKEN = "e2e-dashboard-token-42"
 REASON = "synthetic failure for the e2e test: stage 2 timed out"
-
-#: Turn on once ``noduleai serve`` runs workers (pipelines.worker): the retried study must then
-#: reach ``done``, checked by :func:`assert_retried_study_completes`.
-WORKER_RUNS_JOBS = False
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,10 @@ def serve(tmp_path: Path, amqp_queues: tuple[str, str]) -> Iterator[dict[str, st
         "NODULEAI_AMQP_QUEUE": amqp_queues[0],
         "NODULEAI_AMQP_DEAD_LETTER_QUEUE": amqp_queues[1],
         "NODULEAI_DASHBOARD_TOKEN": TOKEN,
-        "NODULEAI_WORKERS": "1" if WORKER_RUNS_JOBS else "0",
+        # No worker in serve while the pages are checked against a still picture of the queue;
+        # the test starts one after the retry, and the retried study must then complete.
+        "NODULEAI_WORKERS": "0",
+        "NODULEAI_MIN_SLICES": "3",
     }
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
@@ -154,17 +153,21 @@ def _drive_browser(env: dict[str, str], failed_uid: str, uids: list[str]) -> dic
     return dict(json.loads(result.stdout))
 
 
-def assert_retried_study_completes(base: str, uid: str, timeout: float = 300.0) -> None:
-    """Follow-up for when workers run jobs: the retried study reaches ``done``.
-
-    Enabled by :data:`WORKER_RUNS_JOBS`; until then nothing processes jobs and completion is
-    not claimed.
-    """
-    wait_for(
-        lambda: httpx.get(f"{base}/api/studies/{uid}").json()["study"]["state"] == "done",
-        timeout=timeout,
-        interval=1.0,
-    )
+def assert_retried_study_completes(
+    env: dict[str, str], uid: str, log: Path, timeout: float = 300.0
+) -> None:
+    """Start a worker (``noduleai worker``); the retried study reaches ``done``."""
+    worker = Service(["worker"], env, log)
+    try:
+        wait_for(
+            lambda: (
+                httpx.get(f"{env['base']}/api/studies/{uid}").json()["study"]["state"] == "done"
+            ),
+            timeout=timeout,
+            interval=1.0,
+        )
+    finally:
+        worker.stop()
 
 
 def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_failed_study(
@@ -232,8 +235,12 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
         ("token", "retry"),
         ("anonymous", "retry.refused"),
     ]
-    if WORKER_RUNS_JOBS:
-        assert_retried_study_completes(base, failed_uid)
+    worker_env = {k: v for k, v in serve.items() if k.startswith("NODULEAI_")}
+    assert_retried_study_completes(
+        {**worker_env, "NODULEAI_DB_URL": serve["db"], "base": base},
+        failed_uid,
+        tmp_path / "worker.log",
+    )
     db.dispose()
     screenshots = {p.name for p in ARTIFACTS.glob("*.png")}
     assert {"overview.png", "studies.png", "failures.png", "study-after-retry.png"} <= screenshots
