@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps fhir-deps
+.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps fhir-deps ohif-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ system-deps:
 e2e-deps:
 	cd tests/e2e && npm ci --no-audit --no-fund
 
+## OHIF's prebuilt viewer (npm @ohif/app, version and sha512 pinned in the script), fetched once
+## into ~/.cache/noduleai for the OHIF end-to-end test; nothing of OHIF is committed.
+ohif-deps:
+	tests/e2e/ohif/fetch-ohif.sh
+
 ## Medplum's FHIR router (pinned by tests/fhir_server/package-lock.json), the tests' FHIR R4 server.
 fhir-deps:
 	npm ci --prefix tests/fhir_server --no-audit --no-fund
@@ -31,7 +36,7 @@ serve: install
 	$(BIN)/noduleai serve
 
 ## Install everything the tests need and run the whole suite (SQLite and PostgreSQL).
-test: system-deps install-dev e2e-deps fhir-deps
+test: system-deps install-dev e2e-deps fhir-deps ohif-deps
 	$(BIN)/pytest
 
 lint: install-dev

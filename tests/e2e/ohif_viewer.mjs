@@ -1,0 +1,148 @@
+// Drives OHIF 3 (served by tests/e2e/ohif/ohif_server.py) in Debian's chromium with playwright-core:
+// opens the study, loads our SEG (answers "Yes" to open it), goes to the slice of the nodule's centre,
+// screenshots it with the segment shown and hidden (the segmentation panel's eye), then loads our SR
+// and screenshots its outline and text with the annotation layer shown and hidden. Prints what it
+// saw as JSON on stdout: viewport geometry (the nodule centre projected onto the canvas by OHIF's own
+// cornerstone viewport, in page pixels), segment rows, SR outline points and text, screenshot paths.
+// Input (environment): OHIF_BASE, OHIF_STUDY, OHIF_OUT (screenshots, console log),
+// OHIF_CENTER (JSON [x, y, z] in mm, patient LPS: the nodule's centre), OHIF_POINTS (JSON
+// {name: [x, y, z]}: more patient points to project onto the canvas).
+import fs from "node:fs";
+import { chromium } from "playwright-core";
+
+const base = process.env.OHIF_BASE;
+const study = process.env.OHIF_STUDY;
+const out = process.env.OHIF_OUT;
+const center = JSON.parse(process.env.OHIF_CENTER);
+const points = JSON.parse(process.env.OHIF_POINTS || "{}");
+const TIMEOUT = 90000;
+const logs = [];
+
+// Viewport geometry in page pixels, computed by the viewer's own cornerstone viewport.
+function geometry([center, points]) {
+  const viewports = window.cornerstone.getEnabledElements().map((e) => e.viewport);
+  const vp = viewports.find((v) => v.id === "default") || viewports[0];
+  const rect = vp.canvas.getBoundingClientRect();
+  const toPage = (p) => {
+    const [x, y] = vp.worldToCanvas(p);
+    return [rect.x + x, rect.y + y];
+  };
+  const c = toPage(center);
+  const e = toPage([center[0] + 10, center[1], center[2]]);
+  return {
+    viewportId: vp.id,
+    imageIndex: vp.getCurrentImageIdIndex(),
+    imageId: vp.getCurrentImageId(),
+    rect: [rect.x, rect.y, rect.width, rect.height],
+    nodule: c,
+    pxPerMm: Math.hypot(e[0] - c[0], e[1] - c[1]) / 10,
+    points: Object.fromEntries(Object.entries(points).map(([k, p]) => [k, toPage(p)])),
+  };
+}
+
+// Two identical screenshots in a row: the viewer has finished drawing.
+async function stableScreenshot(page, path) {
+  const deadline = Date.now() + 30000;
+  let previous = await page.screenshot();
+  for (;;) {
+    await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+    const current = await page.screenshot();
+    if (current.equals(previous)) {
+      fs.writeFileSync(path, current);
+      return path;
+    }
+    if (Date.now() > deadline) throw new Error(`viewer did not settle for ${path}`);
+    previous = current;
+  }
+}
+
+async function openSeries(page, modality) {
+  await page.locator('[data-cy="series-modality-label"]', { hasText: new RegExp(`^${modality}$`) }).first().dblclick();
+}
+
+async function seg(page) {
+  await openSeries(page, "SEG");
+  await page.getByRole("button", { name: "Yes" }).click({ timeout: TIMEOUT }); // "open this Segmentation?"
+  await page.click('[data-cy="panelSegmentation-btn"]');
+  await page.waitForSelector('[data-cy="data-row-title"]', { timeout: TIMEOUT });
+  const segments = await page.$$eval('[data-cy="data-row"]', (rows) =>
+    rows.map((r) => ({
+      title: r.querySelector('[data-cy="data-row-title"]')?.textContent.trim(),
+      color: r.querySelector('[data-cy="data-row-colorhex"]')?.style.backgroundColor,
+    })));
+  // The slice nearest to the nodule's centre, as a user scrolling there would see it.
+  const target = await page.evaluate(async (z) => {
+    const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+    const zs = vp.getImageIds().map((id) => window.cornerstone.metaData.get("imagePlaneModule", id).imagePositionPatient[2]);
+    const index = zs.reduce((best, v, i) => (Math.abs(v - z) < Math.abs(zs[best] - z) ? i : best), 0);
+    await vp.setImageIdIndex(index);
+    return { index, z: zs[index] };
+  }, center[2]);
+  await page.waitForFunction((i) => window.cornerstone.getEnabledElements().some((e) => e.viewport.id === "default" && e.viewport.getCurrentImageIdIndex() === i), target.index, { timeout: TIMEOUT });
+  const on = await stableScreenshot(page, `${out}/seg-on.png`);
+  const geo = await page.evaluate(geometry, [center, points]);
+  await page.locator('[data-cy="data-row-visibility-toggle"]').first().click();
+  const off = await stableScreenshot(page, `${out}/seg-off.png`);
+  const geoOff = await page.evaluate(geometry, [center, points]);
+  await page.locator('[data-cy="data-row-visibility-toggle"]').first().click();
+  return { segments, target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
+}
+
+async function sr(page) {
+  await openSeries(page, "SR");
+  await page.waitForSelector("svg.svg-layer polyline", { state: "attached", timeout: TIMEOUT });
+  await page.waitForFunction(() => /mm/.test(document.querySelector("svg.svg-layer text")?.textContent || ""), null, { timeout: TIMEOUT });
+  const on = await stableScreenshot(page, `${out}/sr-on.png`);
+  const geo = await page.evaluate(geometry, [center, points]);
+  const drawn = await page.evaluate(() => {
+    const svg = document.querySelector("svg.svg-layer");
+    const r = svg.getBoundingClientRect();
+    const polylines = [...svg.querySelectorAll("polyline")].map((p) =>
+      [...p.points].map((pt) => [r.x + pt.x, r.y + pt.y]));
+    const texts = [...svg.querySelectorAll("text")].map((t) => [...t.querySelectorAll("tspan")].map((s) => s.textContent));
+    return { polylines, texts };
+  });
+  await page.evaluate(() => { document.querySelector("svg.svg-layer").style.visibility = "hidden"; });
+  const off = await stableScreenshot(page, `${out}/sr-off.png`);
+  await page.evaluate(() => { document.querySelector("svg.svg-layer").style.visibility = ""; });
+  return { geometry: geo, ...drawn, shots: { on, off } };
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+  });
+  const result = {};
+  try {
+    const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, serviceWorkers: "block" });
+    const page = await context.newPage();
+    page.setDefaultTimeout(TIMEOUT);
+    page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    page.on("pageerror", (e) => logs.push(`[pageerror] ${e}`));
+    const started = Date.now();
+    await page.goto(`${base}/viewer?StudyInstanceUIDs=${study}`);
+    await page.getByText("Skip all").click({ timeout: TIMEOUT }); // onboarding tour
+    result.viewerReadySeconds = (Date.now() - started) / 1000;
+    result.seg = await seg(page);
+    result.segSeconds = (Date.now() - started) / 1000;
+    result.sr = await sr(page);
+    result.totalSeconds = (Date.now() - started) / 1000;
+  } catch (error) {
+    result.error = String(error && error.stack ? error.stack : error);
+    try {
+      const pages = browser.contexts().flatMap((c) => c.pages());
+      if (pages.length) await pages[0].screenshot({ path: `${out}/failure.png` });
+    } catch {
+      // the failure screenshot is best effort; the error above is what matters
+    }
+  } finally {
+    fs.writeFileSync(`${out}/console.log`, logs.join("\n") + "\n");
+    await browser.close();
+  }
+  result.consoleErrors = logs.filter((l) => l.startsWith("[error]") || l.startsWith("[pageerror]"));
+  result.consoleNotes = logs.filter((l) => /SEG|SR |SCOORD|rehydrat|segment|Measurement/i.test(l)).slice(0, 50);
+  process.stdout.write(JSON.stringify(result));
+}
+
+await main();
