@@ -1,0 +1,114 @@
+"""``noduleai demo`` against a node and a worker running in this process."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node import demo
+from dicom_node.config import Settings, load_settings
+from dicom_node.service import Node
+
+REPO = Path(__file__).resolve().parents[2]
+WEIGHTS = REPO / "models" / "weights"
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> Iterator[Settings]:
+    """Node (embedded queue, SQLite) plus one worker thread, as ``noduleai serve`` runs them."""
+    if not list(WEIGHTS.glob("*.onnx")) and not os.environ.get("CI"):
+        pytest.skip("no ONNX weights in models/weights")
+    from pipelines.worker import Worker, run_worker
+
+    settings = load_settings(
+        data_dir=tmp_path / "var",
+        dicom_host="127.0.0.1",
+        dicom_port=0,
+        http_port=0,
+        min_free_bytes=0,
+        quiet_seconds=1.0,
+        inference_threads=2,
+    )
+    node = Node(settings)
+    node.start()
+    worker = Worker(settings, node.db)
+    thread = threading.Thread(target=run_worker, args=(settings, node.db, worker), daemon=True)
+    thread.start()
+    bound = settings.model_copy(update={"dicom_port": node.scp.port, "http_port": node.http_port})
+    try:
+        yield bound
+    finally:
+        node.scp.stop()
+        worker.stop()
+        thread.join(timeout=60)
+        node.stop()
+
+
+@pytest.mark.slow
+def test_demo_sends_a_phantom_and_reports_its_nodules_against_the_truth(
+    serving: Settings,
+) -> None:
+    out = io.StringIO()
+    code = demo.run(serving, _args(timeout=300.0), out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "96 slices" in text
+    assert "sending 96/96" in text
+    assert re.search(r"\] done ", text), text
+    rows = re.findall(r"#\d .* mm: (FOUND|MISSED)", text)
+    assert len(rows) == 3, text
+    found = re.search(r"found (\d) of 3; false positives: (\d+)", text)
+    assert found is not None, text
+    assert int(found[1]) == rows.count("FOUND")
+    assert f"/dashboard/studies/{_study_uid(text)}" in text
+
+
+def _study_uid(text: str) -> str:
+    match = re.search(r"StudyInstanceUID (\S+)", text)
+    assert match is not None, text
+    return match[1]
+
+
+def test_demo_says_what_is_wrong_when_the_service_is_not_reachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.helpers import free_port
+
+    settings = load_settings(http_port=free_port(), dicom_port=free_port())
+    code = demo.run(settings, _args(), out=io.StringIO())
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:" in err
+    assert "make serve" in err
+
+
+def test_findings_match_the_truth_by_the_luna16_rule() -> None:
+    truth = [
+        demo.Truth((0.0, 0.0, 0.0), 10.0, "solid", "parenchymal"),
+        demo.Truth((50.0, 0.0, 0.0), 8.0, "solid", "parenchymal"),
+    ]
+    near = {"center_mm": [3.0, 0.0, 0.0], "long_axis_mm": 9.5, "probability": 0.9}
+    far = {"center_mm": [0.0, 90.0, 0.0], "long_axis_mm": 5.0, "probability": 0.6}
+    edge = {"center_mm": [54.5, 0.0, 0.0], "long_axis_mm": 7.0, "probability": 0.7}
+    matches, false_positives = demo.match(truth, [near, far, edge])
+    assert [m.finding for m in matches] == [near, None]
+    assert matches[0].distance_mm == pytest.approx(3.0)
+    assert false_positives == [far, edge]
+    lines = "\n".join(demo.report(matches, false_positives))
+    assert "FOUND" in lines and "MISSED" in lines and "found 1 of 2; false positives: 2" in lines
