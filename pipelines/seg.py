@@ -4,7 +4,10 @@ One BINARY segment per nodule (C.8.20.2 Segment Sequence): category "Morphologic
 structure" (SCT 49755003), type "Nodule" (SCT 27925004), anatomic region "Lung" (SCT 39607008),
 algorithm type AUTOMATIC with the model's name and version (Algorithm Identification, C.8.20.2,
 family "Artificial Intelligence" from CID 7162), and the nodule's tracking identifier and UID
-(the same UID as the nodule's SR measurement groups).
+(the same UID as the nodule's SR measurement groups), and a Recommended Display CIELab Value
+(C.8.20.2; from :data:`SEGMENT_COLORS_RGB`) so that viewers draw every nodule in a colour we chose
+instead of substituting a default (OHIF 3 warns "RecommendedDisplayCIELabValue not found for one
+or more segments. The default color was used instead." without it).
 
 Frame layout (the decision, for viewers)
 ----------------------------------------
@@ -43,6 +46,14 @@ MAX_FULL_FRAMES = 1000
 SEG_SERIES_NUMBER = 9701
 MANUFACTURER = "NoduleAI"
 DEVICE_SERIAL_NUMBER = "noduleai"
+#: Display colours (sRGB) of segments 1, 2, ... (cycled): saturated, distinct, visible on grey CT.
+SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
+    (230, 80, 40),
+    (60, 180, 255),
+    (255, 215, 0),
+    (170, 90, 255),
+    (255, 105, 180),
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,9 @@ def segment_description(
         tracking_uid=segment.tracking_uid,
         tracking_id=segment.tracking_id,
         anatomic_regions=[codes.SCT.Lung],
+        display_color=hd.color.CIELabColor.from_rgb(
+            *SEGMENT_COLORS_RGB[(number - 1) % len(SEGMENT_COLORS_RGB)]
+        ),
     )
 
 

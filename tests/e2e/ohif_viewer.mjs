@@ -37,6 +37,11 @@ function geometry([center, points]) {
     nodule: c,
     pxPerMm: Math.hypot(e[0] - c[0], e[1] - c[1]) / 10,
     points: Object.fromEntries(Object.entries(points).map(([k, p]) => [k, toPage(p)])),
+    // The image scrollbar inside the viewport (it marks slices with segments, so it changes too).
+    scrollbars: [...vp.element.closest('[data-cy="viewport-pane"]')?.querySelectorAll('[aria-label="Image navigation scrollbar"]') || []].map((el) => {
+      const b = el.getBoundingClientRect();
+      return [b.x, b.y, b.width, b.height];
+    }),
   };
 }
 
@@ -54,6 +59,22 @@ async function stableScreenshot(page, path) {
     if (Date.now() > deadline) throw new Error(`viewer did not settle for ${path}`);
     previous = current;
   }
+}
+
+// OHIF's notifications (toasts), recorded as they appear: OHIF reports import problems there.
+function recordToasts() {
+  window.__toasts = [];
+  new MutationObserver(() => {
+    for (const toast of document.querySelectorAll("[data-sonner-toast]")) {
+      const text = toast.innerText.trim();
+      if (text && !window.__toasts.includes(text)) window.__toasts.push(text);
+    }
+  }).observe(document, { childList: true, subtree: true, characterData: true });
+}
+
+// Screenshots for pixel comparison are taken with no notification over the viewport.
+async function noToasts(page) {
+  await page.waitForFunction(() => document.querySelectorAll("[data-sonner-toast]").length === 0, null, { timeout: TIMEOUT });
 }
 
 async function openSeries(page, modality) {
@@ -79,6 +100,7 @@ async function seg(page) {
     return { index, z: zs[index] };
   }, center[2]);
   await page.waitForFunction((i) => window.cornerstone.getEnabledElements().some((e) => e.viewport.id === "default" && e.viewport.getCurrentImageIdIndex() === i), target.index, { timeout: TIMEOUT });
+  await noToasts(page);
   const on = await stableScreenshot(page, `${out}/seg-on.png`);
   const geo = await page.evaluate(geometry, [center, points]);
   await page.locator('[data-cy="data-row-visibility-toggle"]').first().click();
@@ -92,6 +114,7 @@ async function sr(page) {
   await openSeries(page, "SR");
   await page.waitForSelector("svg.svg-layer polyline", { state: "attached", timeout: TIMEOUT });
   await page.waitForFunction(() => /mm/.test(document.querySelector("svg.svg-layer text")?.textContent || ""), null, { timeout: TIMEOUT });
+  await noToasts(page);
   const on = await stableScreenshot(page, `${out}/sr-on.png`);
   const geo = await page.evaluate(geometry, [center, points]);
   const drawn = await page.evaluate(() => {
@@ -114,9 +137,11 @@ async function main() {
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
   });
   const result = {};
+  let page;
   try {
     const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, serviceWorkers: "block" });
-    const page = await context.newPage();
+    await context.addInitScript(recordToasts);
+    page = await context.newPage();
     page.setDefaultTimeout(TIMEOUT);
     page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on("pageerror", (e) => logs.push(`[pageerror] ${e}`));
@@ -131,12 +156,12 @@ async function main() {
   } catch (error) {
     result.error = String(error && error.stack ? error.stack : error);
     try {
-      const pages = browser.contexts().flatMap((c) => c.pages());
-      if (pages.length) await pages[0].screenshot({ path: `${out}/failure.png` });
+      await page.screenshot({ path: `${out}/failure.png` });
     } catch {
       // the failure screenshot is best effort; the error above is what matters
     }
   } finally {
+    result.toasts = page ? await page.evaluate(() => window.__toasts).catch(() => null) : null;
     fs.writeFileSync(`${out}/console.log`, logs.join("\n") + "\n");
     await browser.close();
   }

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import httpx
 import numpy as np
 import numpy.typing as npt
@@ -57,14 +58,14 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="module")
 def ohif_dist() -> Path:
     """OHIF's static site (pinned, fetched once into a cache) and the browser driver's packages."""
-    missing = [tool for tool in ("chromium", "node", "npm", "openssl") if shutil.which(tool) is None]
+    missing = [
+        tool for tool in ("chromium", "node", "npm", "openssl") if shutil.which(tool) is None
+    ]
     if missing:
         _unavailable(f"{', '.join(missing)} not installed; scripts/system-deps.sh installs them")
     if not (E2E / "node_modules" / "playwright-core").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=E2E, check=True, timeout=300)
-    fetched = subprocess.run(
-        [str(FETCH)], capture_output=True, text=True, timeout=600, check=False
-    )
+    fetched = subprocess.run([str(FETCH)], capture_output=True, text=True, timeout=600, check=False)
     if fetched.returncode != 0:
         _unavailable(f"could not fetch @ohif/app (make ohif-deps): {fetched.stderr[-2000:]}")
     dist = Path(fetched.stdout.strip().splitlines()[-1])
@@ -84,6 +85,7 @@ class Results:
     outline_extent_mm: float
     outline_image_uid: str
     long_axis_mm: float
+    segment_rgb: tuple[int, int, int]
 
 
 def _sr_planar_group(sr: Dataset) -> tuple[Dataset, float]:
@@ -132,6 +134,8 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
         ]
     )
     span = world[:, None, :2] - world[None, :, :2]
+    lab = seg.SegmentSequence[0].RecommendedDisplayCIELabValue
+    segment_rgb = hd.color.CIELabColor.from_dicom_value(tuple(lab)).to_rgb()
     return Results(
         slices=slices,
         files=files,
@@ -141,6 +145,7 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
         outline_extent_mm=float(np.sqrt((span**2).sum(-1)).max()),
         outline_image_uid=str(image),
         long_axis_mm=long_axis,
+        segment_rgb=tuple(int(v) for v in segment_rgb),  # type: ignore[arg-type]
     )
 
 
@@ -282,10 +287,13 @@ def _rgb(path: str) -> npt.NDArray[np.int16]:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def _in_viewport(shape: tuple[int, ...], rect: list[float]) -> npt.NDArray[np.bool_]:
-    x, y, w, h = (round(v) for v in rect)
+def _in_viewport(shape: tuple[int, ...], geo: dict[str, Any]) -> npt.NDArray[np.bool_]:
+    """The viewport's image area: its canvas less the image scrollbar (with a margin)."""
+    x, y, w, h = (round(v) for v in geo["rect"])
     inside = np.zeros(shape[:2], dtype=bool)
     inside[y : y + h, x : x + w] = True
+    for bx, _, bw, _ in geo["scrollbars"]:
+        inside[:, max(0, round(bx) - 10) : round(bx + bw) + 10] = False
     return inside
 
 
@@ -301,7 +309,7 @@ def assert_seg_overlay_on_the_nodule(seg: dict[str, Any], results: Results) -> N
     assert seg["geometryOff"]["nodule"] == geo["nodule"], "the camera moved between screenshots"
     assert abs(seg["target"]["z"] - results.center_mm[2]) <= 2.5, seg["target"]
     on, off = _rgb(seg["shots"]["on"]), _rgb(seg["shots"]["off"])
-    changed = (np.abs(on - off).sum(axis=2) > CHANGED) & _in_viewport(on.shape, geo["rect"])
+    changed = (np.abs(on - off).sum(axis=2) > CHANGED) & _in_viewport(on.shape, geo)
     mm = _distance(on.shape, geo["nodule"]) / geo["pxPerMm"]
     near, far = changed & (mm <= 25), changed & (mm > 40)
     px_per_mm2 = geo["pxPerMm"] ** 2
@@ -311,11 +319,21 @@ def assert_seg_overlay_on_the_nodule(seg: dict[str, Any], results: Results) -> N
     ys, xs = np.nonzero(near)
     centroid_mm = np.hypot(xs.mean() - geo["nodule"][0], ys.mean() - geo["nodule"][1])
     assert centroid_mm / geo["pxPerMm"] <= 6.0, "the overlay is not centred on the nodule"
-    # The overlay is the segment's colour blended over grey CT: red rises above green and blue.
-    tint_on = on[near, 0] - (on[near, 1] + on[near, 2]) / 2
-    tint_off = off[near, 0] - (off[near, 1] + off[near, 2]) / 2
-    assert tint_off.mean() < 5, "the CT under the overlay should be grey"
-    assert tint_on.mean() > 25, f"overlay tint {tint_on.mean():.1f} (segment {seg['segments']})"
+    # OHIF took the segment's colour from our SEG, and the overlay is that colour blended over
+    # grey CT: the tint it adds points the way of the colour's own chroma.
+    shown = [int(v) for v in seg["segments"][0]["color"].strip("rgb()").split(",")]
+    assert np.abs(np.subtract(shown, results.segment_rgb)).max() <= 3, (shown, results.segment_rgb)
+    added = (on[near] - off[near]).mean(axis=0)
+    added_chroma = added - added.mean()
+    colour_chroma = np.asarray(results.segment_rgb, dtype=float)
+    colour_chroma -= colour_chroma.mean()
+    cosine = (
+        added_chroma @ colour_chroma / np.linalg.norm(added_chroma) / np.linalg.norm(colour_chroma)
+    )
+    off_chroma = off[near] - off[near].mean(axis=1, keepdims=True)
+    assert np.abs(off_chroma).mean() < 3, "the CT under the overlay should be grey"
+    assert np.linalg.norm(added_chroma) > 15, f"overlay tint {added_chroma} is faint"
+    assert cosine > 0.9, f"overlay tint {added_chroma} is not the segment's colour {shown}"
 
 
 def assert_sr_outline_and_diameter_on_the_nodule(sr: dict[str, Any], results: Results) -> None:
@@ -340,9 +358,7 @@ def assert_sr_outline_and_diameter_on_the_nodule(sr: dict[str, Any], results: Re
     assert span == pytest.approx(results.outline_extent_mm, abs=1.5)
     # Pixels: annotation-green pixels appear around the nodule when the annotation layer is shown.
     on, off = _rgb(sr["shots"]["on"]), _rgb(sr["shots"]["off"])
-    green = (on[..., 1] - np.maximum(on[..., 0], on[..., 2]) > 80) & _in_viewport(
-        on.shape, geo["rect"]
-    )
+    green = (on[..., 1] - np.maximum(on[..., 0], on[..., 2]) > 80) & _in_viewport(on.shape, geo)
     appeared = green & (np.abs(on - off).sum(axis=2) > CHANGED)
     mm = _distance(on.shape, geo["nodule"]) / geo["pxPerMm"]
     ring = appeared & (mm <= results.outline_extent_mm / 2 + 5)
@@ -360,6 +376,8 @@ def test_ohif_draws_our_seg_overlay_and_sr_outline_with_diameter_on_the_lidc_nod
     assert [s["title"] for s in seg["segments"]] == ["Nodule 1"]
     assert_seg_overlay_on_the_nodule(seg, results)
     assert_sr_outline_and_diameter_on_the_nodule(sr, results)
+    # OHIF reports what it could not take from our objects as notifications ("DICOM SEG import").
+    assert seen["toasts"] == [], seen["toasts"]
     assert seen["consoleErrors"] == [], seen["consoleErrors"]
     screenshots = {p.name for p in ARTIFACTS.glob("*.png")}
     assert {"seg-on.png", "seg-off.png", "sr-on.png", "sr-off.png"} <= screenshots

@@ -40,16 +40,16 @@ class OhifHandler(BaseHTTPRequestHandler):
     orthanc: urllib.parse.SplitResult
     authorization: str
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: object) -> None:
         sys.stderr.write(f"{self.command} {self.path} {format % args}\n")
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         self._dispatch()
 
-    def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
+    def do_HEAD(self) -> None:
         self._dispatch()
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         if self.path.startswith("/dicom-web/"):
             self._proxy()
         else:
