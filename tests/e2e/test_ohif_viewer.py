@@ -44,6 +44,7 @@ FETCH = E2E / "ohif" / "fetch-ohif.sh"
 SERVER = E2E / "ohif" / "ohif_server.py"
 ARTIFACTS = REPO / "test-artifacts" / "ohif"
 MODEL, VERSION = "NoduleAI-e2e", "0.0.0-readers"
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 #: A pixel "changed" between two screenshots when its RGB channels differ by more than this in sum.
 CHANGED = 30
 
@@ -299,7 +300,8 @@ def _in_viewport(shape: tuple[int, ...], geo: dict[str, Any]) -> npt.NDArray[np.
 
 def _distance(shape: tuple[int, ...], point: list[float]) -> npt.NDArray[np.float64]:
     ys, xs = np.indices(shape[:2])
-    return np.hypot(xs - point[0], ys - point[1])
+    distance: npt.NDArray[np.float64] = np.hypot(xs - point[0], ys - point[1])
+    return distance
 
 
 def assert_seg_overlay_on_the_nodule(seg: dict[str, Any], results: Results) -> None:
