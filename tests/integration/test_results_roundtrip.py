@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import PG_BASE
 from tests.fhir_peer import FhirServer
 from tests.helpers import Service, free_port, wait_for
 from tests.peers import Orthanc
 
 TOKEN = "roundtrip-test-token"
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
-    """This heavy test runs once, on the production database (PostgreSQL)."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_BASE)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def _api(port: str, path: str, method: str = "GET") -> Any:
@@ -71,6 +52,8 @@ def _series(orthanc: Orthanc, study_id: str) -> dict[str, list[dict[str, Any]]]:
     return by_modality
 
 
+# This heavy test runs once, on the production database.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
     orthanc: Orthanc,
     fhir_server: FhirServer,
