@@ -152,8 +152,6 @@ def check_service(target: Target) -> str:
 
 def make_study(seed: int, slices: int, out: Path) -> tuple[str, list[Path], list[Truth]]:
     """Write the phantom as DICOM; return its study UID, the files and the true nodules."""
-    from pydicom import dcmread
-
     from models.phantom import make_phantom, write_dicom_series
 
     phantom = make_phantom(seed, shape=(slices, 512, 512), n_nodules=3)
@@ -166,7 +164,7 @@ def make_study(seed: int, slices: int, out: Path) -> tuple[str, list[Path], list
         patient_id="NODULEAI-DEMO",
         patient_name="Demo^Phantom",
     )
-    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    study_uid = fresh_uids(files)
     truth = [
         Truth(
             (float(n.centre_xyz_mm[0]), float(n.centre_xyz_mm[1]), float(n.centre_xyz_mm[2])),
@@ -179,42 +177,82 @@ def make_study(seed: int, slices: int, out: Path) -> tuple[str, list[Path], list
     return study_uid, files, truth
 
 
+def fresh_uids(files: Sequence[Path]) -> str:
+    """Give the series new study, series, frame-of-reference and instance UIDs; return the study's.
+
+    The phantom's UIDs derive from its seed, so without this a second demo run would resend
+    instances the node already holds (stored once, no new job).
+    """
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    study, series, frame = generate_uid(None), generate_uid(None), generate_uid(None)
+    for path in files:
+        ds = dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = generate_uid(None)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path, enforce_file_format=True)
+    return str(study)
+
+
 # --------------------------------------------------------------------------- DICOM
 
 
-def send(target: Target, files: Sequence[Path], progress: Callable[[int, int], None]) -> None:
-    """C-STORE every file over one association.
+def send(
+    target: Target,
+    files: Sequence[Path],
+    progress: Callable[[int, int], None],
+    attempts: int = 3,
+) -> int:
+    """C-STORE every file over one association; return the associations used.
+
+    pynetdicom's requestor can lose a C-STORE response to its own association reactor under load
+    ("Received unexpected C-STORE service message", then a DIMSE timeout: pynetdicom issue
+    #875). The demo then opens a new association and resends from the instance whose response
+    was lost (the node stores an instance sent twice once), at most ``attempts`` associations.
 
     Raises
     ------
     DemoError
-        When the association is refused or an instance is not stored.
+        When the association is refused, an instance is refused, or responses keep getting lost.
     """
     from pydicom import dcmread
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
     ae = AE(ae_title=target.calling_aet)
+    ae.dimse_timeout = 10
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(target.host, target.port, ae_title=target.aet)
-    if not assoc.is_established:
-        hint = (
-            "the node refused the association (is "
-            f"{target.calling_aet} allowed by its ae_policies?)"
-            if assoc.is_rejected
-            else "no DICOM listener answered"
-        )
-        raise DemoError(f"DICOM {target.aet}@{target.host}:{target.port}: {hint}")
-    try:
-        for i, path in enumerate(files, start=1):
-            status = assoc.send_c_store(dcmread(path))
-            code = getattr(status, "Status", None)
-            if code not in (0x0000, 0xB000, 0xB007, 0xB006):
-                raise DemoError(f"C-STORE of {path.name} failed: status {code!r}")
-            progress(i, len(files))
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    done = 0
+    for association in range(1, attempts + 1):
+        assoc = ae.associate(target.host, target.port, ae_title=target.aet)
+        if not assoc.is_established:
+            hint = (
+                f"the node refused the association (is {target.calling_aet} allowed by its "
+                "ae_policies?)"
+                if assoc.is_rejected
+                else "no DICOM listener answered"
+            )
+            raise DemoError(f"DICOM {target.aet}@{target.host}:{target.port}: {hint}")
+        try:
+            while done < len(files):
+                status = assoc.send_c_store(dcmread(files[done]))
+                code = getattr(status, "Status", None)
+                if code is None:  # no response: lost, or the association went away
+                    break
+                if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                    raise DemoError(f"C-STORE of {files[done].name} refused: status 0x{code:04X}")
+                done += 1
+                progress(done, len(files))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if done == len(files):
+            return association
+    raise DemoError(
+        f"C-STORE of {files[done].name}: no response on {attempts} associations in a row"
+    )
 
 
 # --------------------------------------------------------------------------- waiting
@@ -376,8 +414,9 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout) 
                     out.flush()
 
             say(f"Sending over DICOM (C-STORE, one association) to {target.aet} ...")
-            send(target, files, progress)
-            say(f" ({time.monotonic() - t0:.1f} s)")
+            used = send(target, files, progress)
+            again = f", {used} associations: a response was lost" if used > 1 else ""
+            say(f" ({time.monotonic() - t0:.1f} s{again})")
         say("Waiting for the service (receiving → queued → processing → delivering → done):")
         row = wait_for_results(target, study_uid, args.timeout, out)
         timings = row.get("timings_ms") or {}
