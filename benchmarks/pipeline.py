@@ -43,7 +43,7 @@ def one_series(folder: Path, threads: int, models: Path) -> dict[str, Any]:
 
     detector = Detector(DetectorConfig(models_dir=models, threads=threads))
     start = time.perf_counter()
-    _volume, detection = analyse(sorted(folder.iterdir()), lambda: detector, min_slices=20)
+    detection = analyse(sorted(folder.iterdir()), lambda: detector, min_slices=20).detection
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {

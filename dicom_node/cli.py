@@ -78,19 +78,31 @@ def _run_worker(settings: Settings) -> int:
 
 
 def _detect(settings: Settings, path: Path, out: Path) -> int:
-    """Run the pipeline offline on a folder of DICOM files and write ``out/findings.json``."""
+    """Run the pipeline offline on a folder of DICOM files: ``out/findings.json`` and the
+    SEG, SR and GSPS objects (``out/<modality>-<SOPInstanceUID>.dcm``)."""
     from dicom_node.errors import StudyRejectedError
     from pipelines.analysis import analyse
     from pipelines.detect import Detector
+    from pipelines.outputs import encode_results
     from pipelines.worker import detector_config
 
     files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _volume, detection = analyse(
-            files, lambda: Detector(detector_config(settings)), settings.min_slices
-        )
+        analysis = analyse(files, lambda: Detector(detector_config(settings)), settings.min_slices)
+        detection = analysis.detection
         report: dict[str, object] = detection.to_json()
+        datasets = encode_results(
+            analysis.paths,
+            analysis.volume,
+            detection.nodules,
+            detection.model_name,
+            detection.model_version,
+        )
+        names = [f"{ds.Modality}-{ds.SOPInstanceUID}.dcm" for ds in datasets]
+        for ds, name in zip(datasets, names, strict=True):
+            ds.save_as(out / name, enforce_file_format=True)
+        report["objects"] = names
         LOGGER.info("%d nodule(s) found", len(detection.nodules))
     except StudyRejectedError as exc:
         report = {"rejected": {"code": exc.code, "detail": exc.detail}}

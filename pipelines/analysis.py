@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.detect import Detection, Detector
@@ -14,9 +15,16 @@ from pipelines.selection import select_series
 from pipelines.volume import Volume, build_volume
 
 
-def analyse(
-    paths: Iterable[Path], detector: Callable[[], Detector], min_slices: int
-) -> tuple[Volume, Detection]:
+@dataclass
+class Analysis:
+    """What one study's analysis produced: the series' files, its volume, the detection."""
+
+    paths: list[Path]
+    volume: Volume
+    detection: Detection
+
+
+def analyse(paths: Iterable[Path], detector: Callable[[], Detector], min_slices: int) -> Analysis:
     """Analyse the files of one study.
 
     ``detector`` is called only once the study proved analysable, so a rejection never waits
@@ -34,4 +42,4 @@ def analyse(
     detection = detector().run(volume)
     detection.timings_ms = {"load": loaded, **detection.timings_ms}
     detection.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
-    return volume, detection
+    return Analysis(list(selected.paths), volume, detection)

@@ -42,11 +42,10 @@ from dicom_node.export import delivery_rows
 from dicom_node.queues import EmbeddedQueue, JobSource, Received, declare_topology
 from dicom_node.spool import LocalSpool, safe_uid
 from dicom_node.workers import record_heartbeat
-from pipelines.analysis import analyse
+from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detection, Detector, DetectorConfig
 from pipelines.outputs import encode_results, model_identity
 from pipelines.uids import ResultUIDs
-from pipelines.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
 
@@ -122,8 +121,9 @@ class Worker:
         self.current_job = job_id
         self.heartbeat()
         try:
-            volume, detection = analyse(paths, lambda: self.detector, self.settings.min_slices)
-            outputs = self._encode(job_id, paths, volume, detection)
+            analysis = analyse(paths, lambda: self.detector, self.settings.min_slices)
+            detection = analysis.detection
+            outputs = self._encode(job_id, analysis)
         except StudyRejectedError as exc:
             self._finish(job_id, JobState.REJECTED, error=f"{exc.code}: {exc.detail}")
             LOGGER.info("job %s rejected: %s", job_id, exc.code)
@@ -160,13 +160,12 @@ class Worker:
             LOGGER.info("job %s processing (attempt %d)", job_id, job.attempts)
         return [self.spool.path(p) for p in relpaths]
 
-    def _encode(
-        self, job_id: str, paths: list[Path], volume: Volume, detection: Detection
-    ) -> dict[str, Any]:
+    def _encode(self, job_id: str, analysis: Analysis) -> dict[str, Any]:
         """Encode SEG/SR/GSPS into the spool (``results/<job>/``); describe what was written."""
         start = time.perf_counter()
+        volume, detection = analysis.volume, analysis.detection
         datasets = encode_results(
-            paths,
+            analysis.paths,
             volume,
             detection.nodules,
             detection.model_name,
