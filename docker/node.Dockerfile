@@ -13,8 +13,7 @@ COPY pyproject.toml README.md ./
 COPY dicom_node ./dicom_node
 COPY pipelines ./pipelines
 COPY models ./models
-# scipy: imported by pipelines/ and models/ but not (yet) declared in pyproject's dependencies.
-RUN pip wheel --wheel-dir /wheels . scipy
+RUN pip wheel --wheel-dir /wheels .
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS node
@@ -32,7 +31,7 @@ RUN groupadd --system --gid 10001 noduleai \
         --shell /usr/sbin/nologin noduleai
 # The wheels are bind-mounted, not copied: they never become a layer of this image.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels noduleai scipy
+    pip install --no-index --find-links=/wheels noduleai
 USER noduleai:noduleai
 WORKDIR /var/lib/noduleai
 VOLUME ["/var/lib/noduleai"]

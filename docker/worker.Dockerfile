@@ -19,8 +19,7 @@ COPY pyproject.toml README.md ./
 COPY dicom_node ./dicom_node
 COPY pipelines ./pipelines
 COPY models ./models
-# scipy: imported by pipelines/ and models/ but not (yet) declared in pyproject's dependencies.
-RUN pip wheel --wheel-dir /wheels . scipy
+RUN pip wheel --wheel-dir /wheels .
 
 # ---------------------------------------------------------------- GPU wheels (built against the TensorRT image's Python and CUDA)
 FROM nvcr.io/nvidia/tensorrt:${TENSORRT_TAG}-py3 AS wheels-gpu
@@ -32,7 +31,7 @@ COPY pyproject.toml README.md ./
 COPY dicom_node ./dicom_node
 COPY pipelines ./pipelines
 COPY models ./models
-RUN /opt/venv/bin/pip wheel --wheel-dir /wheels '.[gpu]' scipy
+RUN /opt/venv/bin/pip wheel --wheel-dir /wheels '.[gpu]'
 
 # ---------------------------------------------------------------- GPU worker
 FROM nvcr.io/nvidia/tensorrt:${TENSORRT_TAG}-py3 AS worker-gpu
@@ -45,7 +44,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NODULEAI_BACKEND=auto
 RUN python3 -m venv --system-site-packages /opt/venv
 RUN --mount=type=bind,from=wheels-gpu,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels 'noduleai[gpu]' scipy
+    pip install --no-index --find-links=/wheels 'noduleai[gpu]'
 RUN groupadd --system --gid 10001 noduleai \
  && useradd --system --uid 10001 --gid noduleai --home-dir /var/lib/noduleai --create-home \
         --shell /usr/sbin/nologin noduleai
@@ -69,7 +68,7 @@ RUN groupadd --system --gid 10001 noduleai \
  && useradd --system --uid 10001 --gid noduleai --home-dir /var/lib/noduleai --create-home \
         --shell /usr/sbin/nologin noduleai
 RUN --mount=type=bind,from=wheels-cpu,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels noduleai scipy
+    pip install --no-index --find-links=/wheels noduleai
 COPY --chmod=0555 docker/healthcheck_worker.py /usr/local/bin/noduleai-worker-healthcheck
 USER noduleai:noduleai
 WORKDIR /var/lib/noduleai
