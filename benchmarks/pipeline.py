@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,21 @@ from models.evaluation import Detection as Det  # noqa: E402
 from models.evaluation import Reference, ScanCase, match_scan  # noqa: E402
 from models.infer import STAGE2_PATCH, WEIGHTS_DIR, lung_box  # noqa: E402
 from models.phantom import make_phantom, write_dicom_series  # noqa: E402
-from models.preprocessing import lung_mask, normalise_hu, resample_to_iso  # noqa: E402
+from models.preprocessing import lung_mask, normalise_hu  # noqa: E402
 from pipelines.detect import Detector, DetectorConfig  # noqa: E402
+from pipelines.resample import resample_to_iso  # noqa: E402
 
 SERIES_SEED = 424242
 HELD_OUT_SEEDS = range(90_000, 90_100)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux keeps that across
+    ``execve``, so a child would report the parent's size at ``fork``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def one_series(folder: Path, threads: int, models: Path) -> dict[str, Any]:
@@ -45,7 +54,7 @@ def one_series(folder: Path, threads: int, models: Path) -> dict[str, Any]:
     start = time.perf_counter()
     detection = analyse(sorted(folder.iterdir()), lambda: detector, min_slices=20).detection
     wall = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     return {
         "timings_ms": detection.timings_ms,
         "wall_s": wall,

@@ -17,10 +17,11 @@ import numpy as np
 import numpy.typing as npt
 
 from models.infer import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
-from models.preprocessing import lung_mask, normalise_hu, resample_to_iso
+from models.preprocessing import lung_mask, normalise_hu
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
 from pipelines.refine import refine
+from pipelines.resample import resample_to_iso
 from pipelines.screen import screen
 from pipelines.volume import Volume
 
