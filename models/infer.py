@@ -45,7 +45,7 @@ from models.preprocessing import (
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 STAGE1_NAME = "stage1_screen"
 STAGE2_NAME = "stage2_refine"
-MAX_CANDIDATES = 96
+MAX_CANDIDATES = 128
 """Most candidates per scan passed to stage 2 (highest stage-1 scores first)."""
 
 Predict1 = Callable[[FloatArray], FloatArray]
@@ -248,10 +248,19 @@ def merge_findings(findings: list[Finding]) -> list[Finding]:
     return kept
 
 
+def predict_flip_averaged(predict: Predict2, x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Stage 2 on the patches and on their mirror image (all three axes), averaged."""
+    p0, m0 = predict(x)
+    p1, m1 = predict(np.ascontiguousarray(x[:, :, ::-1, ::-1, ::-1]))
+    prob = ((p0 + p1) / 2).astype(np.float32)
+    mask = ((m0 + m1[:, :, ::-1, ::-1, ::-1]) / 2).astype(np.float32)
+    return prob, mask
+
+
 def refine_candidates(iso_norm: FloatArray, candidates: list[Candidate], predict: Predict2,
                       origin_mm: tuple[float, float, float], batch: int = 16,
                       max_offset: float = 0.6) -> list[Finding]:
-    """Run stage 2 on a patch around every candidate and return merged findings.
+    """Run stage 2 (flip-averaged) on a patch around every candidate; return merged findings.
 
     ``max_offset`` is passed to :func:`make_finding` (training's threshold choice used 0.6;
     :meth:`NoduleDetector.detect` uses 1.0 and then :func:`recentre_findings`).
@@ -260,7 +269,7 @@ def refine_candidates(iso_norm: FloatArray, candidates: list[Candidate], predict
     for i in range(0, len(candidates), batch):
         chunk = candidates[i:i + batch]
         x = np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in chunk])
-        prob, mask = predict(x)
+        prob, mask = predict_flip_averaged(predict, x)
         out.extend(make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
                    for c, p, m in zip(chunk, prob, mask, strict=True))
     return merge_findings(out)

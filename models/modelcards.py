@@ -120,7 +120,7 @@ Local 3D maxima of the stacked heatmaps at or above the candidate threshold
 
 - Stage-1 recall on the held-out set at the candidate threshold (a candidate within the nodule's
   radius): **{_fmt(s['stage1_recall']) if s else 'n/a'}**, with
-  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 96).
+  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 128).
 - Validation recall when the threshold was chosen: {_fmt(m1['training']['stage1_val_recall'])}.
 - Speed (onnxruntime CPU): {bench.get('stage1_ms_per_slice', 'see benchmarks/models.py')} ms
   per slice.
@@ -133,7 +133,8 @@ CT it fires on vessels and other structures that stage 2 must reject.
     s2 = f"""# Model card: stage2_refine {m2['version']}
 
 3D refinement network, stage 2 of NoduleAI's detector: a small 3D U-Net on 32^3 isotropic
-(1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask;
+(1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask (both averaged
+with the mirrored patch's);
 the mask gives the nodule's centre, long-axis diameter and volume. Operating threshold
 **{m2['operating_threshold']:.3f}** (chosen on validation phantoms for at most
 0.25 false positives per scan).

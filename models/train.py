@@ -488,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-val", type=int, default=12)
     p.add_argument("--s1-iters", type=int, default=2000)
-    p.add_argument("--s2-iters", type=int, default=800)
+    p.add_argument("--s2-iters", type=int, default=2000)
     p.add_argument("--s1-floor", type=float, default=0.05)
     p.add_argument("--operating-fps", type=float, default=0.25)
     return p.parse_args(argv)

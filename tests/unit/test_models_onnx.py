@@ -84,3 +84,17 @@ def test_shipped_onnx_matches_its_manifest(name: str) -> None:
     assert [o.name for o in sess.get_outputs()] == [o["name"] for o in manifest["outputs"]]
     assert path.stat().st_size < 5_000_000
     assert manifest["preprocessing"]["hu_window"] == [-1000.0, 400.0]
+
+
+def test_a_weight_file_that_differs_from_its_manifest_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from models.infer import load_manifest
+
+    for f in WEIGHTS_DIR.glob("stage1_screen.*"):
+        shutil.copy(f, tmp_path / f.name)
+    load_manifest("stage1_screen", tmp_path)
+    with open(tmp_path / "stage1_screen.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        load_manifest("stage1_screen", tmp_path)
