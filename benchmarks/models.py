@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.infer import WEIGHTS_DIR, load_manifest
 
 
-def _session(name: str, provider: str, threads: int) -> Any:
-    m = load_manifest(name)
+def _session(name: str, provider: str, threads: int, weights: Path) -> Any:
+    m = load_manifest(name, weights)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(WEIGHTS_DIR / m["file"]), sess_options=opts,
+    return ort.InferenceSession(str(weights / m["file"]), sess_options=opts,
                                 providers=[provider])
 
 
@@ -44,12 +44,12 @@ def _time(fn: Any, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(provider: str, threads: int, repeat: int, batch1: int = 8, batch2: int = 16,
-          size: int = 256) -> dict[str, float]:
+def bench(provider: str, threads: int, repeat: int, weights: Path = WEIGHTS_DIR, batch1: int = 8,
+          batch2: int = 16, size: int = 256) -> dict[str, float]:
     """Median timings for one execution provider."""
     rng = np.random.default_rng(0)
-    s1 = _session("stage1_screen", provider, threads)
-    s2 = _session("stage2_refine", provider, threads)
+    s1 = _session("stage1_screen", provider, threads, weights)
+    s2 = _session("stage2_refine", provider, threads, weights)
     x1 = rng.random((batch1, 5, size, size), dtype=np.float32)
     x2 = rng.random((batch2, 1, 32, 32, 32), dtype=np.float32)
     t1 = _time(lambda: s1.run(None, {"slices": x1}), repeat)
@@ -64,12 +64,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--provider", action="append")
+    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     args = p.parse_args()
     providers = args.provider or ["CPUExecutionProvider"] + [
         x for x in ("CUDAExecutionProvider",) if x in ort.get_available_providers()]
     out = {}
     for prov in providers:
-        r = bench(prov, args.threads, args.repeat)
+        r = bench(prov, args.threads, args.repeat, args.weights)
         out[prov] = r
         print(f"{prov} (threads={args.threads}): stage 1 {r['stage1_ms_per_slice']} ms/slice "
               f"(256x256), stage 2 {r['stage2_ms_per_candidate']} ms/candidate (32^3)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,12 @@ positives per scan.
 |---|---|---|
 {kinds}
 """
+
+
+def _dice_rows(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "| n/a | | |"
+    return "\n".join(f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in s["dice_by_size"].items())
 
 
 def _lidc_section(r: dict[str, Any] | None) -> str:
@@ -133,18 +138,21 @@ CT it fires on vessels and other structures that stage 2 must reject.
     s2 = f"""# Model card: stage2_refine {m2['version']}
 
 3D refinement network, stage 2 of NoduleAI's detector: a small 3D U-Net on 32^3 isotropic
-(1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask (both averaged
-with the mirrored patch's);
-the mask gives the nodule's centre, long-axis diameter and volume. Operating threshold
-**{m2['operating_threshold']:.3f}** (chosen on validation phantoms for at most
-0.25 false positives per scan).
+(1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask
+(both averaged with the mirrored patch's); the mask gives the nodule's centre, long-axis
+diameter and volume. Operating threshold **{m2['operating_threshold']:.3f}** (chosen on
+validation phantoms for at most 0.25 false positives per scan).
 
 {_common(m2)}
 ## Measured: both stages together
 
 {syn}
-Dice of the masks of detected nodules: {_fmt(s['dice_mean']) if s else 'n/a'} overall; by size
-{json.dumps(s['dice_by_size']) if s else 'n/a'}.
+Dice of the masks of detected nodules (at the operating point, against the phantom's label map
+on the 1.25 mm grid): {_fmt(s['dice_mean']) if s else 'n/a'} overall.
+
+| size | Dice | nodules |
+|---|---|---|
+{_dice_rows(s)}
 
 {_lidc_section(lidc)}
 Speed (onnxruntime CPU): {bench.get('stage2_ms_per_candidate', 'see benchmarks/models.py')} ms
