@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import free_port
+from tests.helpers import free_port, log_tail, stop_process
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
 NODE = os.environ.get("NODULEAI_TEST_NODE", "node")
@@ -121,14 +120,7 @@ class FhirServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the process started by :meth:`start` (by its pid); kill it if it lingers."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout)
+        stop_process(process, timeout)
 
     def __enter__(self) -> FhirServer:
         return self.start()
@@ -138,11 +130,7 @@ class FhirServer:
 
     def log(self, tail: int = 100) -> str:
         """The last ``tail`` lines of the server's log."""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return "(no FHIR server log)"
-        return "\n".join(lines[-tail:])
+        return log_tail(self.log_path, tail, "(no FHIR server log)")
 
     def requests(self) -> list[dict[str, Any]]:
         """The requests the server has seen: method, url and Authorization header of each."""

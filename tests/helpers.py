@@ -7,7 +7,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -45,6 +45,27 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
 
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a process this test started (by its pid); SIGKILL it if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
+def log_tail(path: Path, tail: int, missing: str) -> str:
+    """The last ``tail`` lines of a server's log file."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return missing
+    return "\n".join(lines[-tail:])
+
+
 class Service:
     """A ``noduleai`` process of the test's own: output to a log file, stopped by its pid."""
 
@@ -70,13 +91,7 @@ class Service:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait; SIGKILL after ``timeout``. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        stop_process(self.process, timeout)
         self._out.close()
         return int(self.process.returncode)
 

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import free_port
+from tests.helpers import free_port, log_tail, stop_process
 
 ORTHANC_BINARY = os.environ.get("NODULEAI_TEST_ORTHANC", "Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -42,10 +41,17 @@ class Orthanc:
         Seconds to wait for ``/system`` to answer.
     """
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "ORTHANC",
+        startup_timeout: float = 30.0,
+        store_delay: float = 0.0,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
         self.startup_timeout = startup_timeout
+        self.store_delay = store_delay
         self.username = "noduleai"
         self.password = secrets.token_urlsafe(12)
         self.http_port = 0
@@ -81,6 +87,16 @@ class Orthanc:
             "DicomScuTimeout": 30,
             "Plugins": [],
         }
+        if self.store_delay > 0:
+            # A slow PACS: each received instance waits, so a test can stop it mid-transfer.
+            script = self.workdir / "slow.lua"
+            script.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n"
+                f"  local t = os.clock() while os.clock() - t < {self.store_delay} do end\n"
+                "  return true\n"
+                "end\n"
+            )
+            config["LuaScripts"] = [str(script)]
         if DICOMWEB_PLUGIN.is_file():
             config["Plugins"] = [str(DICOMWEB_PLUGIN)]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
@@ -139,14 +155,7 @@ class Orthanc:
             self._client.close()
             self._client = None
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout)
+        stop_process(process, timeout)
 
     def __enter__(self) -> Orthanc:
         return self.start()
@@ -156,11 +165,7 @@ class Orthanc:
 
     def log(self, tail: int = 200) -> str:
         """The last ``tail`` lines of Orthanc's log."""
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return "(no Orthanc log)"
-        return "\n".join(lines[-tail:])
+        return log_tail(self.log_path, tail, "(no Orthanc log)")
 
     @property
     def client(self) -> httpx.Client:

@@ -71,6 +71,16 @@ def _job_state(node: Node, job_id: str) -> str:
 
 
 def test_a_pacs_stopped_during_delivery_gets_everything_once_when_it_is_back(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc", store_delay=0.1).start()
+    try:
+        _stop_during_delivery(make_node, orthanc, shared_data, tmp_path)
+    finally:
+        orthanc.stop()
+
+
+def _stop_during_delivery(
     make_node: Callable[..., Node], orthanc: Orthanc, shared_data: Path, tmp_path: Path
 ) -> None:
     node = make_node(
