@@ -1,0 +1,285 @@
+"""The pipeline inside the service: real studies through storescu, RabbitMQ, workers, the API."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pika
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from dicom_node.db import Database, Job, Result
+from dicom_node.queues import declare_topology
+from tests.conftest import AMQP_URL
+from tests.helpers import Service, free_port, storescu, wait_for
+
+READERS_NODULE_MM = np.array([55.5, 85.6, -116.1])
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def _studies(env: dict[str, str]) -> list[dict[str, Any]]:
+    try:
+        return list(_get(f"http://127.0.0.1:{env['NODULEAI_HTTP_PORT']}/api/studies"))
+    except OSError:
+        return []
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, amqp_queues: tuple[str, str]) -> dict[str, str]:
+    return {
+        "NODULEAI_DATA_DIR": str(tmp_path / "var"),
+        "NODULEAI_DB_URL": database_url,
+        "NODULEAI_AMQP_URL": AMQP_URL,
+        "NODULEAI_AMQP_QUEUE": amqp_queues[0],
+        "NODULEAI_AMQP_DEAD_LETTER_QUEUE": amqp_queues[1],
+        "NODULEAI_DICOM_HOST": "127.0.0.1",
+        "NODULEAI_DICOM_PORT": str(free_port()),
+        "NODULEAI_HTTP_PORT": str(free_port()),
+        "NODULEAI_QUIET_SECONDS": "1",
+        "NODULEAI_MIN_FREE_BYTES": "0",
+        "NODULEAI_INFERENCE_THREADS": "2",
+    }
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def run(args: list[str], env: dict[str, str], name: str) -> Service:
+        service = Service(args, env, tmp_path / f"{name}.log")
+        services.append(service)
+        return service
+
+    yield run
+    for service in services:
+        service.stop()
+
+
+def _ready(env: dict[str, str]) -> bool:
+    try:
+        return bool(_get(f"http://127.0.0.1:{env['NODULEAI_HTTP_PORT']}/healthz"))
+    except OSError:
+        return False
+
+
+def _finished(env: dict[str, str], n: int = 1) -> list[dict[str, Any]]:
+    done = [s for s in _studies(env) if s["state"] in ("done", "rejected", "failed")]
+    return done if len(done) >= n else []
+
+
+# The heavy end-to-end tests run once each: the production pair (PostgreSQL + RabbitMQ) or the
+# embedded defaults (SQLite + the embedded queue); the ingest tests cover both databases.
+PRODUCTION = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+EMBEDDED = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@PRODUCTION
+def test_lidc_pushed_by_storescu_into_serve_with_rabbitmq_completes_with_the_readers_nodule(
+    env: dict[str, str], start: Callable[..., Service], shared_data: Path
+) -> None:
+    serve = start(["serve"], env, "serve")
+    wait_for(lambda: _ready(env), timeout=60)
+    result = storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-idri-0001")
+    assert result.returncode == 0, result.stderr
+
+    (study,) = wait_for(lambda: _finished(env), timeout=600, interval=1.0)
+    assert study["state"] == "done", (study, serve.output()[-3000:])
+    timings = study["timings_ms"]
+    assert {"load", "preprocess", "stage1", "stage2", "postprocess", "total"} <= set(timings)
+    assert study["backend"] == "onnxruntime-cpu"
+
+    db = Database(env["NODULEAI_DB_URL"])
+    with db.session() as session:
+        result_row = session.scalars(select(Result)).one()
+    db.dispose()
+    centres = [np.array(n["center_mm"]) for n in result_row.nodules]
+    distances = [float(np.linalg.norm(c - READERS_NODULE_MM)) for c in centres]
+    assert min(distances) < 10.0, result_row.nodules
+
+
+def _series(folder: Path, slices: list[pydicom.Dataset]) -> Path:
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for n, ds in enumerate(slices):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"{n:03d}.dcm")
+    return folder
+
+
+def _bad_studies(shared_data: Path, out: Path) -> dict[str, Path]:
+    """One study per way of being unusable, built from real slices."""
+    lidc = [pydicom.dcmread(p) for p in sorted((shared_data / "lidc-small").rglob("*.dcm"))]
+    lidc.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    cr = pydicom.dcmread(sorted((shared_data / "lidc-small").rglob("*.dcm"))[0])
+    cr.Modality, cr.SOPClassUID = "CR", "1.2.840.10008.5.1.4.1.1.1"
+    cr.file_meta.MediaStorageSOPClassUID = cr.SOPClassUID
+    duplicate = [pydicom.dcmread(p) for p in sorted((shared_data / "lidc-small").rglob("*.dcm"))]
+    clash = duplicate[5]
+    clash.ImagePositionPatient = duplicate[6].ImagePositionPatient
+    missing = [ds for i, ds in enumerate(lidc) if i != 7]
+    studies = {
+        "cr": _series(out / "cr", [cr]),
+        "three": _series(out / "three", lidc[:3]),
+        "duplicate": _series(out / "duplicate", duplicate),
+        "missing": _series(out / "missing", missing),
+    }
+    studies["malformed"] = shared_data / "malformed"
+    return studies
+
+
+@EMBEDDED
+def test_bad_studies_end_rejected_with_a_reason_and_nothing_crashes(
+    env: dict[str, str], start: Callable[..., Service], shared_data: Path, tmp_path: Path
+) -> None:
+    env = {**env, "NODULEAI_MIN_SLICES": "10"}
+    del env["NODULEAI_AMQP_URL"]  # the embedded queue: the same worker code inside serve
+    serve = start(["serve"], env, "serve")
+    wait_for(lambda: _ready(env), timeout=60)
+    studies = _bad_studies(shared_data, tmp_path / "bad")
+    for name, folder in studies.items():
+        assert storescu(int(env["NODULEAI_DICOM_PORT"]), folder).returncode == 0, name
+
+    finished = wait_for(lambda: _finished(env, len(studies)), timeout=300, interval=1.0)
+    assert [s["state"] for s in finished] == ["rejected"] * len(studies), serve.output()[-3000:]
+    codes = sorted(s["error"].split(":")[0] for s in finished)
+    assert "no_eligible_series" in codes
+    assert all(code for code in codes)
+    assert serve.process.poll() is None
+    assert "Traceback" not in serve.output()
+
+
+@PRODUCTION
+def test_a_worker_killed_mid_job_leaves_the_job_to_another_that_completes_it_once(
+    env: dict[str, str], start: Callable[..., Service], shared_data: Path
+) -> None:
+    start(["node"], env, "node")
+    wait_for(lambda: _ready(env), timeout=60)
+    workers = {w.pid: w for w in (start(["worker"], env, f"worker{i}") for i in range(2))}
+    db = Database(env["NODULEAI_DB_URL"])
+    assert storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-idri-0001").returncode == 0
+
+    def busy_worker() -> int | None:
+        from dicom_node.db import Worker
+
+        with db.session() as session:
+            row = session.scalars(select(Worker).where(Worker.current_job_id.is_not(None))).first()
+        return int(row.id.split(":")[1]) if row is not None else None
+
+    victim = wait_for(busy_worker, timeout=120, interval=0.2)
+    workers[victim].kill()
+
+    (study,) = wait_for(lambda: _finished(env), timeout=600, interval=1.0)
+    assert study["state"] == "done"
+    with db.session() as session:
+        job = session.scalars(select(Job)).one()
+        results = session.scalar(select(func.count()).select_from(Result))
+    db.dispose()
+    assert results == 1
+    assert job.attempts == 2
+
+
+@EMBEDDED
+def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_reason(
+    env: dict[str, str], start: Callable[..., Service], shared_data: Path, tmp_path: Path
+) -> None:
+    env = {
+        **env,
+        "NODULEAI_MODELS_DIR": str(tmp_path / "no-models-here"),
+        "NODULEAI_MAX_ATTEMPTS": "2",
+        "NODULEAI_RETRY_BACKOFF_SECONDS": "0.2",
+        "NODULEAI_MIN_SLICES": "10",
+    }
+    start(["serve"], env, "serve")
+    wait_for(lambda: _ready(env), timeout=60)
+    assert storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-small").returncode == 0
+
+    (study,) = wait_for(lambda: _finished(env), timeout=120, interval=0.5)
+    assert study["state"] == "failed"
+    assert study["attempts"] == 2
+    assert "no-models-here" in study["error"]
+
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    declare_topology(channel, env["NODULEAI_AMQP_QUEUE"], env["NODULEAI_AMQP_DEAD_LETTER_QUEUE"])
+    method, _props, body = channel.basic_get(env["NODULEAI_AMQP_DEAD_LETTER_QUEUE"], auto_ack=True)
+    connection.close()
+    assert method is not None
+    assert json.loads(body)["job_id"] == study["job_id"]
+
+
+def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node.cli",
+            "detect",
+            str(shared_data / "lidc-idri-0001"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**__import__("os").environ, "NODULEAI_INFERENCE_THREADS": "2"},
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "findings.json").read_text())
+    assert report["series_instance_uid"].startswith("1.3.6.1.4.1.14519")
+    assert {"stage1", "stage2", "total"} <= set(report["timings_ms"])
+    assert report["backend"] == "onnxruntime-cpu"
+    for nodule in report["nodules"]:
+        assert {
+            "center_mm",
+            "long_axis_mm",
+            "short_axis_mm",
+            "volume_mm3",
+            "mean_hu",
+            "type",
+            "probability",
+            "needs_review",
+        } <= set(nodule)
+    distances = [
+        np.linalg.norm(np.array(n["center_mm"]) - READERS_NODULE_MM) for n in report["nodules"]
+    ]
+    assert min(distances) < 10.0
+    modalities = sorted(pydicom.dcmread(out / name).Modality for name in report["objects"])
+    assert modalities == ["PR", "SEG", "SR"]
+
+    bad = tmp_path / "bad"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node.cli",
+            "detect",
+            str(shared_data / "malformed"),
+            "--out",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "rejected" in json.loads((bad / "findings.json").read_text())
