@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.infer import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
+from models.infer import MAX_CANDIDATES, STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
 from models.preprocessing import lung_mask, normalise_hu
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
@@ -42,7 +42,7 @@ class DetectorConfig:
     threads: int | None = None
     operating_threshold: float | None = None
     review_band: float = 0.1
-    max_candidates: int = 48
+    max_candidates: int = MAX_CANDIDATES
 
 
 @dataclass

@@ -1,13 +1,15 @@
 """Stage 2: the 3D network on an isotropic patch around each candidate.
 
-It returns a nodule probability and a segmentation mask per patch; the mask refines the centre
-and gives the size. Batched over candidates. The tensor work is
-:func:`models.infer.refine_candidates`, shared with the models' evaluation.
+It returns a nodule probability and a segmentation mask per patch (averaged with the mirrored
+patch); the mask refines the centre and gives the size, and a second pass centred on each
+finding's mask measures large nodules whole. Batched over candidates. The tensor work is
+:func:`models.infer.refine_candidates` and :func:`models.infer.recentre_findings`, exactly as
+:meth:`models.infer.NoduleDetector.detect` (what the model cards measured) runs them.
 """
 
 from __future__ import annotations
 
-from models.infer import Candidate, Finding, refine_candidates
+from models.infer import Candidate, Finding, recentre_findings, refine_candidates
 from pipelines.backends import FloatArray, InferenceBackend
 
 
@@ -24,4 +26,5 @@ def refine(
         probability, mask = backend.run(x)[:2]
         return probability, mask
 
-    return refine_candidates(iso_norm, candidates, predict, origin_mm, batch=batch)
+    findings = refine_candidates(iso_norm, candidates, predict, origin_mm, batch, max_offset=1.0)
+    return recentre_findings(iso_norm, findings, predict, origin_mm)
