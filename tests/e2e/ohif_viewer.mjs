@@ -110,9 +110,22 @@ async function seg(page) {
   return { segments, target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
 }
 
+// Under load OHIF can swallow a double-click on a thumbnail: open again until it shows.
+async function openUntil(page, modality, selector) {
+  const deadline = Date.now() + TIMEOUT;
+  for (;;) {
+    await openSeries(page, modality);
+    try {
+      await page.waitForSelector(selector, { state: "attached", timeout: 20000 });
+      return;
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+    }
+  }
+}
+
 async function sr(page) {
-  await openSeries(page, "SR");
-  await page.waitForSelector("svg.svg-layer polyline", { state: "attached", timeout: TIMEOUT });
+  await openUntil(page, "SR", "svg.svg-layer polyline");
   await page.waitForFunction(() => /mm/.test(document.querySelector("svg.svg-layer text")?.textContent || ""), null, { timeout: TIMEOUT });
   await noToasts(page);
   const on = await stableScreenshot(page, `${out}/sr-on.png`);
