@@ -30,8 +30,7 @@ def _session(name: str, provider: str, threads: int, weights: Path) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(weights / m["file"]), sess_options=opts,
-                                providers=[provider])
+    return ort.InferenceSession(str(weights / m["file"]), sess_options=opts, providers=[provider])
 
 
 def _time(fn: Any, repeat: int) -> float:
@@ -44,8 +43,15 @@ def _time(fn: Any, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(provider: str, threads: int, repeat: int, weights: Path = WEIGHTS_DIR, batch1: int = 8,
-          batch2: int = 16, size: int = 256) -> dict[str, float]:
+def bench(
+    provider: str,
+    threads: int,
+    repeat: int,
+    weights: Path = WEIGHTS_DIR,
+    batch1: int = 8,
+    batch2: int = 16,
+    size: int = 256,
+) -> dict[str, float]:
     """Median timings for one execution provider."""
     rng = np.random.default_rng(0)
     s1 = _session("stage1_screen", provider, threads, weights)
@@ -54,8 +60,10 @@ def bench(provider: str, threads: int, repeat: int, weights: Path = WEIGHTS_DIR,
     x2 = rng.random((batch2, 1, 32, 32, 32), dtype=np.float32)
     t1 = _time(lambda: s1.run(None, {"slices": x1}), repeat)
     t2 = _time(lambda: s2.run(None, {"patch": x2}), repeat)
-    return {"stage1_ms_per_slice": round(1000 * t1 / batch1, 2),
-            "stage2_ms_per_candidate": round(1000 * t2 / batch2, 2)}
+    return {
+        "stage1_ms_per_slice": round(1000 * t1 / batch1, 2),
+        "stage2_ms_per_candidate": round(1000 * t2 / batch2, 2),
+    }
 
 
 def main() -> None:
@@ -67,13 +75,16 @@ def main() -> None:
     p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
     args = p.parse_args()
     providers = args.provider or ["CPUExecutionProvider"] + [
-        x for x in ("CUDAExecutionProvider",) if x in ort.get_available_providers()]
+        x for x in ("CUDAExecutionProvider",) if x in ort.get_available_providers()
+    ]
     out = {}
     for prov in providers:
         r = bench(prov, args.threads, args.repeat, args.weights)
         out[prov] = r
-        print(f"{prov} (threads={args.threads}): stage 1 {r['stage1_ms_per_slice']} ms/slice "
-              f"(256x256), stage 2 {r['stage2_ms_per_candidate']} ms/candidate (32^3)")
+        print(
+            f"{prov} (threads={args.threads}): stage 1 {r['stage1_ms_per_slice']} ms/slice "
+            f"(256x256), stage 2 {r['stage2_ms_per_candidate']} ms/candidate (32^3)"
+        )
     print(json.dumps(out))
 
 

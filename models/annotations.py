@@ -79,16 +79,21 @@ def load_dicom_series(folder: str | Path) -> CTVolume:
     slices.sort(key=lambda d: float(d.ImagePositionPatient[2]))
     zs = np.array([float(d.ImagePositionPatient[2]) for d in slices])
     dz = float(np.median(np.diff(zs))) if len(zs) > 1 else float(slices[0].SliceThickness)
-    vol = np.stack([
-        d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1))
-        + float(d.get("RescaleIntercept", 0))
-        for d in slices
-    ])
+    vol = np.stack(
+        [
+            d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1))
+            + float(d.get("RescaleIntercept", 0))
+            for d in slices
+        ]
+    )
     px = [float(v) for v in slices[0].PixelSpacing]
     ipp = [float(v) for v in slices[0].ImagePositionPatient]
-    return CTVolume(volume_hu=vol, spacing_mm=(dz, px[0], px[1]),
-                    origin_mm=(ipp[0], ipp[1], ipp[2]),
-                    sop_uids=[str(d.SOPInstanceUID) for d in slices])
+    return CTVolume(
+        volume_hu=vol,
+        spacing_mm=(dz, px[0], px[1]),
+        origin_mm=(ipp[0], ipp[1], ipp[2]),
+        sop_uids=[str(d.SOPInstanceUID) for d in slices],
+    )
 
 
 # --------------------------------------------------------------------------- LIDC
@@ -129,22 +134,29 @@ def _locus(node: ET.Element) -> LidcRoi:
     loc = node.find("l:locus", _NS)
     x = float(_text(loc.find("l:xCoord", _NS))) if loc is not None else np.nan
     y = float(_text(loc.find("l:yCoord", _NS))) if loc is not None else np.nan
-    return LidcRoi(z_mm=float(_text(node.find("l:imageZposition", _NS))),
-                   sop_uid=_text(node.find("l:imageSOP_UID", _NS)), inclusion=True,
-                   xy_px=np.array([[x, y]], dtype=np.float64))
+    return LidcRoi(
+        z_mm=float(_text(node.find("l:imageZposition", _NS))),
+        sop_uid=_text(node.find("l:imageSOP_UID", _NS)),
+        inclusion=True,
+        xy_px=np.array([[x, y]], dtype=np.float64),
+    )
 
 
 def _rois(node: ET.Element) -> list[LidcRoi]:
     rois = []
     for roi in node.findall("l:roi", _NS):
-        pts = [(float(_text(e.find("l:xCoord", _NS))), float(_text(e.find("l:yCoord", _NS))))
-               for e in roi.findall("l:edgeMap", _NS)]
-        rois.append(LidcRoi(
-            z_mm=float(_text(roi.find("l:imageZposition", _NS))),
-            sop_uid=_text(roi.find("l:imageSOP_UID", _NS)),
-            inclusion=_text(roi.find("l:inclusion", _NS)).upper() != "FALSE",
-            xy_px=np.asarray(pts, dtype=np.float64).reshape(-1, 2),
-        ))
+        pts = [
+            (float(_text(e.find("l:xCoord", _NS))), float(_text(e.find("l:yCoord", _NS))))
+            for e in roi.findall("l:edgeMap", _NS)
+        ]
+        rois.append(
+            LidcRoi(
+                z_mm=float(_text(roi.find("l:imageZposition", _NS))),
+                sop_uid=_text(roi.find("l:imageSOP_UID", _NS)),
+                inclusion=_text(roi.find("l:inclusion", _NS)).upper() != "FALSE",
+                xy_px=np.asarray(pts, dtype=np.float64).reshape(-1, 2),
+            )
+        )
     return rois
 
 
@@ -170,13 +182,24 @@ def read_lidc_xml(path: str | Path) -> list[LidcReading]:
             rois = _rois(nod)
             has_contour = any(len(r.xy_px) > 1 for r in rois)
             mal = _text(nod.find("l:characteristics/l:malignancy", _NS))
-            out.append(LidcReading(reader=reader, nodule_id=_text(nod.find("l:noduleID", _NS)),
-                                   kind="nodule" if has_contour else "small", rois=rois,
-                                   malignancy=int(mal) if mal else None))
+            out.append(
+                LidcReading(
+                    reader=reader,
+                    nodule_id=_text(nod.find("l:noduleID", _NS)),
+                    kind="nodule" if has_contour else "small",
+                    rois=rois,
+                    malignancy=int(mal) if mal else None,
+                )
+            )
         for non in session.findall("l:nonNodule", _NS):
-            out.append(LidcReading(reader=reader,
-                                   nodule_id=_text(non.find("l:nonNoduleID", _NS)),
-                                   kind="non-nodule", rois=[_locus(non)]))
+            out.append(
+                LidcReading(
+                    reader=reader,
+                    nodule_id=_text(non.find("l:nonNoduleID", _NS)),
+                    kind="non-nodule",
+                    rois=[_locus(non)],
+                )
+            )
     return out
 
 
@@ -205,10 +228,15 @@ class LidcNodule:
     kind: str
 
 
-def _reading_world(reading: LidcReading, origin: tuple[float, float, float],
-                   pixel_mm: tuple[float, float]) -> npt.NDArray[np.float64]:
-    pts = [(origin[0] + p[0] * pixel_mm[1], origin[1] + p[1] * pixel_mm[0], r.z_mm)
-           for r in reading.rois if r.inclusion for p in r.xy_px]
+def _reading_world(
+    reading: LidcReading, origin: tuple[float, float, float], pixel_mm: tuple[float, float]
+) -> npt.NDArray[np.float64]:
+    pts = [
+        (origin[0] + p[0] * pixel_mm[1], origin[1] + p[1] * pixel_mm[0], r.z_mm)
+        for r in reading.rois
+        if r.inclusion
+        for p in r.xy_px
+    ]
     return np.asarray(pts, dtype=np.float64).reshape(-1, 3)
 
 
@@ -223,9 +251,13 @@ def _long_axis(reading: LidcReading, pixel_mm: tuple[float, float]) -> float:
     return best
 
 
-def lidc_consensus(readings: list[LidcReading], origin_mm: tuple[float, float, float],
-                   pixel_mm: tuple[float, float], slice_mm: float,
-                   match_mm: float = 10.0) -> list[LidcNodule]:
+def lidc_consensus(
+    readings: list[LidcReading],
+    origin_mm: tuple[float, float, float],
+    pixel_mm: tuple[float, float],
+    slice_mm: float,
+    match_mm: float = 10.0,
+) -> list[LidcNodule]:
     """Group readers' nodule marks whose centres lie within ``match_mm`` into nodules.
 
     Parameters
@@ -261,13 +293,18 @@ def lidc_consensus(readings: list[LidcReading], origin_mm: tuple[float, float, f
     out = []
     for g in groups:
         centres = np.array([p.mean(axis=0) for _, p in g])
-        ext = np.array([p.max(axis=0) - p.min(axis=0) + [pixel_mm[1], pixel_mm[0], slice_mm]
-                        for _, p in g])
-        out.append(LidcNodule(
-            centre_xyz_mm=tuple(float(v) for v in centres.mean(axis=0)),  # type: ignore[arg-type]
-            extent_mm=tuple(float(v) for v in ext.mean(axis=0)),  # type: ignore[arg-type]
-            diameter_mm=float(np.mean([_long_axis(r, pixel_mm) for r, _ in g])),
-            readers=len({r.reader for r, _ in g}), kind=g[0][0].kind))
+        ext = np.array(
+            [p.max(axis=0) - p.min(axis=0) + [pixel_mm[1], pixel_mm[0], slice_mm] for _, p in g]
+        )
+        out.append(
+            LidcNodule(
+                centre_xyz_mm=tuple(float(v) for v in centres.mean(axis=0)),  # type: ignore[arg-type]
+                extent_mm=tuple(float(v) for v in ext.mean(axis=0)),  # type: ignore[arg-type]
+                diameter_mm=float(np.mean([_long_axis(r, pixel_mm) for r, _ in g])),
+                readers=len({r.reader for r, _ in g}),
+                kind=g[0][0].kind,
+            )
+        )
     out.sort(key=lambda n: (n.kind != "nodule", -n.readers))
     return out
 
@@ -314,8 +351,14 @@ def _mhd_header(path: Path) -> dict[str, str]:
     return head
 
 
-_MHD_TYPES = {"MET_SHORT": "<i2", "MET_USHORT": "<u2", "MET_FLOAT": "<f4", "MET_UCHAR": "u1",
-              "MET_CHAR": "i1", "MET_INT": "<i4"}
+_MHD_TYPES = {
+    "MET_SHORT": "<i2",
+    "MET_USHORT": "<u2",
+    "MET_FLOAT": "<f4",
+    "MET_UCHAR": "u1",
+    "MET_CHAR": "i1",
+    "MET_INT": "<i4",
+}
 
 
 def load_mhd(path: str | Path) -> CTVolume:
@@ -334,14 +377,17 @@ def load_mhd(path: str | Path) -> CTVolume:
     if head.get("BinaryDataByteOrderMSB", "False").lower() == "true":
         dtype = dtype.newbyteorder(">")
     vol = np.fromfile(raw, dtype=dtype).reshape(dims[::-1]).astype(np.float32)
-    direction = np.array([float(v) for v in head.get("TransformMatrix", "1 0 0 0 1 0 0 0 1")
-                          .split()]).reshape(3, 3)
+    direction = np.array(
+        [float(v) for v in head.get("TransformMatrix", "1 0 0 0 1 0 0 0 1").split()]
+    ).reshape(3, 3)
     origin = list(offset)
     for axis in range(3):
         if direction[axis, axis] < 0:
             arr_axis = 2 - axis
             vol = np.flip(vol, axis=arr_axis)
             origin[axis] -= (dims[axis] - 1) * spacing[axis]
-    return CTVolume(volume_hu=np.ascontiguousarray(vol),
-                    spacing_mm=(spacing[2], spacing[1], spacing[0]),
-                    origin_mm=(origin[0], origin[1], origin[2]))
+    return CTVolume(
+        volume_hu=np.ascontiguousarray(vol),
+        spacing_mm=(spacing[2], spacing[1], spacing[0]),
+        origin_mm=(origin[0], origin[1], origin[2]),
+    )

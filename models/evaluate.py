@@ -59,8 +59,7 @@ def _hit(centre: tuple[float, float, float], ref: Reference) -> bool:
 
 def _mask_dice(ph: Phantom, f: Finding, label: int) -> float:
     iso_lab = resample_to_iso(ph.labels == label, ph.spacing_mm, order=0) > 0.5
-    lo = [round((f.mask_origin_xyz_mm[a] - ph.origin_mm[a]) / ISO_SPACING_MM)
-          for a in (2, 1, 0)]
+    lo = [round((f.mask_origin_xyz_mm[a] - ph.origin_mm[a]) / ISO_SPACING_MM) for a in (2, 1, 0)]
     centre = (lo[0] + STAGE2_PATCH // 2, lo[1] + STAGE2_PATCH // 2, lo[2] + STAGE2_PATCH // 2)
     gt = crop_patch(iso_lab.astype(np.float32), centre, STAGE2_PATCH) > 0.5
     return dice(f.mask, gt)
@@ -77,11 +76,18 @@ def evaluate_phantom(det: NoduleDetector, seed: int) -> dict[str, Any]:
     for n, r in zip(ph.nodules, refs, strict=True):
         hits = [f for f in res.findings_at() if _hit(f.centre_xyz_mm, r)]
         if hits:
-            dices.append((n.diameter_mm, _mask_dice(ph, max(hits, key=lambda f: f.probability),
-                                                    n.label)))
+            dices.append(
+                (n.diameter_mm, _mask_dice(ph, max(hits, key=lambda f: f.probability), n.label))
+            )
     case = ScanCase(refs, [Detection(f.centre_xyz_mm, f.probability) for f in res.findings])
-    return {"case": case, "s1_hits": s1_hits, "dice": dices, "n_candidates": len(res.candidates),
-            "timings": res.timings, "kinds": [(n.kind, n.location) for n in ph.nodules]}
+    return {
+        "case": case,
+        "s1_hits": s1_hits,
+        "dice": dices,
+        "n_candidates": len(res.candidates),
+        "timings": res.timings,
+        "kinds": [(n.kind, n.location) for n in ph.nodules],
+    }
 
 
 def evaluate_synthetic(det: NoduleDetector, seed: int, n: int) -> dict[str, Any]:
@@ -98,31 +104,43 @@ def evaluate_synthetic(det: NoduleDetector, seed: int, n: int) -> dict[str, Any]
     thr = det.threshold
     by_kind: dict[str, list[bool]] = {}
     for r in rows:
-        best = [max((d.probability for d in r["case"].detections if _hit(d.centre_mm, ref)),
-                    default=-1.0) for ref in r["case"].references]
+        best = [
+            max(
+                (d.probability for d in r["case"].detections if _hit(d.centre_mm, ref)),
+                default=-1.0,
+            )
+            for ref in r["case"].references
+        ]
         for (kind, loc), b in zip(r["kinds"], best, strict=True):
             by_kind.setdefault(kind, []).append(b >= thr)
             by_kind.setdefault(loc, []).append(b >= thr)
     return {
-        "n_scans": n, "n_nodules": res.n_nodules,
+        "n_scans": n,
+        "n_nodules": res.n_nodules,
         "seeds": f"{seed * 100000 + TEST_OFFSET}..+{n - 1}",
         "sensitivity_at_fp": {str(k): round(v, 4) for k, v in res.sensitivities_at.items()},
         "cpm": round(res.cpm, 4),
         "operating_threshold": thr,
-        "sensitivity_at_operating_point": round(float(np.mean(
-            [b >= thr for b in _best_all(cases)])), 4) if res.n_nodules else None,
+        "sensitivity_at_operating_point": round(
+            float(np.mean([b >= thr for b in _best_all(cases)])), 4
+        )
+        if res.n_nodules
+        else None,
         "fps_per_scan_at_operating_point": round(fps_per_scan(cases, thr), 3),
-        "sensitivity_by_size": {k: [round(v[0], 4), v[1]]
-                                for k, v in sensitivity_by_size(cases, thr).items()},
-        "sensitivity_by_kind": {k: [round(float(np.mean(v)), 4), len(v)]
-                                for k, v in by_kind.items()},
+        "sensitivity_by_size": {
+            k: [round(v[0], 4), v[1]] for k, v in sensitivity_by_size(cases, thr).items()
+        },
+        "sensitivity_by_kind": {
+            k: [round(float(np.mean(v)), 4), len(v)] for k, v in by_kind.items()
+        },
         "stage1_threshold": det.stage1_threshold,
         "stage1_recall": round(float(np.mean(s1)), 4) if s1 else None,
         "stage1_candidates_per_scan": round(float(np.mean([r["n_candidates"] for r in rows])), 1),
         "dice_mean": round(float(np.mean([d for _, d in dices])), 4) if dices else None,
         "dice_by_size": _dice_by_size(dices),
-        "mean_timings_s": {k: round(float(np.mean([r["timings"][k] for r in rows])), 3)
-                           for k in rows[0]["timings"]},
+        "mean_timings_s": {
+            k: round(float(np.mean([r["timings"][k] for r in rows])), 3) for k in rows[0]["timings"]
+        },
     }
 
 
@@ -136,8 +154,7 @@ def _dice_by_size(dices: list[tuple[float, float]]) -> dict[str, list[float]]:
     out = {}
     for lo, hi in ((3, 5), (5, 10), (10, 20), (20, 31)):
         v = [d for s, d in dices if lo <= s < hi]
-        out[f"{lo}-{min(hi, 30)} mm"] = [round(float(np.mean(v)), 4) if v else float("nan"),
-                                         len(v)]
+        out[f"{lo}-{min(hi, 30)} mm"] = [round(float(np.mean(v)), 4) if v else float("nan"), len(v)]
     return out
 
 
@@ -155,44 +172,67 @@ def evaluate_lidc(det: NoduleDetector, data: Path) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     res = det.detect(ct.volume_hu, ct.spacing_mm, ct.origin_mm)
     wall = time.perf_counter() - t0
-    readers = lidc_consensus(read_lidc_xml(folder / "069.xml"), ct.origin_mm,
-                             ct.spacing_mm[1:], ct.spacing_mm[0])
+    readers = lidc_consensus(
+        read_lidc_xml(folder / "069.xml"), ct.origin_mm, ct.spacing_mm[1:], ct.spacing_mm[0]
+    )
     big = [n for n in readers if n.kind == "nodule"]
 
     def describe(f: Finding) -> dict[str, Any]:
-        match = [n for n in readers
-                 if np.linalg.norm(np.subtract(f.centre_xyz_mm, n.centre_xyz_mm))
-                 <= max(n.diameter_mm / 2, 5.0)]
-        return {"centre_xyz_mm": [round(v, 1) for v in f.centre_xyz_mm],
-                "probability": round(f.probability, 4), "diameter_mm": round(f.diameter_mm, 1),
-                "equivalent_diameter_mm": round(f.equivalent_diameter_mm, 1),
-                "volume_mm3": round(f.volume_mm3, 0),
-                "matches": (f"readers' {match[0].kind} ({match[0].readers} readers)"
-                            if match else "none (false positive)")}
+        match = [
+            n
+            for n in readers
+            if np.linalg.norm(np.subtract(f.centre_xyz_mm, n.centre_xyz_mm))
+            <= max(n.diameter_mm / 2, 5.0)
+        ]
+        return {
+            "centre_xyz_mm": [round(v, 1) for v in f.centre_xyz_mm],
+            "probability": round(f.probability, 4),
+            "diameter_mm": round(f.diameter_mm, 1),
+            "equivalent_diameter_mm": round(f.equivalent_diameter_mm, 1),
+            "volume_mm3": round(f.volume_mm3, 0),
+            "matches": (
+                f"readers' {match[0].kind} ({match[0].readers} readers)"
+                if match
+                else "none (false positive)"
+            ),
+        }
 
     at_op = [describe(f) for f in res.findings_at()]
     below = [describe(f) for f in res.findings if f.probability < det.threshold][:5]
     ref = big[0] if big else None
-    found = [f for f in res.findings_at() if ref and np.linalg.norm(
-        np.subtract(f.centre_xyz_mm, ref.centre_xyz_mm)) <= ref.diameter_mm / 2]
+    found = [
+        f
+        for f in res.findings_at()
+        if ref
+        and np.linalg.norm(np.subtract(f.centre_xyz_mm, ref.centre_xyz_mm)) <= ref.diameter_mm / 2
+    ]
     return {
-        "series": folder.name, "shape": list(ct.volume_hu.shape),
+        "series": folder.name,
+        "shape": list(ct.volume_hu.shape),
         "spacing_mm": [round(v, 4) for v in ct.spacing_mm],
-        "readers_nodule": None if ref is None else {
+        "readers_nodule": None
+        if ref is None
+        else {
             "centre_xyz_mm": [round(v, 1) for v in ref.centre_xyz_mm],
             "extent_mm": [round(v, 1) for v in ref.extent_mm],
-            "long_axis_mm": round(ref.diameter_mm, 1), "readers": ref.readers},
-        "readers_small_nodules": [[round(v, 1) for v in n.centre_xyz_mm] for n in readers
-                                  if n.kind == "small"],
+            "long_axis_mm": round(ref.diameter_mm, 1),
+            "readers": ref.readers,
+        },
+        "readers_small_nodules": [
+            [round(v, 1) for v in n.centre_xyz_mm] for n in readers if n.kind == "small"
+        ],
         "found": bool(found),
-        "diameter_error_vs_long_axis": (round(found[0].diameter_mm / ref.diameter_mm - 1, 3)
-                                        if found and ref else None),
-        "false_positives_at_operating_point": sum(1 for f in at_op
-                                                  if f["matches"].startswith("none")),
+        "diameter_error_vs_long_axis": (
+            round(found[0].diameter_mm / ref.diameter_mm - 1, 3) if found and ref else None
+        ),
+        "false_positives_at_operating_point": sum(
+            1 for f in at_op if f["matches"].startswith("none")
+        ),
         "findings_at_operating_point": at_op,
         "strongest_below_operating_point": below,
         "n_candidates": len(res.candidates),
-        "timings_s": {k: round(v, 2) for k, v in res.timings.items()}, "wall_s": round(wall, 2),
+        "timings_s": {k: round(v, 2) for k, v in res.timings.items()},
+        "wall_s": round(wall, 2),
     }
 
 
@@ -212,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     prev = out / "evaluation.json"
     result: dict[str, Any] = json.loads(prev.read_text()) if prev.exists() else {}
-    result["weights_sha256"] = {det.manifest1["name"]: det.manifest1["sha256"],
-                                det.manifest2["name"]: det.manifest2["sha256"]}
+    result["weights_sha256"] = {
+        det.manifest1["name"]: det.manifest1["sha256"],
+        det.manifest2["name"]: det.manifest2["sha256"],
+    }
     if data is not None:
         result["lidc_idri_0001"] = evaluate_lidc(det, data)
         print(json.dumps(result["lidc_idri_0001"], indent=2), flush=True)

@@ -62,13 +62,15 @@ class FrocResult:
 
 def _hits(det: Detection, refs: Sequence[Reference]) -> list[int]:
     c = np.asarray(det.centre_mm)
-    return [i for i, r in enumerate(refs)
-            if np.linalg.norm(c - np.asarray(r.centre_mm)) <= r.diameter_mm / 2.0]
+    return [
+        i
+        for i, r in enumerate(refs)
+        if np.linalg.norm(c - np.asarray(r.centre_mm)) <= r.diameter_mm / 2.0
+    ]
 
 
 def match_scan(case: ScanCase) -> tuple[npt.NDArray[np.float64], list[float]]:
-    """Best hit probability per reference (``-inf`` when missed) and false-positive probabilities.
-    """
+    """Best hit probability per reference (``-inf`` if missed) and false-positive probabilities."""
     best = np.full(len(case.references), -np.inf)
     fps: list[float] = []
     for det in case.detections:
@@ -109,13 +111,20 @@ def froc(cases: Sequence[ScanCase]) -> FrocResult:
     for rate in FP_RATES:
         ok = fpr <= rate
         at[rate] = float(sens[ok].max()) if ok.any() else 0.0
-    return FrocResult(thresholds=thr, sensitivity=sens, fps_per_scan=fpr, sensitivities_at=at,
-                      cpm=float(np.mean(list(at.values()))), n_nodules=n_nod, n_scans=n_scans)
+    return FrocResult(
+        thresholds=thr,
+        sensitivity=sens,
+        fps_per_scan=fpr,
+        sensitivities_at=at,
+        cpm=float(np.mean(list(at.values()))),
+        n_nodules=n_nod,
+        n_scans=n_scans,
+    )
 
 
-def sensitivity_by_size(cases: Sequence[ScanCase], threshold: float,
-                        bins: Sequence[tuple[float, float]] = SIZE_BINS_MM
-                        ) -> dict[str, tuple[float, int]]:
+def sensitivity_by_size(
+    cases: Sequence[ScanCase], threshold: float, bins: Sequence[tuple[float, float]] = SIZE_BINS_MM
+) -> dict[str, tuple[float, int]]:
     """Sensitivity per reference diameter bin at ``threshold``: ``{"3-5 mm": (sens, n)}``."""
     out = {}
     for lo, hi in bins:

@@ -32,21 +32,35 @@ def export_stage1(net: ScreenNet, path: Path) -> None:
     """Export stage 1 (sigmoid heatmap) with dynamic batch, height and width."""
     net.eval()
     dummy = torch.zeros(1, 2 * STAGE1_CONTEXT + 1, 64, 64)
-    torch.onnx.export(ScreenExport(net).eval(), (dummy,), str(path), dynamo=False,
-                      input_names=["slices"], output_names=["heatmap"], opset_version=OPSET,
-                      dynamic_axes={"slices": {0: "batch", 2: "height", 3: "width"},
-                                    "heatmap": {0: "batch", 2: "height", 3: "width"}})
+    torch.onnx.export(
+        ScreenExport(net).eval(),
+        (dummy,),
+        str(path),
+        dynamo=False,
+        input_names=["slices"],
+        output_names=["heatmap"],
+        opset_version=OPSET,
+        dynamic_axes={
+            "slices": {0: "batch", 2: "height", 3: "width"},
+            "heatmap": {0: "batch", 2: "height", 3: "width"},
+        },
+    )
 
 
 def export_stage2(net: RefineNet, path: Path) -> None:
     """Export stage 2 (probability, mask probability) with a dynamic batch."""
     net.eval()
     dummy = torch.zeros(1, 1, STAGE2_PATCH, STAGE2_PATCH, STAGE2_PATCH)
-    torch.onnx.export(RefineExport(net).eval(), (dummy,), str(path), dynamo=False,
-                      input_names=["patch"], output_names=["probability", "mask"],
-                      opset_version=OPSET,
-                      dynamic_axes={"patch": {0: "batch"}, "probability": {0: "batch"},
-                                    "mask": {0: "batch"}})
+    torch.onnx.export(
+        RefineExport(net).eval(),
+        (dummy,),
+        str(path),
+        dynamo=False,
+        input_names=["patch"],
+        output_names=["probability", "mask"],
+        opset_version=OPSET,
+        dynamic_axes={"patch": {0: "batch"}, "probability": {0: "batch"}, "mask": {0: "batch"}},
+    )
 
 
 def _preprocessing() -> dict[str, Any]:
@@ -62,16 +76,30 @@ def _preprocessing() -> dict[str, Any]:
 def manifest_stage1(path: Path, threshold: float, training: dict[str, Any]) -> dict[str, Any]:
     """Manifest of the stage-1 ONNX file at ``path``."""
     return {
-        "name": "stage1_screen", "version": VERSION, "file": path.name, "sha256": sha256(path),
-        "opset": OPSET, "framework": "onnx",
-        "inputs": [{"name": "slices", "shape": ["batch", 2 * STAGE1_CONTEXT + 1, "height",
-                                                 "width"], "dtype": "float32",
-                    "meaning": "isotropic axial slices z-2 .. z+2 as channels, HU window scaled "
-                               "to [0, 1]; height and width multiples of 8"}],
-        "outputs": [{"name": "heatmap", "shape": ["batch", 1, "height", "width"],
-                     "dtype": "float32",
-                     "meaning": "probability that the pixel is a nodule centre on slice z; "
-                                "local 3D maxima over stacked slices are candidates"}],
+        "name": "stage1_screen",
+        "version": VERSION,
+        "file": path.name,
+        "sha256": sha256(path),
+        "opset": OPSET,
+        "framework": "onnx",
+        "inputs": [
+            {
+                "name": "slices",
+                "shape": ["batch", 2 * STAGE1_CONTEXT + 1, "height", "width"],
+                "dtype": "float32",
+                "meaning": "isotropic axial slices z-2 .. z+2 as channels, HU window scaled "
+                "to [0, 1]; height and width multiples of 8",
+            }
+        ],
+        "outputs": [
+            {
+                "name": "heatmap",
+                "shape": ["batch", 1, "height", "width"],
+                "dtype": "float32",
+                "meaning": "probability that the pixel is a nodule centre on slice z; "
+                "local 3D maxima over stacked slices are candidates",
+            }
+        ],
         "preprocessing": _preprocessing(),
         "candidate_threshold": threshold,
         "training": training,
@@ -82,17 +110,36 @@ def manifest_stage2(path: Path, threshold: float, training: dict[str, Any]) -> d
     """Manifest of the stage-2 ONNX file at ``path``."""
     p = STAGE2_PATCH
     return {
-        "name": "stage2_refine", "version": VERSION, "file": path.name, "sha256": sha256(path),
-        "opset": OPSET, "framework": "onnx",
-        "inputs": [{"name": "patch", "shape": ["batch", 1, p, p, p], "dtype": "float32",
-                    "meaning": f"{p}^3 isotropic patch (z, y, x) centred on a stage-1 "
-                               "candidate, HU window scaled to [0, 1], outside padded with 0"}],
+        "name": "stage2_refine",
+        "version": VERSION,
+        "file": path.name,
+        "sha256": sha256(path),
+        "opset": OPSET,
+        "framework": "onnx",
+        "inputs": [
+            {
+                "name": "patch",
+                "shape": ["batch", 1, p, p, p],
+                "dtype": "float32",
+                "meaning": f"{p}^3 isotropic patch (z, y, x) centred on a stage-1 "
+                "candidate, HU window scaled to [0, 1], outside padded with 0",
+            }
+        ],
         "outputs": [
-            {"name": "probability", "shape": ["batch", 1], "dtype": "float32",
-             "meaning": "probability that a nodule (3-30 mm) lies at the patch centre"},
-            {"name": "mask", "shape": ["batch", 1, p, p, p], "dtype": "float32",
-             "meaning": "per-voxel nodule probability; >= 0.5 is the mask, the component at "
-                        "the centre is the nodule"}],
+            {
+                "name": "probability",
+                "shape": ["batch", 1],
+                "dtype": "float32",
+                "meaning": "probability that a nodule (3-30 mm) lies at the patch centre",
+            },
+            {
+                "name": "mask",
+                "shape": ["batch", 1, p, p, p],
+                "dtype": "float32",
+                "meaning": "per-voxel nodule probability; >= 0.5 is the mask, the component at "
+                "the centre is the nodule",
+            },
+        ],
         "preprocessing": _preprocessing(),
         "operating_threshold": threshold,
         "training": training,

@@ -119,8 +119,11 @@ def lung_box(lung: npt.NDArray[np.bool_], margin: int = 8) -> tuple[slice, slice
     idx = np.argwhere(lung)
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + margin + 1, lung.shape)
-    return (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])),
-            slice(int(lo[2]), int(hi[2])))
+    return (
+        slice(int(lo[0]), int(hi[0])),
+        slice(int(lo[1]), int(hi[1])),
+        slice(int(lo[2]), int(hi[2])),
+    )
 
 
 def stage1_input(iso_norm: FloatArray, z: int) -> FloatArray:
@@ -129,8 +132,9 @@ def stage1_input(iso_norm: FloatArray, z: int) -> FloatArray:
     return np.ascontiguousarray(iso_norm[idx], dtype=np.float32)
 
 
-def screen_volume(iso_norm: FloatArray, box: tuple[slice, slice, slice], predict: Predict1,
-                  batch: int = 8) -> FloatArray:
+def screen_volume(
+    iso_norm: FloatArray, box: tuple[slice, slice, slice], predict: Predict1, batch: int = 8
+) -> FloatArray:
     """Run stage 1 on every slice of ``box``; return the heatmap on the full isotropic grid.
 
     The in-plane box is padded (with 0, i.e. air) to a multiple of 8 for the network's strides.
@@ -141,17 +145,21 @@ def screen_volume(iso_norm: FloatArray, box: tuple[slice, slice, slice], predict
     ph, pw = -h % 8, -w % 8
     zs = list(range(box[0].start, box[0].stop))
     for i in range(0, len(zs), batch):
-        chunk = zs[i:i + batch]
+        chunk = zs[i : i + batch]
         x = np.stack([stage1_input(iso_norm, z)[:, ys, xs] for z in chunk])
         x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
         out = predict(x)
-        heat[chunk[0]:chunk[-1] + 1, ys, xs] = out[:, 0, :h, :w]
+        heat[chunk[0] : chunk[-1] + 1, ys, xs] = out[:, 0, :h, :w]
     return heat
 
 
-def extract_candidates(heat: FloatArray, allowed: npt.NDArray[np.bool_], threshold: float,
-                       max_candidates: int = MAX_CANDIDATES, min_dist_vox: float = 4.0,
-                       ) -> list[Candidate]:
+def extract_candidates(
+    heat: FloatArray,
+    allowed: npt.NDArray[np.bool_],
+    threshold: float,
+    max_candidates: int = MAX_CANDIDATES,
+    min_dist_vox: float = 4.0,
+) -> list[Candidate]:
     """Local maxima of ``heat`` at or above ``threshold`` inside ``allowed``, strongest first.
 
     Peaks closer than ``min_dist_vox`` to a stronger kept peak are dropped.
@@ -163,7 +171,7 @@ def extract_candidates(heat: FloatArray, allowed: npt.NDArray[np.bool_], thresho
     kept: list[Candidate] = []
     for i in order:
         v = idx[i]
-        if any(np.sum((v - np.array(k.voxel)) ** 2) < min_dist_vox ** 2 for k in kept):
+        if any(np.sum((v - np.array(k.voxel)) ** 2) < min_dist_vox**2 for k in kept):
             continue
         kept.append(Candidate(voxel=(int(v[0]), int(v[1]), int(v[2])), score=float(scores[i])))
         if len(kept) >= max_candidates:
@@ -191,8 +199,9 @@ def _edge_points(sl: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(np.isin(lin, np.flatnonzero(edge.ravel())))
 
 
-def measure_mask(mask_prob: FloatArray) -> tuple[npt.NDArray[np.bool_], tuple[float, float, float]
-                                                 | None]:
+def measure_mask(
+    mask_prob: FloatArray,
+) -> tuple[npt.NDArray[np.bool_], tuple[float, float, float] | None]:
     """Component of ``mask_prob >= 0.5`` at (or nearest to) the patch centre and its centroid.
 
     Returns the boolean component and its centroid in patch voxels, or an empty mask and None.
@@ -211,8 +220,13 @@ def measure_mask(mask_prob: FloatArray) -> tuple[npt.NDArray[np.bool_], tuple[fl
     return comp, (cz, cy, cx)
 
 
-def make_finding(cand: Candidate, prob: float, mask_prob: FloatArray,
-                 origin_mm: tuple[float, float, float], max_offset: float = 0.6) -> Finding:
+def make_finding(
+    cand: Candidate,
+    prob: float,
+    mask_prob: FloatArray,
+    origin_mm: tuple[float, float, float],
+    max_offset: float = 0.6,
+) -> Finding:
     """Turn a scored candidate and its mask into a :class:`Finding` (world coordinates).
 
     The mask is kept when its centroid lies within ``max_offset`` half-patches of the patch
@@ -221,19 +235,30 @@ def make_finding(cand: Candidate, prob: float, mask_prob: FloatArray,
     comp, centroid = measure_mask(mask_prob)
     half = STAGE2_PATCH // 2
     lo = tuple(v - half for v in cand.voxel)
-    mask_origin = (origin_mm[0] + lo[2] * ISO_SPACING_MM, origin_mm[1] + lo[1] * ISO_SPACING_MM,
-                   origin_mm[2] + lo[0] * ISO_SPACING_MM)
+    mask_origin = (
+        origin_mm[0] + lo[2] * ISO_SPACING_MM,
+        origin_mm[1] + lo[1] * ISO_SPACING_MM,
+        origin_mm[2] + lo[0] * ISO_SPACING_MM,
+    )
     if centroid is not None and np.linalg.norm(np.array(centroid) - half) < half * max_offset:
         cz, cy, cx = centroid
     else:
         cz, cy, cx, comp = float(half), float(half), float(half), np.zeros_like(comp)
-    vol = float(comp.sum()) * ISO_SPACING_MM ** 3
+    vol = float(comp.sum()) * ISO_SPACING_MM**3
     return Finding(
-        centre_xyz_mm=(mask_origin[0] + cx * ISO_SPACING_MM, mask_origin[1] + cy * ISO_SPACING_MM,
-                       mask_origin[2] + cz * ISO_SPACING_MM),
-        probability=prob, diameter_mm=_long_axis_mm(comp) if comp.any() else 0.0,
-        equivalent_diameter_mm=float((6.0 * vol / np.pi) ** (1 / 3)), volume_mm3=vol,
-        stage1_score=cand.score, mask=comp, mask_origin_xyz_mm=mask_origin)
+        centre_xyz_mm=(
+            mask_origin[0] + cx * ISO_SPACING_MM,
+            mask_origin[1] + cy * ISO_SPACING_MM,
+            mask_origin[2] + cz * ISO_SPACING_MM,
+        ),
+        probability=prob,
+        diameter_mm=_long_axis_mm(comp) if comp.any() else 0.0,
+        equivalent_diameter_mm=float((6.0 * vol / np.pi) ** (1 / 3)),
+        volume_mm3=vol,
+        stage1_score=cand.score,
+        mask=comp,
+        mask_origin_xyz_mm=mask_origin,
+    )
 
 
 def merge_findings(findings: list[Finding]) -> list[Finding]:
@@ -241,8 +266,11 @@ def merge_findings(findings: list[Finding]) -> list[Finding]:
     kept: list[Finding] = []
     for f in sorted(findings, key=lambda f: -f.probability):
         c = np.array(f.centre_xyz_mm)
-        if any(np.linalg.norm(c - np.array(k.centre_xyz_mm))
-               < max(3.0, 0.5 * max(k.diameter_mm, k.equivalent_diameter_mm)) for k in kept):
+        if any(
+            np.linalg.norm(c - np.array(k.centre_xyz_mm))
+            < max(3.0, 0.5 * max(k.diameter_mm, k.equivalent_diameter_mm))
+            for k in kept
+        ):
             continue
         kept.append(f)
     return kept
@@ -257,9 +285,14 @@ def predict_flip_averaged(predict: Predict2, x: FloatArray) -> tuple[FloatArray,
     return prob, mask
 
 
-def refine_candidates(iso_norm: FloatArray, candidates: list[Candidate], predict: Predict2,
-                      origin_mm: tuple[float, float, float], batch: int = 16,
-                      max_offset: float = 0.6) -> list[Finding]:
+def refine_candidates(
+    iso_norm: FloatArray,
+    candidates: list[Candidate],
+    predict: Predict2,
+    origin_mm: tuple[float, float, float],
+    batch: int = 16,
+    max_offset: float = 0.6,
+) -> list[Finding]:
     """Run stage 2 (flip-averaged) on a patch around every candidate; return merged findings.
 
     ``max_offset`` is passed to :func:`make_finding` (training's threshold choice used 0.6;
@@ -267,17 +300,23 @@ def refine_candidates(iso_norm: FloatArray, candidates: list[Candidate], predict
     """
     out: list[Finding] = []
     for i in range(0, len(candidates), batch):
-        chunk = candidates[i:i + batch]
+        chunk = candidates[i : i + batch]
         x = np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in chunk])
         prob, mask = predict_flip_averaged(predict, x)
-        out.extend(make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
-                   for c, p, m in zip(chunk, prob, mask, strict=True))
+        out.extend(
+            make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
+            for c, p, m in zip(chunk, prob, mask, strict=True)
+        )
     return merge_findings(out)
 
 
-def recentre_findings(iso_norm: FloatArray, findings: list[Finding], predict: Predict2,
-                      origin_mm: tuple[float, float, float], min_probability: float = 0.05
-                      ) -> list[Finding]:
+def recentre_findings(
+    iso_norm: FloatArray,
+    findings: list[Finding],
+    predict: Predict2,
+    origin_mm: tuple[float, float, float],
+    min_probability: float = 0.05,
+) -> list[Finding]:
     """Second stage-2 pass centred on each finding's mask centroid.
 
     A large nodule whose candidate sat off its centre gets a mask that is no longer cut by the
@@ -287,15 +326,31 @@ def recentre_findings(iso_norm: FloatArray, findings: list[Finding], predict: Pr
     todo = [f for f in findings if f.probability >= min_probability and f.mask.any()]
     if not todo:
         return findings
-    cands = [Candidate(voxel=(round((f.centre_xyz_mm[2] - origin_mm[2]) / ISO_SPACING_MM),
-                              round((f.centre_xyz_mm[1] - origin_mm[1]) / ISO_SPACING_MM),
-                              round((f.centre_xyz_mm[0] - origin_mm[0]) / ISO_SPACING_MM)),
-                       score=f.stage1_score) for f in todo]
-    masks = np.concatenate([
-        predict(np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None]
-                          for c in cands[i:i + 16]]))[1] for i in range(0, len(cands), 16)])
-    redone = [make_finding(c, f.probability, m[0], origin_mm)
-              for c, f, m in zip(cands, todo, masks, strict=True)]
+    cands = [
+        Candidate(
+            voxel=(
+                round((f.centre_xyz_mm[2] - origin_mm[2]) / ISO_SPACING_MM),
+                round((f.centre_xyz_mm[1] - origin_mm[1]) / ISO_SPACING_MM),
+                round((f.centre_xyz_mm[0] - origin_mm[0]) / ISO_SPACING_MM),
+            ),
+            score=f.stage1_score,
+        )
+        for f in todo
+    ]
+    masks = np.concatenate(
+        [
+            predict(
+                np.stack(
+                    [crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in cands[i : i + 16]]
+                )
+            )[1]
+            for i in range(0, len(cands), 16)
+        ]
+    )
+    redone = [
+        make_finding(c, f.probability, m[0], origin_mm)
+        for c, f, m in zip(cands, todo, masks, strict=True)
+    ]
     redone = [r if r.mask.any() else f for r, f in zip(redone, todo, strict=True)]
     done = {id(f) for f in todo}
     rest = [f for f in findings if id(f) not in done]
@@ -332,8 +387,9 @@ def _session(path: Path, providers: list[str] | None, threads: int | None) -> An
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts,
-                                providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+    )
 
 
 class NoduleDetector:
@@ -349,8 +405,12 @@ class NoduleDetector:
         onnxruntime intra-op threads (default: onnxruntime's choice).
     """
 
-    def __init__(self, weights_dir: str | Path | None = None, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
         wd = Path(weights_dir) if weights_dir else WEIGHTS_DIR
         self.manifest1 = load_manifest(STAGE1_NAME, wd)
         self.manifest2 = load_manifest(STAGE2_NAME, wd)
@@ -369,8 +429,12 @@ class NoduleDetector:
         prob, mask = self.s2.run(None, {"patch": x.astype(np.float32)})
         return np.asarray(prob, np.float32), np.asarray(mask, np.float32)
 
-    def detect(self, volume_hu: npt.NDArray[np.generic], spacing_mm: tuple[float, float, float],
-               origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> DetectionResult:
+    def detect(
+        self,
+        volume_hu: npt.NDArray[np.generic],
+        spacing_mm: tuple[float, float, float],
+        origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> DetectionResult:
         """Detect nodules in an axial HU volume.
 
         Parameters
@@ -398,20 +462,30 @@ class NoduleDetector:
         findings = refine_candidates(iso, cands, self.predict2, origin_mm, max_offset=1.0)
         findings = recentre_findings(iso, findings, self.predict2, origin_mm)
         t3 = time.perf_counter()
-        return DetectionResult(candidates=cands, findings=findings, threshold=self.threshold,
-                               timings={"preprocess_s": t1 - t0, "stage1_s": t2 - t1,
-                                        "stage2_s": t3 - t2})
+        return DetectionResult(
+            candidates=cands,
+            findings=findings,
+            threshold=self.threshold,
+            timings={"preprocess_s": t1 - t0, "stage1_s": t2 - t1, "stage2_s": t3 - t2},
+        )
 
 
-def detect_nodules(volume_hu: npt.NDArray[np.generic], spacing_mm: tuple[float, float, float],
-                   origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[Finding]:
+def detect_nodules(
+    volume_hu: npt.NDArray[np.generic],
+    spacing_mm: tuple[float, float, float],
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> list[Finding]:
     """Convenience: findings at the operating point with the shipped weights."""
     return NoduleDetector().detect(volume_hu, spacing_mm, origin_mm).findings_at()
 
 
-def candidate_world(c: Candidate, origin_mm: tuple[float, float, float]
-                    ) -> tuple[float, float, float]:
+def candidate_world(
+    c: Candidate, origin_mm: tuple[float, float, float]
+) -> tuple[float, float, float]:
     """LPS position of a candidate voxel on the isotropic grid."""
     z, y, x = c.voxel
-    return (origin_mm[0] + x * ISO_SPACING_MM, origin_mm[1] + y * ISO_SPACING_MM,
-            origin_mm[2] + z * ISO_SPACING_MM)
+    return (
+        origin_mm[0] + x * ISO_SPACING_MM,
+        origin_mm[1] + y * ISO_SPACING_MM,
+        origin_mm[2] + z * ISO_SPACING_MM,
+    )

@@ -17,13 +17,13 @@ def _common(m: dict[str, Any]) -> str:
     pre = m["preprocessing"]
     return f"""## Files and provenance
 
-- ONNX: `models/weights/{m['file']}` (opset {m['opset']}, dynamic batch), sha256
-  `{m['sha256']}`; manifest `models/weights/{m['name']}.json`.
-- Produced by: `{t['command']}` (seed {t['seed']}, {t['threads']} thread(s), {t['wall_s']} s
-  wall for both stages). Training phantoms {t['train_seeds']}, validation phantoms
-  {t['val_seeds']}; the held-out evaluation uses other seeds.
-- Preprocessing: isotropic {pre['spacing_mm'][0]} mm voxels ({pre['resample']}); HU window
-  {pre['hu_window']} scaled to [0, 1]; candidates within {pre['lung_margin_mm']} mm of a
+- ONNX: `models/weights/{m["file"]}` (opset {m["opset"]}, dynamic batch), sha256
+  `{m["sha256"]}`; manifest `models/weights/{m["name"]}.json`.
+- Produced by: `{t["command"]}` (seed {t["seed"]}, {t["threads"]} thread(s), {t["wall_s"]} s
+  wall for both stages). Training phantoms {t["train_seeds"]}, validation phantoms
+  {t["val_seeds"]}; the held-out evaluation uses other seeds.
+- Preprocessing: isotropic {pre["spacing_mm"][0]} mm voxels ({pre["resample"]}); HU window
+  {pre["hu_window"]} scaled to [0, 1]; candidates within {pre["lung_margin_mm"]} mm of a
   threshold-based lung mask.
 
 ## Training data
@@ -40,19 +40,21 @@ command trains on LUNA16/LIDC-IDRI volumes given `models.annotations` readers.
 def _synthetic_table(s: dict[str, Any]) -> str:
     rates = " | ".join(s["sensitivity_at_fp"].keys())
     sens = " | ".join(_fmt(v) for v in s["sensitivity_at_fp"].values())
-    sizes = "\n".join(f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in
-                      s["sensitivity_by_size"].items())
-    kinds = "\n".join(f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in
-                      s["sensitivity_by_kind"].items())
-    return f"""Held-out synthetic set: {s['n_scans']} phantoms (seeds {s['seeds']}),
-{s['n_nodules']} nodules. FROC per LUNA16 (hit = centre within the nodule's radius).
+    sizes = "\n".join(
+        f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in s["sensitivity_by_size"].items()
+    )
+    kinds = "\n".join(
+        f"| {k} | {_fmt(v[0])} | {v[1]} |" for k, v in s["sensitivity_by_kind"].items()
+    )
+    return f"""Held-out synthetic set: {s["n_scans"]} phantoms (seeds {s["seeds"]}),
+{s["n_nodules"]} nodules. FROC per LUNA16 (hit = centre within the nodule's radius).
 
 | FPs/scan | {rates} | **CPM** |
-|---|{'---|' * len(s['sensitivity_at_fp'])}---|
-| sensitivity | {sens} | **{_fmt(s['cpm'])}** |
+|---|{"---|" * len(s["sensitivity_at_fp"])}---|
+| sensitivity | {sens} | **{_fmt(s["cpm"])}** |
 
-At the operating threshold {s['operating_threshold']}: sensitivity
-{_fmt(s['sensitivity_at_operating_point'])}, {s['fps_per_scan_at_operating_point']} false
+At the operating threshold {s["operating_threshold"]}: sensitivity
+{_fmt(s["sensitivity_at_operating_point"])}, {s["fps_per_scan_at_operating_point"]} false
 positives per scan.
 
 | size | sensitivity at operating point | nodules |
@@ -69,18 +71,26 @@ def _shortfalls(s: dict[str, Any] | None, m: dict[str, Any]) -> str:
     if not s:
         return "Not evaluated."
     parity = m["training"].get("onnx_vs_torch_max_abs_diff", {})
-    lines = [f"- onnxruntime vs torch on validation inputs at export: largest difference "
-             f"{parity} (tolerance 1e-4 in tests/unit/test_models_onnx.py)."]
+    lines = [
+        f"- onnxruntime vs torch on validation inputs at export: largest difference "
+        f"{parity} (tolerance 1e-4 in tests/unit/test_models_onnx.py)."
+    ]
     if s["cpm"] < 0.85:
-        lines.append(f"- CPM {s['cpm']:.3f} is below the 0.85 target: small (3-10 mm) and "
-                     "juxta-vascular nodules are missed; the networks are small and were trained "
-                     "for about 40 minutes on one CPU core.")
+        lines.append(
+            f"- CPM {s['cpm']:.3f} is below the 0.85 target: small (3-10 mm) and "
+            "juxta-vascular nodules are missed; the networks are small and were trained "
+            "for about 40 minutes on one CPU core."
+        )
     if (s["stage1_recall"] or 0) < 0.98:
-        lines.append(f"- Stage-1 recall {s['stage1_recall']:.3f} at its threshold is below the "
-                     "98 % target: the 128-candidate cap and weak peaks on 3-5 mm nodules.")
-    lines.append("- The operating threshold was chosen on validation phantoms with the plain "
-                 "stage-2 pass; detection adds a second, mask-centred pass that only moves "
-                 "centres and masks (probabilities unchanged).")
+        lines.append(
+            f"- Stage-1 recall {s['stage1_recall']:.3f} at its threshold is below the "
+            "98 % target: the 128-candidate cap and weak peaks on 3-5 mm nodules."
+        )
+    lines.append(
+        "- The operating threshold was chosen on validation phantoms with the plain "
+        "stage-2 pass; detection adds a second, mask-centred pass that only moves "
+        "centres and masks (probabilities unchanged)."
+    )
     return "\n".join(lines)
 
 
@@ -97,17 +107,19 @@ def _lidc_section(r: dict[str, Any] | None) -> str:
     rows = "\n".join(
         f"| {f['centre_xyz_mm']} | {f['probability']} | {f['diameter_mm']} | "
         f"{f['equivalent_diameter_mm']} | {f['matches']} |"
-        for f in r["findings_at_operating_point"])
+        for f in r["findings_at_operating_point"]
+    )
     below = "\n".join(
         f"| {f['centre_xyz_mm']} | {f['probability']} | {f['diameter_mm']} | "
         f"{f['equivalent_diameter_mm']} | {f['matches']} |"
-        for f in r["strongest_below_operating_point"])
-    return f"""Real series LIDC-IDRI-0001 ({r['shape'][0]} slices, spacing {r['spacing_mm']} mm).
-Readers' nodule (4 readers): centre {ref['centre_xyz_mm']} mm, extent {ref['extent_mm']} mm,
-mean long axis {ref['long_axis_mm']} mm. Found at the operating point: **{r['found']}**;
-measured long-axis diameter error {r['diameter_error_vs_long_axis']} (relative);
-false positives at the operating point: **{r['false_positives_at_operating_point']}**;
-{r['n_candidates']} stage-1 candidates; {r['wall_s']} s on CPU.
+        for f in r["strongest_below_operating_point"]
+    )
+    return f"""Real series LIDC-IDRI-0001 ({r["shape"][0]} slices, spacing {r["spacing_mm"]} mm).
+Readers' nodule (4 readers): centre {ref["centre_xyz_mm"]} mm, extent {ref["extent_mm"]} mm,
+mean long axis {ref["long_axis_mm"]} mm. Found at the operating point: **{r["found"]}**;
+measured long-axis diameter error {r["diameter_error_vs_long_axis"]} (relative);
+false positives at the operating point: **{r["false_positives_at_operating_point"]}**;
+{r["n_candidates"]} stage-1 candidates; {r["wall_s"]} s on CPU.
 
 Findings at the operating point (centre LPS mm, probability, long axis mm, equivalent diameter
 mm, match):
@@ -124,29 +136,28 @@ Strongest findings below the operating point:
 """
 
 
-def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any],
-                 out: Path) -> None:
+def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any], out: Path) -> None:
     """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out``."""
     s = result.get("synthetic_held_out")
     lidc = result.get("lidc_idri_0001")
     bench = result.get("benchmark", {})
     syn = _synthetic_table(s) if s else "Not evaluated.\n"
-    s1 = f"""# Model card: stage1_screen {m1['version']}
+    s1 = f"""# Model card: stage1_screen {m1["version"]}
 
 2D (2.5D) nodule screening network, stage 1 of NoduleAI's detector. Input: five adjacent
 isotropic axial slices as channels; depthwise-separable convolutions at strides 1-8 with
 top-down multi-scale fusion back to full resolution; output: per-slice nodule-centre heatmap.
 Local 3D maxima of the stacked heatmaps at or above the candidate threshold
-**{m1['candidate_threshold']:.4f}** are the candidates for stage 2.
+**{m1["candidate_threshold"]:.4f}** are the candidates for stage 2.
 
 {_common(m1)}
 ## Measured
 
 - Stage-1 recall on the held-out set at the candidate threshold (a candidate within the nodule's
-  radius): **{_fmt(s['stage1_recall']) if s else 'n/a'}**, with
-  {s['stage1_candidates_per_scan'] if s else 'n/a'} candidates per scan (at most 128).
-- Validation recall when the threshold was chosen: {_fmt(m1['training']['stage1_val_recall'])}.
-- Speed (onnxruntime CPU): {bench.get('stage1_ms_per_slice', 'see benchmarks/models.py')} ms
+  radius): **{_fmt(s["stage1_recall"]) if s else "n/a"}**, with
+  {s["stage1_candidates_per_scan"] if s else "n/a"} candidates per scan (at most 128).
+- Validation recall when the threshold was chosen: {_fmt(m1["training"]["stage1_val_recall"])}.
+- Speed (onnxruntime CPU): {bench.get("stage1_ms_per_slice", "see benchmarks/models.py")} ms
   per slice.
 
 ## Intended use and limits
@@ -154,12 +165,12 @@ Local 3D maxima of the stacked heatmaps at or above the candidate threshold
 Candidate generation only; its output is not a finding. Trained on synthetic phantoms: on real
 CT it fires on vessels and other structures that stage 2 must reject.
 """
-    s2 = f"""# Model card: stage2_refine {m2['version']}
+    s2 = f"""# Model card: stage2_refine {m2["version"]}
 
 3D refinement network, stage 2 of NoduleAI's detector: a small 3D U-Net on 32^3 isotropic
 (1.25 mm) patches around stage-1 candidates. Outputs a nodule probability and a per-voxel mask
 (both averaged with the mirrored patch's); the mask gives the nodule's centre, long-axis
-diameter and volume. Operating threshold **{m2['operating_threshold']:.3f}** (chosen on
+diameter and volume. Operating threshold **{m2["operating_threshold"]:.3f}** (chosen on
 validation phantoms for at most 0.25 false positives per scan).
 
 {_common(m2)}
@@ -167,14 +178,14 @@ validation phantoms for at most 0.25 false positives per scan).
 
 {syn}
 Dice of the masks of detected nodules (at the operating point, against the phantom's label map
-on the 1.25 mm grid): {_fmt(s['dice_mean']) if s else 'n/a'} overall.
+on the 1.25 mm grid): {_fmt(s["dice_mean"]) if s else "n/a"} overall.
 
 | size | Dice | nodules |
 |---|---|---|
 {_dice_rows(s)}
 
 {_lidc_section(lidc)}
-Speed (onnxruntime CPU): {bench.get('stage2_ms_per_candidate', 'see benchmarks/models.py')} ms
+Speed (onnxruntime CPU): {bench.get("stage2_ms_per_candidate", "see benchmarks/models.py")} ms
 per candidate.
 
 ## Targets not met

@@ -40,8 +40,9 @@ class ScreenNet(nn.Module):
     def __init__(self, in_ch: int = 2 * STAGE1_CONTEXT + 1, width: int = 12) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+        )
         self.s1 = DSConv(w, w)
         self.s2 = nn.Sequential(DSConv(w, 2 * w, 2), DSConv(2 * w, 2 * w))
         self.s3 = nn.Sequential(DSConv(2 * w, 3 * w, 2), DSConv(3 * w, 3 * w))
@@ -69,8 +70,12 @@ class ScreenNet(nn.Module):
 
 def _block3d(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv3d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(),
-        nn.Conv3d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(),
+        nn.Conv3d(c_in, c_out, 3, 1, 1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(),
+        nn.Conv3d(c_out, c_out, 3, 1, 1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(),
     )
 
 

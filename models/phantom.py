@@ -106,8 +106,11 @@ class _Grid:
     x: npt.NDArray[np.float64]
     spacing: tuple[float, float, float]
 
-    def index_box(self, lo: Sequence[float] | npt.NDArray[np.float64],
-                  hi: Sequence[float] | npt.NDArray[np.float64]) -> tuple[slice, slice, slice]:
+    def index_box(
+        self,
+        lo: Sequence[float] | npt.NDArray[np.float64],
+        hi: Sequence[float] | npt.NDArray[np.float64],
+    ) -> tuple[slice, slice, slice]:
         """Slices of the voxels whose centres lie in the world box ``lo..hi`` (x, y, z order)."""
         out = []
         for axis, a, b in ((self.z, lo[2], hi[2]), (self.y, lo[1], hi[1]), (self.x, lo[0], hi[0])):
@@ -139,7 +142,8 @@ class _Anatomy:
     z_mid: float
     z_half: float
     segments: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]] = field(
-        default_factory=list)
+        default_factory=list
+    )
 
 
 # --------------------------------------------------------------------------- anatomy
@@ -148,8 +152,12 @@ class _Anatomy:
 def _draw_anatomy(rng: Rng, z_mid: float, z_half: float) -> _Anatomy:
     a = rng.uniform(125.0, 175.0)
     b = a * rng.uniform(0.62, 0.78)
-    heart = (rng.uniform(5.0, 25.0), -b * rng.uniform(0.15, 0.3), a * rng.uniform(0.2, 0.27),
-             b * rng.uniform(0.35, 0.5))
+    heart = (
+        rng.uniform(5.0, 25.0),
+        -b * rng.uniform(0.15, 0.3),
+        a * rng.uniform(0.2, 0.27),
+        b * rng.uniform(0.35, 0.5),
+    )
     dome = None
     if rng.random() < 0.35:
         side = rng.choice([-1.0, 1.0])
@@ -157,9 +165,16 @@ def _draw_anatomy(rng: Rng, z_mid: float, z_half: float) -> _Anatomy:
         top = z_mid - z_half + rng.uniform(8.0, 30.0)
         dome = (side * a * 0.42, top - radius, radius, rng.uniform(-b * 0.1, b * 0.15))
     return _Anatomy(
-        body_a=a, body_b=b, fat=rng.uniform(4.0, 25.0), muscle=rng.uniform(8.0, 14.0),
-        med_half_width=rng.uniform(18.0, 32.0), heart=heart, dome=dome,
-        harmonics=rng.normal(0.0, 0.025, size=(4, 2)), z_mid=z_mid, z_half=z_half,
+        body_a=a,
+        body_b=b,
+        fat=rng.uniform(4.0, 25.0),
+        muscle=rng.uniform(8.0, 14.0),
+        med_half_width=rng.uniform(18.0, 32.0),
+        heart=heart,
+        dome=dome,
+        harmonics=rng.normal(0.0, 0.025, size=(4, 2)),
+        z_mid=z_mid,
+        z_half=z_half,
     )
 
 
@@ -170,8 +185,9 @@ def _angular_scale(anat: _Anatomy, theta: FloatArray) -> FloatArray:
     return out.astype(np.float32)
 
 
-def _lung_cavity_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float) -> npt.NDArray[
-        np.bool_]:
+def _lung_cavity_slice(
+    anat: _Anatomy, y: FloatArray, x: FloatArray, z: float
+) -> npt.NDArray[np.bool_]:
     """Lung region on one axial plane (world ``y`` column and ``x`` row vectors)."""
     taper = 1.0 - 0.12 * (z - anat.z_mid) / max(anat.z_half, 1.0)
     inner_a = (anat.body_a - anat.fat - anat.muscle - 10.0) * taper
@@ -186,7 +202,7 @@ def _lung_cavity_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float) -
     mask = cavity & ~med & ~spine & ~heart
     if anat.dome is not None:
         dx, dz, dr, dy = anat.dome
-        dome = (x - dx) ** 2 + (y - dy) ** 2 * 0.7 + (z - dz) ** 2 < dr ** 2
+        dome = (x - dx) ** 2 + (y - dy) ** 2 * 0.7 + (z - dz) ** 2 < dr**2
         mask &= ~dome
     return np.asarray(mask, dtype=bool)
 
@@ -196,8 +212,9 @@ def _body_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float, rng: Rng
     a, b = anat.body_a, anat.body_b
     q_body = np.sqrt((x / a) ** 2 + (y / b) ** 2)
     q_fat = np.sqrt((x / (a - anat.fat)) ** 2 + (y / (b - anat.fat)) ** 2)
-    q_mus = np.sqrt((x / (a - anat.fat - anat.muscle)) ** 2 + (y / (b - anat.fat - anat.muscle))
-                    ** 2)
+    q_mus = np.sqrt(
+        (x / (a - anat.fat - anat.muscle)) ** 2 + (y / (b - anat.fat - anat.muscle)) ** 2
+    )
     img = np.full(np.broadcast_shapes(y.shape, x.shape), -1000.0, dtype=np.float32)
     img[q_body < 1.0] = -100.0
     img[q_fat < 1.0] = 45.0
@@ -209,10 +226,10 @@ def _body_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float, rng: Rng
     img[ring & band & (y < b * 0.7)] = 450.0
     # spine: vertebral body with cortical rim, canal behind it
     sy = b - anat.fat - anat.muscle - 22.0
-    r_vert = np.sqrt(x ** 2 + (y - sy) ** 2)
+    r_vert = np.sqrt(x**2 + (y - sy) ** 2)
     img[r_vert < 17.0] = 700.0
     img[r_vert < 14.5] = 260.0
-    img[np.sqrt(x ** 2 + (y - sy - 24.0) ** 2) < 7.0] = 15.0
+    img[np.sqrt(x**2 + (y - sy - 24.0) ** 2) < 7.0] = 15.0
     # trachea (air with a wall) in the upper mediastinum
     ty = -b * 0.12
     r_tr = np.sqrt((x - 4.0) ** 2 + (y - ty) ** 2)
@@ -225,8 +242,13 @@ def _body_slice(anat: _Anatomy, y: FloatArray, x: FloatArray, z: float, rng: Rng
     return img
 
 
-def _lung_texture(rng: Rng, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-                  y_world: npt.NDArray[np.float64], anat: _Anatomy) -> FloatArray:
+def _lung_texture(
+    rng: Rng,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    y_world: npt.NDArray[np.float64],
+    anat: _Anatomy,
+) -> FloatArray:
     """Lung parenchyma HU: smooth random texture plus a posterior (dependent) gradient."""
     coarse = tuple(max(2, int(n * s / 8.0) + 2) for n, s in zip(shape, spacing, strict=True))
     field_c = rng.normal(0.0, 1.0, size=coarse).astype(np.float32)
@@ -241,8 +263,9 @@ def _lung_texture(rng: Rng, shape: tuple[int, int, int], spacing: tuple[float, f
 # --------------------------------------------------------------------------- tubes
 
 
-def _segment_occupancy(grid: _Grid, p0: npt.NDArray[np.float64], p1: npt.NDArray[np.float64],
-                       radius: float) -> tuple[tuple[slice, slice, slice], FloatArray] | None:
+def _segment_occupancy(
+    grid: _Grid, p0: npt.NDArray[np.float64], p1: npt.NDArray[np.float64], radius: float
+) -> tuple[tuple[slice, slice, slice], FloatArray] | None:
     """Partial-volume occupancy of a capsule from ``p0`` to ``p1`` (world xyz) of ``radius``."""
     pad = radius + 1.5
     box = grid.index_box(np.minimum(p0, p1) - pad, np.maximum(p0, p1) + pad)
@@ -253,19 +276,26 @@ def _segment_occupancy(grid: _Grid, p0: npt.NDArray[np.float64], p1: npt.NDArray
     dd = float(d @ d) or 1e-6
     t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / dd
     t = np.clip(t, 0.0, 1.0)
-    dist = np.sqrt((x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2
-                   + (z - p0[2] - t * d[2]) ** 2)
+    dist = np.sqrt(
+        (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
+    )
     edge = 0.5 * min(grid.spacing[1], grid.spacing[0])
     occ = np.clip((radius - dist) / (2.0 * edge) + 0.5, 0.0, 1.0).astype(np.float32)
     return box, occ
 
 
-def _grow_tree(rng: Rng, start: npt.NDArray[np.float64], direction: npt.NDArray[np.float64],
-               radius: float, gen: int, anat: _Anatomy) -> None:
+def _grow_tree(
+    rng: Rng,
+    start: npt.NDArray[np.float64],
+    direction: npt.NDArray[np.float64],
+    radius: float,
+    gen: int,
+    anat: _Anatomy,
+) -> None:
     """Append vessel segments of a random branching tree to ``anat.segments``."""
     if radius < 0.45 or gen > 8:
         return
-    length = rng.uniform(14.0, 30.0) * (0.88 ** gen)
+    length = rng.uniform(14.0, 30.0) * (0.88**gen)
     end = start + direction * length
     anat.segments.append((start, end, radius, gen))
     for sign in (-1.0, 1.0):
@@ -277,14 +307,20 @@ def _grow_tree(rng: Rng, start: npt.NDArray[np.float64], direction: npt.NDArray[
 def _draw_vessels(rng: Rng, anat: _Anatomy) -> None:
     for side in (-1.0, 1.0):
         for _ in range(int(rng.integers(4, 7))):
-            hilum = np.array([side * (anat.med_half_width + 6.0), rng.uniform(-35.0, 25.0),
-                              anat.z_mid + rng.uniform(-anat.z_half, anat.z_half) * 0.8])
+            hilum = np.array(
+                [
+                    side * (anat.med_half_width + 6.0),
+                    rng.uniform(-35.0, 25.0),
+                    anat.z_mid + rng.uniform(-anat.z_half, anat.z_half) * 0.8,
+                ]
+            )
             d = np.array([side, rng.normal(0.0, 0.6), rng.normal(0.0, 0.7)])
             _grow_tree(rng, hilum, d / np.linalg.norm(d), rng.uniform(3.0, 4.8), 0, anat)
 
 
-def _rasterise_vessels(grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
-                       ) -> tuple[FloatArray, FloatArray, FloatArray]:
+def _rasterise_vessels(
+    grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
+) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Vessel occupancy, bronchial wall occupancy and bronchial lumen occupancy."""
     vessel = np.zeros(shape, np.float32)
     wall = np.zeros(shape, np.float32)
@@ -310,8 +346,9 @@ def _rasterise_vessels(grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
 # --------------------------------------------------------------------------- nodules
 
 
-def _nodule_occupancy(grid: _Grid, rng: Rng, centre: npt.NDArray[np.float64], radius: float,
-                      irregular: bool) -> tuple[tuple[slice, slice, slice], FloatArray]:
+def _nodule_occupancy(
+    grid: _Grid, rng: Rng, centre: npt.NDArray[np.float64], radius: float, irregular: bool
+) -> tuple[tuple[slice, slice, slice], FloatArray]:
     """Occupancy of a round (ellipsoidal) or irregular (lobulated) nodule."""
     pad = radius * 1.5 + 2.0
     box = grid.index_box(centre - pad, centre + pad)
@@ -327,15 +364,24 @@ def _nodule_occupancy(grid: _Grid, rng: Rng, centre: npt.NDArray[np.float64], ra
             v = rng.normal(size=3)
             v /= np.linalg.norm(v)
             cos = (dx * v[0] + dy * v[1] + dz * v[2]) / norm
-            r_dir = r_dir * (1.0 + rng.uniform(0.06, 0.16)
-                             * np.cos(rng.integers(2, 4) * np.pi * cos + rng.uniform(0, 6.3)))
+            r_dir = r_dir * (
+                1.0
+                + rng.uniform(0.06, 0.16)
+                * np.cos(rng.integers(2, 4) * np.pi * cos + rng.uniform(0, 6.3))
+            )
     edge = 0.5 * min(grid.spacing[1], grid.spacing[0])
     occ = np.clip((r_dir - dist) / (2.0 * edge) + 0.5, 0.0, 1.0).astype(np.float32)
     return box, occ
 
 
-def _pick_centre(rng: Rng, location: str, radius: float, grid: _Grid, lungs: npt.NDArray[np.bool_],
-                 anat: _Anatomy) -> npt.NDArray[np.float64] | None:
+def _pick_centre(
+    rng: Rng,
+    location: str,
+    radius: float,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    anat: _Anatomy,
+) -> npt.NDArray[np.float64] | None:
     """World centre for a nodule of ``radius`` at ``location``, or None when it cannot fit."""
     margin_z = radius + 1.0
     zs = np.flatnonzero((grid.z > grid.z[0] + margin_z) & (grid.z < grid.z[-1] - margin_z))
@@ -365,8 +411,13 @@ def _pick_centre(rng: Rng, location: str, radius: float, grid: _Grid, lungs: npt
     return np.array([grid.x[ix], grid.y[iy], grid.z[k]])
 
 
-def _inside_lung(c: npt.NDArray[np.float64], clearance: float, grid: _Grid,
-                 lungs: npt.NDArray[np.bool_], margin_z: float) -> bool:
+def _inside_lung(
+    c: npt.NDArray[np.float64],
+    clearance: float,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    margin_z: float,
+) -> bool:
     if not grid.z[0] + margin_z < c[2] < grid.z[-1] - margin_z:
         return False
     for off in ((0, 0), (clearance, 0), (-clearance, 0), (0, clearance), (0, -clearance)):
@@ -386,8 +437,15 @@ def _draw_nodule_spec(rng: Rng) -> tuple[float, str, str, str]:
     return diameter, kind, shape, location
 
 
-def _add_nodules(rng: Rng, n: int, grid: _Grid, lungs: npt.NDArray[np.bool_], anat: _Anatomy,
-                 hu: FloatArray, labels: npt.NDArray[np.uint8]) -> list[Nodule]:
+def _add_nodules(
+    rng: Rng,
+    n: int,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    anat: _Anatomy,
+    hu: FloatArray,
+    labels: npt.NDArray[np.uint8],
+) -> list[Nodule]:
     """Paint ``n`` nodules into ``hu`` (in place) and ``labels``; return their ground truth."""
     nodules: list[Nodule] = []
     for _ in range(n * 6):
@@ -397,19 +455,23 @@ def _add_nodules(rng: Rng, n: int, grid: _Grid, lungs: npt.NDArray[np.bool_], an
         radius = diameter / 2.0
         centre = _pick_centre(rng, location, radius, grid, lungs, anat)
         if centre is None or any(
-                np.linalg.norm(centre - np.array(o.centre_xyz_mm)) < radius + o.diameter_mm / 2 + 3
-                for o in nodules):
+            np.linalg.norm(centre - np.array(o.centre_xyz_mm)) < radius + o.diameter_mm / 2 + 3
+            for o in nodules
+        ):
             continue
         box, occ = _nodule_occupancy(grid, rng, centre, radius, shape == "irregular")
         solid = float(rng.uniform(-20.0, 70.0))
         ggo = float(rng.uniform(-680.0, -480.0))
         val = np.full_like(occ, solid if kind == "solid" else ggo)
         if kind == "part-solid":
-            core_box, core = _nodule_occupancy(grid, rng, centre, radius * rng.uniform(0.35, 0.6),
-                                               False)
+            core_box, core = _nodule_occupancy(
+                grid, rng, centre, radius * rng.uniform(0.35, 0.6), False
+            )
             core_in = np.zeros_like(occ)
-            rel = tuple(slice(c.start - b.start, c.stop - b.start)
-                        for c, b in zip(core_box, box, strict=True))
+            rel = tuple(
+                slice(c.start - b.start, c.stop - b.start)
+                for c, b in zip(core_box, box, strict=True)
+            )
             core_in[rel] = core[tuple(slice(0, s.stop - s.start) for s in rel)]
             val = val * (1.0 - core_in) + solid * core_in
         if shape == "irregular" and kind != "ground-glass":
@@ -418,21 +480,28 @@ def _add_nodules(rng: Rng, n: int, grid: _Grid, lungs: npt.NDArray[np.bool_], an
         hu[box] = np.where(occ > 0, np.maximum(region, region * (1 - occ) + val * occ), region)
         label = len(nodules) + 1
         labels[box][occ >= 0.5] = label
-        nodules.append(Nodule(
-            centre_xyz_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
-            diameter_mm=round(diameter, 2), kind=kind, shape=shape, location=location,
-            label=label,
-        ))
+        nodules.append(
+            Nodule(
+                centre_xyz_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
+                diameter_mm=round(diameter, 2),
+                kind=kind,
+                shape=shape,
+                location=location,
+                label=label,
+            )
+        )
     return nodules
 
 
-def _add_spicules(rng: Rng, grid: _Grid, centre: npt.NDArray[np.float64], radius: float,
-                  hu: FloatArray) -> None:
+def _add_spicules(
+    rng: Rng, grid: _Grid, centre: npt.NDArray[np.float64], radius: float, hu: FloatArray
+) -> None:
     for _ in range(int(rng.integers(2, 6))):
         v = rng.normal(size=3)
         v /= np.linalg.norm(v)
-        hit = _segment_occupancy(grid, centre, centre + v * radius * rng.uniform(1.3, 1.9),
-                                 rng.uniform(0.35, 0.7))
+        hit = _segment_occupancy(
+            grid, centre, centre + v * radius * rng.uniform(1.3, 1.9), rng.uniform(0.35, 0.7)
+        )
         if hit is not None:
             region = hu[hit[0]]
             hu[hit[0]] = np.maximum(region, region * (1 - hit[1]) + 0.0 * hit[1])
@@ -441,9 +510,9 @@ def _add_spicules(rng: Rng, grid: _Grid, centre: npt.NDArray[np.float64], radius
 # --------------------------------------------------------------------------- assembly
 
 
-def _draw_geometry(rng: Rng, shape: tuple[int, int, int] | None,
-                   spacing_mm: tuple[float, float, float] | None
-                   ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+def _draw_geometry(
+    rng: Rng, shape: tuple[int, int, int] | None, spacing_mm: tuple[float, float, float] | None
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     if spacing_mm is None:
         thick = float(rng.choice(SLICE_THICKNESSES_MM))
         pix = float(rng.uniform(0.6, 0.9))
@@ -501,8 +570,11 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     shape, spacing_mm = _draw_geometry(rng, shape, spacing_mm)
     fov = (shape[2] * spacing_mm[2], shape[1] * spacing_mm[1])
-    origin = (-fov[0] / 2 + rng.uniform(-10, 10), -fov[1] / 2 + rng.uniform(-15, 5),
-              float(rng.uniform(-220.0, -80.0)))
+    origin = (
+        -fov[0] / 2 + rng.uniform(-10, 10),
+        -fov[1] / 2 + rng.uniform(-15, 5),
+        float(rng.uniform(-220.0, -80.0)),
+    )
     grid = _Grid(
         z=np.asarray(origin[2] + np.arange(shape[0]) * spacing_mm[0], dtype=np.float64),
         y=np.asarray(origin[1] + np.arange(shape[1]) * spacing_mm[1], dtype=np.float64),
@@ -519,23 +591,34 @@ def make_phantom(
     labels = np.zeros(shape, np.uint8)
     if n_nodules is None:
         n_nodules = (0, 4)
-    n = n_nodules if isinstance(n_nodules, int) else int(rng.integers(n_nodules[0],
-                                                                     n_nodules[1] + 1))
+    n = (
+        n_nodules
+        if isinstance(n_nodules, int)
+        else int(rng.integers(n_nodules[0], n_nodules[1] + 1))
+    )
     nodules = _add_nodules(rng, n, grid, lungs, anat, hu, labels)
     hu = _scanner(rng, hu, spacing_mm)
     if fov_padding is None:
         fov_padding = bool(rng.random() < 0.4)
     if fov_padding:
-        yy, xx = np.meshgrid(np.arange(shape[1]) - shape[1] / 2, np.arange(shape[2]) - shape[2] / 2,
-                             indexing="ij")
+        yy, xx = np.meshgrid(
+            np.arange(shape[1]) - shape[1] / 2, np.arange(shape[2]) - shape[2] / 2, indexing="ij"
+        )
         hu[:, (yy / shape[1]) ** 2 + (xx / shape[2]) ** 2 > 0.25] = -2048.0
     vol = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
-    return Phantom(volume_hu=vol, spacing_mm=spacing_mm, origin_mm=origin, nodules=nodules,
-                   labels=labels, seed=seed)
+    return Phantom(
+        volume_hu=vol,
+        spacing_mm=spacing_mm,
+        origin_mm=origin,
+        nodules=nodules,
+        labels=labels,
+        seed=seed,
+    )
 
 
-def _anatomy_volume(rng: Rng, grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
-                    ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+def _anatomy_volume(
+    rng: Rng, grid: _Grid, anat: _Anatomy, shape: tuple[int, int, int]
+) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
     """HU volume without nodules, and the lung cavity mask."""
     y = grid.y.astype(np.float32)[:, None]
     x = grid.x.astype(np.float32)[None, :]
@@ -547,8 +630,8 @@ def _anatomy_volume(rng: Rng, grid: _Grid, anat: _Anatomy, shape: tuple[int, int
     if anat.dome is not None:
         dx, dz, dr, dy = anat.dome
         zz, yy, xx = grid.points((slice(None), slice(None), slice(None)))
-        in_dome = ((xx - dx) ** 2 + (yy - dy) ** 2 * 0.7 + (zz - dz) ** 2 < dr ** 2)
-        in_dome &= (np.sqrt((xx / anat.body_a) ** 2 + (yy / anat.body_b) ** 2) < 0.9)
+        in_dome = (xx - dx) ** 2 + (yy - dy) ** 2 * 0.7 + (zz - dz) ** 2 < dr**2
+        in_dome &= np.sqrt((xx / anat.body_a) ** 2 + (yy / anat.body_b) ** 2) < 0.9
         hu[in_dome] = 60.0
     tex = _lung_texture(rng, shape, grid.spacing, grid.y, anat)
     _draw_vessels(rng, anat)
@@ -617,10 +700,12 @@ def write_dicom_series(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stored = (np.clip(np.rint(np.asarray(volume_hu, dtype=np.float32)), -2048, 3071)
-              + 1024).astype(np.int16)
-    base = _series_dataset(seed, spacing_mm, stored.shape, patient_id, patient_name, study_uid,
-                           series_number)
+    stored = (np.clip(np.rint(np.asarray(volume_hu, dtype=np.float32)), -2048, 3071) + 1024).astype(
+        np.int16
+    )
+    base = _series_dataset(
+        seed, spacing_mm, stored.shape, patient_id, patient_name, study_uid, series_number
+    )
     paths = []
     for k in range(stored.shape[0]):
         ds = _slice_dataset(base, k, stored[k], spacing_mm, origin_mm, seed, series_number)
@@ -635,9 +720,15 @@ def write_dicom_series(
     return paths
 
 
-def _series_dataset(seed: int, spacing_mm: tuple[float, float, float], shape: tuple[int, ...],
-                    patient_id: str | None, patient_name: str | None, study_uid: str | None,
-                    series_number: int) -> Dataset:
+def _series_dataset(
+    seed: int,
+    spacing_mm: tuple[float, float, float],
+    shape: tuple[int, ...],
+    patient_id: str | None,
+    patient_name: str | None,
+    study_uid: str | None,
+    series_number: int,
+) -> Dataset:
     rng = np.random.default_rng(seed)
     birth = _dt.date(1940, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 45)))
     ds = Dataset()
@@ -685,9 +776,15 @@ def _series_dataset(seed: int, spacing_mm: tuple[float, float, float], shape: tu
     return ds
 
 
-def _slice_dataset(base: Dataset, k: int, pixels: npt.NDArray[np.int16],
-                   spacing_mm: tuple[float, float, float], origin_mm: tuple[float, float, float],
-                   seed: int, series_number: int) -> Dataset:
+def _slice_dataset(
+    base: Dataset,
+    k: int,
+    pixels: npt.NDArray[np.int16],
+    spacing_mm: tuple[float, float, float],
+    origin_mm: tuple[float, float, float],
+    seed: int,
+    series_number: int,
+) -> Dataset:
     from copy import deepcopy
 
     ds = deepcopy(base)

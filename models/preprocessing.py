@@ -83,8 +83,9 @@ def resample_to_iso(
         the original voxel 0 along each axis.
     """
     out = np.asarray(volume, dtype=np.float32)
-    for axis, (n_new, sp) in enumerate(zip(iso_shape(out.shape, spacing_mm), spacing_mm,
-                                           strict=True)):
+    for axis, (n_new, sp) in enumerate(
+        zip(iso_shape(out.shape, spacing_mm), spacing_mm, strict=True)
+    ):
         pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / sp
         if order == 0:
             idx = np.clip(np.rint(pos).astype(np.intp), 0, out.shape[axis] - 1)
@@ -145,8 +146,9 @@ def near_lung(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return np.asarray(dist <= LUNG_MARGIN_MM, dtype=bool)
 
 
-def crop_patch(volume: FloatArray, centre_vox: tuple[int, int, int], size: int,
-               fill: float = 0.0) -> FloatArray:
+def crop_patch(
+    volume: FloatArray, centre_vox: tuple[int, int, int], size: int, fill: float = 0.0
+) -> FloatArray:
     """Cut a cube of edge ``size`` centred on ``centre_vox``, padding outside with ``fill``."""
     out = np.full((size, size, size), fill, dtype=np.float32)
     lo = [c - size // 2 for c in centre_vox]

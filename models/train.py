@@ -76,14 +76,26 @@ def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> Volume:
     lung = lung_mask(iso_hu)
     labels = resample_to_iso(ph.labels, ph.spacing_mm, order=0).astype(np.uint8)
     o = ph.origin_mm
-    centres = np.array([[(n.centre_xyz_mm[2] - o[2]) / ISO_SPACING_MM,
-                         (n.centre_xyz_mm[1] - o[1]) / ISO_SPACING_MM,
-                         (n.centre_xyz_mm[0] - o[0]) / ISO_SPACING_MM] for n in ph.nodules])
-    return Volume(iso=normalise_hu(iso_hu).astype(np.float16), labels=labels,
-                  allowed=near_lung(lung), box=lung_box(lung),
-                  centres=centres.reshape(-1, 3),
-                  radii=np.array([n.diameter_mm / 2 / ISO_SPACING_MM for n in ph.nodules]),
-                  origin_mm=o, diameters_mm=[n.diameter_mm for n in ph.nodules])
+    centres = np.array(
+        [
+            [
+                (n.centre_xyz_mm[2] - o[2]) / ISO_SPACING_MM,
+                (n.centre_xyz_mm[1] - o[1]) / ISO_SPACING_MM,
+                (n.centre_xyz_mm[0] - o[0]) / ISO_SPACING_MM,
+            ]
+            for n in ph.nodules
+        ]
+    )
+    return Volume(
+        iso=normalise_hu(iso_hu).astype(np.float16),
+        labels=labels,
+        allowed=near_lung(lung),
+        box=lung_box(lung),
+        centres=centres.reshape(-1, 3),
+        radii=np.array([n.diameter_mm / 2 / ISO_SPACING_MM for n in ph.nodules]),
+        origin_mm=o,
+        diameters_mm=[n.diameter_mm for n in ph.nodules],
+    )
 
 
 def _log(msg: str) -> None:
@@ -99,18 +111,18 @@ def _crop2d(vol: npt.NDArray[np.floating[Any]], z: int, cy: int, cx: int, size: 
     y0, x0 = cy - size // 2, cx - size // 2
     ys = slice(max(0, y0), min(vol.shape[1], y0 + size))
     xs = slice(max(0, x0), min(vol.shape[2], x0 + size))
-    out[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = vol[idx][:, ys, xs]
+    out[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = vol[idx][:, ys, xs]
     return out
 
 
 def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray:
     """Gaussian centre heatmap for a crop (1 exactly at each nodule's nearest voxel)."""
-    yy, xx = np.mgrid[y0:y0 + size, x0:x0 + size].astype(np.float32)
+    yy, xx = np.mgrid[y0 : y0 + size, x0 : x0 + size].astype(np.float32)
     tgt = np.zeros((size, size), np.float32)
     for c, r in zip(v.centres, v.radii, strict=True):
         sigma = max(1.0, r / 3.0)
         d2 = (yy - c[1]) ** 2 + (xx - c[2]) ** 2 + (z - c[0]) ** 2
-        tgt = np.maximum(tgt, np.exp(-d2 / (2 * sigma ** 2)))
+        tgt = np.maximum(tgt, np.exp(-d2 / (2 * sigma**2)))
         if round(c[0]) == z:
             iy, ix = round(c[1]) - y0, round(c[2]) - x0
             if 0 <= iy < size and 0 <= ix < size:
@@ -118,8 +130,9 @@ def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray
     return tgt
 
 
-def stage1_batch(vols: list[Volume], rng: np.random.Generator, batch: int, size: int
-                 ) -> tuple[FloatArray, FloatArray]:
+def stage1_batch(
+    vols: list[Volume], rng: np.random.Generator, batch: int, size: int
+) -> tuple[FloatArray, FloatArray]:
     """Two thirds of the crops around nodules (mostly their centre slice), a third anywhere."""
     xs, ys = [], []
     with_nod = [v for v in vols if len(v.radii)]
@@ -168,8 +181,13 @@ def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
     return i, float(d[i])
 
 
-def stage2_patches(vols: list[Volume], cands: list[list[Candidate]], rng: np.random.Generator,
-                   jitter_per_nodule: int = 6, random_neg: int = 8) -> PatchSet:
+def stage2_patches(
+    vols: list[Volume],
+    cands: list[list[Candidate]],
+    rng: np.random.Generator,
+    jitter_per_nodule: int = 6,
+    random_neg: int = 8,
+) -> PatchSet:
     """Positives (jittered nodule centres and stage-1 hits) and negatives (stage-1 false
     positives and random lung points); ambiguous candidates (just outside a nodule) are left out.
     """
@@ -200,12 +218,12 @@ def stage2_patches(vols: list[Volume], cands: list[list[Candidate]], rng: np.ran
             p = pts[j] + [s.start for s in v.box]
             if _nearest(v, p)[1] > 2.0:
                 add(v, p.astype(np.float64), 0)
-    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms),
-                    y=np.asarray(ys, np.uint8))
+    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms), y=np.asarray(ys, np.uint8))
 
 
-def stage2_batch(ps: PatchSet, rng: np.random.Generator, batch: int
-                 ) -> tuple[FloatArray, FloatArray, FloatArray]:
+def stage2_batch(
+    ps: PatchSet, rng: np.random.Generator, batch: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Balanced batch with flips and in-plane transposes."""
     pos, neg = np.flatnonzero(ps.y == 1), np.flatnonzero(ps.y == 0)
     idx = np.concatenate([rng.choice(pos, batch // 2), rng.choice(neg, batch - batch // 2)])
@@ -219,8 +237,11 @@ def stage2_batch(ps: PatchSet, rng: np.random.Generator, batch: int
             x, m = x.transpose(0, 2, 1), m.transpose(0, 2, 1)
         xs.append(np.ascontiguousarray(x) * rng.uniform(0.95, 1.05))
         ms.append(np.ascontiguousarray(m))
-    return (np.stack(xs)[:, None].astype(np.float32), np.stack(ms)[:, None].astype(np.float32),
-            ps.y[idx].astype(np.float32)[:, None])
+    return (
+        np.stack(xs)[:, None].astype(np.float32),
+        np.stack(ms)[:, None].astype(np.float32),
+        ps.y[idx].astype(np.float32)[:, None],
+    )
 
 
 # --------------------------------------------------------------------------- torch
@@ -244,7 +265,7 @@ def focal_loss(logits: Any, target: Any) -> Any:
     logp, log1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
     p = logp.exp()
     pos_loss = -(logp * (1 - p) ** 2 * pos).sum()
-    neg_loss = -(log1mp * p ** 2 * (1 - target) ** 4 * (1 - pos)).sum()
+    neg_loss = -(log1mp * p**2 * (1 - target) ** 4 * (1 - pos)).sum()
     return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
 
 
@@ -253,8 +274,9 @@ def _iterate(n: int, every: int) -> Iterator[tuple[int, bool]]:
         yield i, (i + 1) % every == 0 or i == n - 1
 
 
-def train_stage1(vols: list[Volume], iters: int, seed: int, threads: int, batch: int = 16,
-                 size: int = 96) -> Any:
+def train_stage1(
+    vols: list[Volume], iters: int, seed: int, threads: int, batch: int = 16, size: int = 96
+) -> Any:
     """Train :class:`~models.nets.ScreenNet`; returns the model in eval mode."""
     torch, device = _torch_setup(threads, seed)
     from models.nets import ScreenNet
@@ -303,8 +325,11 @@ def train_stage2(ps: PatchSet, iters: int, seed: int, threads: int, batch: int =
         prob = torch.sigmoid(mask)
         inter = (prob * m).sum(dim=(1, 2, 3, 4))
         dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3, 4)) + m.sum(dim=(1, 2, 3, 4)) + 1)
-        loss = (F.binary_cross_entropy_with_logits(logit, y)
-                + F.binary_cross_entropy_with_logits(mask, m) * 10 + dice[y[:, 0] > 0].mean())
+        loss = (
+            F.binary_cross_entropy_with_logits(logit, y)
+            + F.binary_cross_entropy_with_logits(mask, m) * 10
+            + dice[y[:, 0] > 0].mean()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -338,8 +363,10 @@ def torch_predict2(net: Any) -> Any:
     def run(x: FloatArray) -> tuple[FloatArray, FloatArray]:
         with torch.no_grad():
             logit, mask = net(torch.from_numpy(x).to(device))
-        return (torch.sigmoid(logit).cpu().numpy().astype(np.float32),
-                torch.sigmoid(mask).cpu().numpy().astype(np.float32))
+        return (
+            torch.sigmoid(logit).cpu().numpy().astype(np.float32),
+            torch.sigmoid(mask).cpu().numpy().astype(np.float32),
+        )
 
     return run
 
@@ -358,8 +385,7 @@ def best_candidate_scores(vols: list[Volume], cands: list[list[Candidate]]) -> l
 
 
 def choose_stage1_threshold(scores: list[float], floor: float) -> float:
-    """Threshold keeping at least 99 % of nodules found at ``floor`` (with a 0.7 safety factor).
-    """
+    """Threshold keeping at least 99 % of nodules found at ``floor`` (with a 0.7 safety factor)."""
     found = np.sort([s for s in scores if s > 0])
     if not len(found):
         return floor
@@ -370,18 +396,26 @@ def choose_stage1_threshold(scores: list[float], floor: float) -> float:
 def screen_all(net: Any, vols: list[Volume], threshold: float) -> list[list[Candidate]]:
     """Stage-1 candidates of every volume."""
     pred = torch_predict1(net)
-    return [extract_candidates(screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed,
-                               threshold) for v in vols]
+    return [
+        extract_candidates(
+            screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed, threshold
+        )
+        for v in vols
+    ]
 
 
 def _world(v: Volume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     o = v.origin_mm
-    return (float(o[0] + c[2] * ISO_SPACING_MM), float(o[1] + c[1] * ISO_SPACING_MM),
-            float(o[2] + c[0] * ISO_SPACING_MM))
+    return (
+        float(o[0] + c[2] * ISO_SPACING_MM),
+        float(o[1] + c[1] * ISO_SPACING_MM),
+        float(o[2] + c[0] * ISO_SPACING_MM),
+    )
 
 
-def choose_operating_threshold(vols: list[Volume], cands: list[list[Candidate]], net2: Any,
-                               target_fps: float) -> tuple[float, dict[str, Any]]:
+def choose_operating_threshold(
+    vols: list[Volume], cands: list[list[Candidate]], net2: Any, target_fps: float
+) -> tuple[float, dict[str, Any]]:
     """Lowest stage-2 threshold (>= 0.5) with at most ``target_fps`` FPs/scan on validation."""
     from models.evaluation import Detection, Reference, ScanCase, fps_per_scan, froc
 
@@ -397,9 +431,11 @@ def choose_operating_threshold(vols: list[Volume], cands: list[list[Candidate]],
         thr = float(t)
         if fps_per_scan(cases, thr) <= target_fps:
             break
-    return thr, {"val_cpm": res.cpm, "val_sensitivities": {str(k): v for k, v in
-                                                           res.sensitivities_at.items()},
-                 "val_fps_per_scan_at_threshold": fps_per_scan(cases, thr)}
+    return thr, {
+        "val_cpm": res.cpm,
+        "val_sensitivities": {str(k): v for k, v in res.sensitivities_at.items()},
+        "val_fps_per_scan_at_threshold": fps_per_scan(cases, thr),
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -411,8 +447,17 @@ def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) ->
 
     v = vols[0]
     z = (v.box[0].start + v.box[0].stop) // 2
-    x1 = np.stack([np.pad(_crop2d(v.iso.astype(np.float32), z + k, v.iso.shape[1] // 2,
-                                  v.iso.shape[2] // 2, 128), 0) for k in (-2, 0, 2)])
+    x1 = np.stack(
+        [
+            np.pad(
+                _crop2d(
+                    v.iso.astype(np.float32), z + k, v.iso.shape[1] // 2, v.iso.shape[2] // 2, 128
+                ),
+                0,
+            )
+            for k in (-2, 0, 2)
+        ]
+    )
     ref1 = torch_predict1(net1.eval())(x1)
     got1 = ort.InferenceSession(str(p1)).run(None, {"slices": x1})[0]
     ctr: list[tuple[int, int, int]] = [(z, 64, 64)]
@@ -421,8 +466,10 @@ def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) ->
     x2 = np.stack([crop_patch(v.iso.astype(np.float32), c, STAGE2_PATCH)[None] for c in ctr * 2])
     ref2 = torch_predict2(net2.eval())(x2)
     got2 = ort.InferenceSession(str(p2)).run(None, {"patch": x2})
-    return {"stage1": float(np.abs(got1 - ref1).max()),
-            "stage2": float(max(np.abs(got2[0] - ref2[0]).max(), np.abs(got2[1] - ref2[1]).max()))}
+    return {
+        "stage1": float(np.abs(got1 - ref1).max()),
+        "stage2": float(max(np.abs(got2[0] - ref2[0]).max(), np.abs(got2[1] - ref2[1]).max())),
+    }
 
 
 def _prepare_all(seeds: list[int], n_nodules: tuple[int, int] | None) -> list[Volume]:
@@ -447,8 +494,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     net1 = train_stage1(train, args.s1_iters, args.seed, args.threads)
     c_train = screen_all(net1, train, args.s1_floor)
     c_val = screen_all(net1, val, args.s1_floor)
-    t1 = choose_stage1_threshold(best_candidate_scores(train + val, c_train + c_val),
-                                 args.s1_floor)
+    t1 = choose_stage1_threshold(best_candidate_scores(train + val, c_train + c_val), args.s1_floor)
     c_train = [[c for c in cs if c.score >= t1] for cs in c_train]
     c_val = [[c for c in cs if c.score >= t1] for cs in c_val]
     recall = np.mean([s >= t1 for s in best_candidate_scores(val, c_val)])
@@ -460,12 +506,17 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     _log(f"operating threshold {t2:.3f}: {val_info}")
     training = {
         "command": "python -m models.train " + " ".join(sys.argv[1:]),
-        "seed": args.seed, "n_train_phantoms": args.n_train, "n_val_phantoms": args.n_val,
-        "stage1_iterations": args.s1_iters, "stage2_iterations": args.s2_iters,
-        "threads": args.threads, "wall_s": None,
+        "seed": args.seed,
+        "n_train_phantoms": args.n_train,
+        "n_val_phantoms": args.n_val,
+        "stage1_iterations": args.s1_iters,
+        "stage2_iterations": args.s2_iters,
+        "threads": args.threads,
+        "wall_s": None,
         "train_seeds": f"{args.seed * 100000 + TRAIN_OFFSET}..+{args.n_train - 1}",
         "val_seeds": f"{args.seed * 100000 + VAL_OFFSET}..+{args.n_val - 1}",
-        "stage1_val_recall": float(recall), **val_info,
+        "stage1_val_recall": float(recall),
+        **val_info,
     }
     p1, p2 = out / "stage1_screen.onnx", out / "stage2_refine.onnx"
     ex.export_stage1(net1.cpu(), p1)

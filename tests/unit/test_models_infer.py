@@ -119,13 +119,14 @@ def test_recentring_on_the_mask_recovers_a_large_nodule_cut_by_the_patch_border(
 
     iso = np.zeros((64, 64, 64), np.float32)
     zz, yy, xx = np.mgrid[:64, :64, :64]
-    iso[((zz - 32) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2) <= 12 ** 2] = 1.0  # 30 mm sphere
+    iso[((zz - 32) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2) <= 12**2] = 1.0  # 30 mm sphere
 
     def fake(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.full((len(x), 1), 0.9, np.float32), (x > 0.5).astype(np.float32)
 
-    first = refine_candidates(iso, [Candidate((32, 44, 44), 0.5)], fake, (0.0, 0.0, 0.0),
-                              max_offset=1.0)
+    first = refine_candidates(
+        iso, [Candidate((32, 44, 44), 0.5)], fake, (0.0, 0.0, 0.0), max_offset=1.0
+    )
     assert first[0].equivalent_diameter_mm < 27.0  # cut by the patch border
     again = recentre_findings(iso, first, fake, (0.0, 0.0, 0.0))
     assert again[0].centre_xyz_mm == pytest.approx((40.0, 40.0, 40.0), abs=0.7)

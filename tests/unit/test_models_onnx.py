@@ -41,7 +41,8 @@ def test_stage1_onnxruntime_matches_torch_within_tolerance(tmp_path: Path) -> No
     with torch.no_grad():
         ref = torch.sigmoid(net(torch.from_numpy(x))).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {"slices": x})[0]
+        None, {"slices": x}
+    )[0]
     diff = float(np.abs(got - ref).max())
     print(f"stage 1 largest |onnxruntime - torch| = {diff:.3e} (tolerance {TOLERANCE:g})")
     assert got.shape == (3, 1, 80, 112)
@@ -65,7 +66,8 @@ def test_stage2_onnxruntime_matches_torch_within_tolerance(tmp_path: Path) -> No
         logit, mask = net(torch.from_numpy(x))
     p_ref, m_ref = torch.sigmoid(logit).numpy(), torch.sigmoid(mask).numpy()
     p, m = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {"patch": x})
+        None, {"patch": x}
+    )
     diff = max(float(np.abs(p - p_ref).max()), float(np.abs(m - m_ref).max()))
     print(f"stage 2 largest |onnxruntime - torch| = {diff:.3e} (tolerance {TOLERANCE:g})")
     assert p.shape == (5, 1) and m.shape == (5, 1, 32, 32, 32)
