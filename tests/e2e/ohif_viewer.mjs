@@ -110,22 +110,40 @@ async function seg(page) {
   return { segments, target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
 }
 
-// Under load OHIF can swallow a double-click on a thumbnail: open again until it shows.
-async function openUntil(page, modality, selector) {
+// Open the SR and show the image its outline is on. OHIF usually jumps there itself; sometimes
+// (seen in CI) the SR viewport keeps the previous slice, or a double-click is swallowed under
+// load: then open again and step through the slices around the nodule, as a user would.
+async function openSr(page, nearIndex) {
+  const selector = "svg.svg-layer polyline";
   const deadline = Date.now() + TIMEOUT;
   for (;;) {
-    await openSeries(page, modality);
-    try {
-      await page.waitForSelector(selector, { state: "attached", timeout: 20000 });
-      return;
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
+    await openSeries(page, "SR");
+    if (await shows(page, selector, 10000)) return;
+    for (let step = 0; step <= 8; step += 1) {
+      for (const index of new Set([nearIndex - step, nearIndex + step])) {
+        await page.evaluate((i) => {
+          const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+          if (vp && i >= 0 && i < vp.getImageIds().length) return vp.setImageIdIndex(i);
+          return null;
+        }, index);
+        if (await shows(page, selector, 1500)) return;
+      }
     }
+    if (Date.now() > deadline) throw new Error("OHIF did not draw the SR outline near the nodule");
   }
 }
 
-async function sr(page) {
-  await openUntil(page, "SR", "svg.svg-layer polyline");
+async function shows(page, selector, timeout) {
+  try {
+    await page.waitForSelector(selector, { state: "attached", timeout });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function sr(page, nearIndex) {
+  await openSr(page, nearIndex);
   await page.waitForFunction(() => /mm/.test(document.querySelector("svg.svg-layer text")?.textContent || ""), null, { timeout: TIMEOUT });
   await noToasts(page);
   const on = await stableScreenshot(page, `${out}/sr-on.png`);
@@ -164,7 +182,7 @@ async function main() {
     result.viewerReadySeconds = (Date.now() - started) / 1000;
     result.seg = await seg(page);
     result.segSeconds = (Date.now() - started) / 1000;
-    result.sr = await sr(page);
+    result.sr = await sr(page, result.seg.target.index);
     result.totalSeconds = (Date.now() - started) / 1000;
   } catch (error) {
     result.error = String(error && error.stack ? error.stack : error);
