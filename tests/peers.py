@@ -157,6 +157,13 @@ class Orthanc:
         process, self._process = self._process, None
         stop_process(process, timeout)
 
+    def crash(self) -> None:
+        """SIGKILL Orthanc (by its pid), as a PACS that goes away mid-transfer would."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
     def __enter__(self) -> Orthanc:
         return self.start()
 

@@ -92,7 +92,8 @@ def _stop_during_delivery(
 
     def stop_midway() -> None:
         wait_for(lambda: _instances(orthanc) >= 5, timeout=60, interval=0.05)
-        orthanc.stop()
+        # Killed, not asked to stop: a graceful stop may finish the association first.
+        orthanc.crash()
         stopped.set()
 
     stopper = threading.Thread(target=stop_midway)
@@ -107,7 +108,7 @@ def _stop_during_delivery(
             rows = session.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
         return any(r.attempts >= 2 and r.state == DeliveryState.PENDING for r in rows)
 
-    wait_for(retried, timeout=60)
+    wait_for(retried, timeout=120)  # a cut association may wait out the DIMSE timeout (30 s)
     assert _job_state(node, job_id) == JobState.DELIVERING
     orthanc.start()
     wait_for(lambda: _job_state(node, job_id) == JobState.DONE, timeout=120, interval=0.3)
