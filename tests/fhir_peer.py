@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers import free_port, log_tail, stop_process
+from tests.helpers import free_port, log_tail, stop_process, wait_until_ready
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
 NODE = os.environ.get("NODULEAI_TEST_NODE", "node")
@@ -98,23 +97,11 @@ class FhirServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last: object = "no answer"
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise FhirServerError(
-                    f"FHIR server exited with {self._process.returncode}\n{self.log()}"
-                )
-            try:
-                response = httpx.get(f"{self.url}/metadata", timeout=2.0)
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                last = exc
-            time.sleep(0.1)
-        raise FhirServerError(
-            f"FHIR server not ready within {self.startup_timeout} s ({last!r})\n{self.log()}"
+        wait_until_ready(
+            self._process,
+            lambda: httpx.get(f"{self.url}/metadata", timeout=2.0).status_code,
+            self.startup_timeout,
+            lambda why: FhirServerError(f"FHIR server {why}\n{self.log()}"),
         )
 
     def stop(self, timeout: float = 10.0) -> None:

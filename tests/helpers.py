@@ -57,6 +57,31 @@ def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -
         process.wait(timeout=timeout)
 
 
+def wait_until_ready(
+    process: subprocess.Popen[Any] | None,
+    probe: Callable[[], int],
+    timeout: float,
+    describe: Callable[[str], Exception],
+) -> None:
+    """Poll ``probe`` (an HTTP status) until 200 while ``process`` runs; raise ``describe(why)``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last: object = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise describe(f"exited with {process.returncode} at start")
+        try:
+            status = probe()
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise describe(f"not ready within {timeout} s ({last!r})")
+
+
 def log_tail(path: Path, tail: int, missing: str) -> str:
     """The last ``tail`` lines of a server's log file."""
     try:

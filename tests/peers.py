@@ -12,13 +12,12 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers import free_port, log_tail, stop_process
+from tests.helpers import free_port, log_tail, stop_process, wait_until_ready
 
 ORTHANC_BINARY = os.environ.get("NODULEAI_TEST_ORTHANC", "Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -130,23 +129,11 @@ class Orthanc:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last: Exception | str = "no answer"
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise OrthancError(
-                    f"Orthanc exited with {self._process.returncode} at start\n{self.log()}"
-                )
-            try:
-                response = self.client.get("/system", timeout=2.0)
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise OrthancError(
-            f"Orthanc not ready within {self.startup_timeout} s ({last!r})\n{self.log()}"
+        wait_until_ready(
+            self._process,
+            lambda: self.client.get("/system", timeout=2.0).status_code,
+            self.startup_timeout,
+            lambda why: OrthancError(f"Orthanc {why}\n{self.log()}"),
         )
 
     def stop(self, timeout: float = 10.0) -> None:
