@@ -2,7 +2,7 @@
 
 One command does all of it, deterministically from ``--seed``::
 
-    python -m models.train all --seed 0 --out models/weights --threads 1
+    python -m models.train all --seed 0 --out models/weights --threads 2
 
 Seeds: training phantoms ``seed*100000 + 10000 + i``, validation phantoms
 ``seed*100000 + 20000 + i`` (the held-out evaluation in :mod:`models.evaluate` uses
@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
 from models.infer import (
+    MAX_CANDIDATES,
     Candidate,
     extract_candidates,
     lung_box,
@@ -46,6 +48,14 @@ from models.preprocessing import (
     normalise_hu,
     resample_to_iso,
 )
+from models.realdata import (
+    RealCase,
+    lidc_cases,
+    load_case,
+    luna16_cases,
+    sphere_labels,
+    split_cases,
+)
 
 TRAIN_OFFSET, VAL_OFFSET, TEST_OFFSET = 10000, 20000, 50000
 
@@ -62,6 +72,9 @@ class Volume:
     radii: npt.NDArray[np.float64]
     origin_mm: tuple[float, float, float]
     diameters_mm: list[float]
+    hard: npt.NDArray[np.int32]
+    """Stage-1 hard-negative voxels ``(K, 3)``: dense lung structures (vessels, airway walls,
+    pleura) away from every nodule, later joined by the screen's own false positives."""
 
 
 def phantom_seeds(seed: int, offset: int, n: int) -> list[int]:
@@ -69,21 +82,53 @@ def phantom_seeds(seed: int, offset: int, n: int) -> list[int]:
     return [seed * 100000 + offset + i for i in range(n)]
 
 
+HARD_NEGATIVE_HU = -500.0
+"""Lung voxels denser than this (vessels, airway walls, pleura) are stage-1 hard negatives."""
+
+HARD_NEGATIVE_GAP_VOX = 3.0
+"""Hard negatives lie at least this far (isotropic voxels) outside every nodule."""
+
+
 def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> Volume:
     """Make phantom ``seed`` and bring it to the isotropic grid with its targets."""
     ph = make_phantom(seed, n_nodules=n_nodules)
-    iso_hu = resample_to_iso(ph.volume_hu, ph.spacing_mm)
+    nodules = [(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
+    return to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
+
+
+def prepare_real(case: RealCase, seed: int) -> Volume:
+    """Load a real annotated scan (LUNA16 / LIDC-IDRI) as a training :class:`Volume`."""
+    ct, nodules = load_case(case)
+    labels = sphere_labels(ct.volume_hu.shape, ct.spacing_mm, ct.origin_mm, nodules)
+    return to_volume(ct.volume_hu, ct.spacing_mm, ct.origin_mm, labels, nodules, seed)
+
+
+def to_volume(
+    volume_hu: npt.NDArray[np.generic],
+    spacing_mm: tuple[float, float, float],
+    origin_mm: tuple[float, float, float],
+    labels_native: npt.NDArray[np.generic],
+    nodules: list[tuple[tuple[float, float, float], float]],
+    seed: int,
+) -> Volume:
+    """Bring a HU volume, its nodule label volume and its nodules (LPS centre mm, diameter mm)
+    to the isotropic grid with the training targets; ``seed`` picks the hard negatives."""
+    iso_hu = resample_to_iso(volume_hu, spacing_mm)
     lung = lung_mask(iso_hu)
-    labels = resample_to_iso(ph.labels, ph.spacing_mm, order=0).astype(np.uint8)
-    o = ph.origin_mm
+    labels = resample_to_iso(labels_native, spacing_mm, order=0).astype(np.uint8)
+    dense = lung & (iso_hu > HARD_NEGATIVE_HU)
+    dense &= ndimage.distance_transform_edt(labels == 0) > HARD_NEGATIVE_GAP_VOX
+    pts = np.argwhere(dense)
+    pick = np.random.default_rng(seed).choice(len(pts), min(len(pts), 4000), replace=False)
+    o = origin_mm
     centres = np.array(
         [
             [
-                (n.centre_xyz_mm[2] - o[2]) / ISO_SPACING_MM,
-                (n.centre_xyz_mm[1] - o[1]) / ISO_SPACING_MM,
-                (n.centre_xyz_mm[0] - o[0]) / ISO_SPACING_MM,
+                (c[2] - o[2]) / ISO_SPACING_MM,
+                (c[1] - o[1]) / ISO_SPACING_MM,
+                (c[0] - o[0]) / ISO_SPACING_MM,
             ]
-            for n in ph.nodules
+            for c, _ in nodules
         ]
     )
     return Volume(
@@ -92,9 +137,10 @@ def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> Volume:
         allowed=near_lung(lung),
         box=lung_box(lung),
         centres=centres.reshape(-1, 3),
-        radii=np.array([n.diameter_mm / 2 / ISO_SPACING_MM for n in ph.nodules]),
+        radii=np.array([d / 2 / ISO_SPACING_MM for _, d in nodules]),
         origin_mm=o,
-        diameters_mm=[n.diameter_mm for n in ph.nodules],
+        diameters_mm=[d for _, d in nodules],
+        hard=pts[np.sort(pick)].astype(np.int32),
     )
 
 
@@ -133,17 +179,27 @@ def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray
 def stage1_batch(
     vols: list[Volume], rng: np.random.Generator, batch: int, size: int
 ) -> tuple[FloatArray, FloatArray]:
-    """Two thirds of the crops around nodules (mostly their centre slice), a third anywhere."""
+    """Half the crops around nodules (mostly their centre slice; small nodules drawn more
+    often), a quarter centred on hard negatives, a quarter anywhere in the lungs' box."""
     xs, ys = [], []
-    with_nod = [v for v in vols if len(v.radii)]
+    nodules = [(v, k) for v in vols for k in range(len(v.radii))]
+    weights = np.array([v.diameters_mm[k] ** -0.5 for v, k in nodules])
+    weights /= weights.sum()
     for i in range(batch):
-        if i % 3 != 2 and with_nod:
-            v = with_nod[int(rng.integers(len(with_nod)))]
-            k = int(rng.integers(len(v.radii)))
+        kind = i % 4
+        if kind in (0, 1) and nodules:
+            v, k = nodules[int(rng.choice(len(nodules), p=weights))]
             c = v.centres[k]
             z = round(c[0]) + int(rng.integers(-2, 3)) * int(rng.random() < 0.4)
             cy = int(c[1] + rng.integers(-size // 3, size // 3 + 1))
             cx = int(c[2] + rng.integers(-size // 3, size // 3 + 1))
+        elif kind == 2 and any(len(v.hard) for v in vols):
+            v = vols[int(rng.integers(len(vols)))]
+            while not len(v.hard):
+                v = vols[int(rng.integers(len(vols)))]
+            z, cy, cx = (int(a) for a in v.hard[int(rng.integers(len(v.hard)))])
+            cy += int(rng.integers(-size // 4, size // 4 + 1))
+            cx += int(rng.integers(-size // 4, size // 4 + 1))
         else:
             v = vols[int(rng.integers(len(vols)))]
             z = int(rng.integers(v.box[0].start, v.box[0].stop))
@@ -159,6 +215,24 @@ def stage1_batch(
         xs.append(np.ascontiguousarray(x) * rng.uniform(0.95, 1.05))
         ys.append(np.ascontiguousarray(t)[None])
     return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32)
+
+
+def mine_false_positives(net: Any, vols: list[Volume], per_volume: int = 200) -> int:
+    """Add the screen's strongest peaks outside every nodule to each volume's hard negatives.
+
+    Returns how many were added in all.
+    """
+    added = 0
+    for v, cs in zip(vols, screen_all(net, vols, 0.05, max_candidates=per_volume), strict=True):
+        fps = [
+            c.voxel
+            for c in cs
+            if _nearest(v, np.array(c.voxel, np.float64))[1] > HARD_NEGATIVE_GAP_VOX
+        ]
+        if fps:
+            v.hard = np.concatenate([v.hard, np.array(fps, np.int32)])
+            added += len(fps)
+    return added
 
 
 # --------------------------------------------------------------------------- stage 2 data
@@ -275,9 +349,19 @@ def _iterate(n: int, every: int) -> Iterator[tuple[int, bool]]:
 
 
 def train_stage1(
-    vols: list[Volume], iters: int, seed: int, threads: int, batch: int = 16, size: int = 96
+    vols: list[Volume],
+    iters: int,
+    seed: int,
+    threads: int,
+    batch: int = 16,
+    size: int = 96,
+    mine_at: float = 0.4,
 ) -> Any:
-    """Train :class:`~models.nets.ScreenNet`; returns the model in eval mode."""
+    """Train :class:`~models.nets.ScreenNet`; returns the model in eval mode.
+
+    After ``mine_at`` of the iterations the net screens the training volumes and its false
+    positives join the hard negatives for the rest of the training.
+    """
     torch, device = _torch_setup(threads, seed)
     from models.nets import ScreenNet
 
@@ -289,6 +373,10 @@ def train_stage1(
     net.train()
     run = 0.0
     for i, show in _iterate(iters, 100):
+        if i == int(mine_at * iters) and i:
+            added = mine_false_positives(net.eval(), vols)
+            net.train()
+            _log(f"stage1 iter {i}: {added} mined false positives added to the hard negatives")
         x, t = stage1_batch(vols, rng, batch, size)
         with torch.autocast(device.type, enabled=amp):
             out = net(torch.from_numpy(x).to(device))
@@ -297,7 +385,7 @@ def train_stage1(
         loss.backward()
         opt.step()
         sched.step()
-        run = 0.95 * run + 0.05 * float(loss) if i else float(loss)
+        run = 0.95 * run + 0.05 * loss.item() if i else loss.item()
         if show:
             _log(f"stage1 iter {i + 1}/{iters} loss {run:.3f}")
     return net.eval()
@@ -334,7 +422,7 @@ def train_stage2(ps: PatchSet, iters: int, seed: int, threads: int, batch: int =
         loss.backward()
         opt.step()
         sched.step()
-        run = 0.95 * run + 0.05 * float(loss) if i else float(loss)
+        run = 0.95 * run + 0.05 * loss.item() if i else loss.item()
         if show:
             _log(f"stage2 iter {i + 1}/{iters} loss {run:.3f}")
     return net.eval()
@@ -393,12 +481,17 @@ def choose_stage1_threshold(scores: list[float], floor: float) -> float:
     return float(max(floor, min(0.5, 0.7 * q)))
 
 
-def screen_all(net: Any, vols: list[Volume], threshold: float) -> list[list[Candidate]]:
+def screen_all(
+    net: Any, vols: list[Volume], threshold: float, max_candidates: int = MAX_CANDIDATES
+) -> list[list[Candidate]]:
     """Stage-1 candidates of every volume."""
     pred = torch_predict1(net)
     return [
         extract_candidates(
-            screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed, threshold
+            screen_volume(v.iso.astype(np.float32), v.box, pred),
+            v.allowed,
+            threshold,
+            max_candidates,
         )
         for v in vols
     ]
@@ -472,13 +565,42 @@ def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) ->
     }
 
 
-def _prepare_all(seeds: list[int], n_nodules: tuple[int, int] | None) -> list[Volume]:
-    out = []
-    for i, s in enumerate(seeds):
-        out.append(prepare(s, n_nodules))
-        if (i + 1) % 10 == 0:
-            _log(f"prepared {i + 1}/{len(seeds)} phantoms")
+def _pool_map(fn: Any, jobs: list[tuple[Any, ...]], processes: int) -> list[Volume]:
+    """``fn(*job)`` for every job, in order, on ``processes`` worker processes."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        out: list[Volume] = pool.starmap(fn, jobs, chunksize=4)
+    _log(f"prepared {len(out)} volumes")
     return out
+
+
+def training_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], dict[str, Any]]:
+    """Training and validation volumes (phantoms, or real scans with ``--luna16``/``--lidc``)
+    and what the manifests record about them."""
+    if args.luna16 or args.lidc:
+        cases = luna16_cases(args.luna16) if args.luna16 else lidc_cases(args.lidc)
+        tr, va = split_cases(cases, args.n_train, args.n_val, args.seed)
+        train = _pool_map(prepare_real, [(c, args.seed) for c in tr], args.threads)
+        val = _pool_map(prepare_real, [(c, args.seed) for c in va], args.threads)
+        source = "luna16" if args.luna16 else "lidc-idri"
+        info = {
+            "data": f"{source}: {len(tr)} training and {len(va)} validation scans",
+            "train_scans": [Path(c.path).name for c in tr],
+            "val_scans": [Path(c.path).name for c in va],
+        }
+        return train, val, info
+    train_seeds = phantom_seeds(args.seed, TRAIN_OFFSET, args.n_train)
+    val_seeds = phantom_seeds(args.seed, VAL_OFFSET, args.n_val)
+    train = _pool_map(prepare, [(s, (1, 6)) for s in train_seeds], args.threads)
+    val = _pool_map(prepare, [(s, None) for s in val_seeds], args.threads)
+    info = {
+        "n_train_phantoms": args.n_train,
+        "n_val_phantoms": args.n_val,
+        "train_seeds": f"{train_seeds[0]}..+{args.n_train - 1}",
+        "val_seeds": f"{val_seeds[0]}..+{args.n_val - 1}",
+    }
+    return train, val, info
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -488,9 +610,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train = _prepare_all(phantom_seeds(args.seed, TRAIN_OFFSET, args.n_train), (1, 5))
-    val = _prepare_all(phantom_seeds(args.seed, VAL_OFFSET, args.n_val), None)
-    _log(f"data ready: {args.n_train} train, {args.n_val} val phantoms")
+    train, val, data_info = training_data(args)
+    _log(f"data ready: {len(train)} train, {len(val)} val volumes")
     net1 = train_stage1(train, args.s1_iters, args.seed, args.threads)
     c_train = screen_all(net1, train, args.s1_floor)
     c_val = screen_all(net1, val, args.s1_floor)
@@ -507,14 +628,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     training = {
         "command": "python -m models.train " + " ".join(sys.argv[1:]),
         "seed": args.seed,
-        "n_train_phantoms": args.n_train,
-        "n_val_phantoms": args.n_val,
+        **data_info,
         "stage1_iterations": args.s1_iters,
         "stage2_iterations": args.s2_iters,
         "threads": args.threads,
         "wall_s": None,
-        "train_seeds": f"{args.seed * 100000 + TRAIN_OFFSET}..+{args.n_train - 1}",
-        "val_seeds": f"{args.seed * 100000 + VAL_OFFSET}..+{args.n_val - 1}",
         "stage1_val_recall": float(recall),
         **val_info,
     }
@@ -535,13 +653,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("command", choices=["all"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="models/weights")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--n-train", type=int, default=60)
-    p.add_argument("--n-val", type=int, default=12)
-    p.add_argument("--s1-iters", type=int, default=2000)
-    p.add_argument("--s2-iters", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-train", type=int, default=120)
+    p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--s1-iters", type=int, default=6000)
+    p.add_argument("--s2-iters", type=int, default=3000)
     p.add_argument("--s1-floor", type=float, default=0.05)
     p.add_argument("--operating-fps", type=float, default=0.25)
+    real = p.add_mutually_exclusive_group()
+    real.add_argument(
+        "--luna16", metavar="DIR", help="train on LUNA16 (*.mhd + annotations.csv under DIR)"
+    )
+    real.add_argument(
+        "--lidc", metavar="DIR", help="train on LIDC-IDRI (series folders with reader XML)"
+    )
     return p.parse_args(argv)
 
 

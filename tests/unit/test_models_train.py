@@ -1,0 +1,129 @@
+"""Training data: hard negatives, real-data sources (LUNA16 / LIDC-IDRI) and the training
+command run end to end on a LUNA16-layout folder (tiny iteration counts; needs torch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.infer import NoduleDetector, sha256
+from models.phantom import make_phantom
+from models.preprocessing import ISO_SPACING_MM
+from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
+from models.train import HARD_NEGATIVE_GAP_VOX, prepare, prepare_real, stage1_batch
+
+SHAPE = (40, 160, 160)
+SPACING = (2.5, 1.6, 1.6)
+
+
+def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule() -> None:
+    v = prepare(10003, (2, 3))
+    assert len(v.hard) > 100
+    gaps = np.linalg.norm(v.hard[:, None, :] - v.centres[None], axis=2) - v.radii[None]
+    assert gaps.min() > HARD_NEGATIVE_GAP_VOX - 1.0
+    assert np.all(v.labels[tuple(v.hard.T)] == 0)
+    assert np.all(v.allowed[tuple(v.hard.T)])
+
+
+def test_stage1_batches_hold_nodule_crops_and_background() -> None:
+    v = prepare(10003, (2, 3))
+    x, t = stage1_batch([v], np.random.default_rng(0), 16, 96)
+    assert x.shape == (16, 5, 96, 96) and t.shape == (16, 1, 96, 96)
+    peaks = t.reshape(16, -1).max(axis=1)
+    assert np.all(peaks[[i for i in range(16) if i % 4 in (0, 1)]] > 0.1)
+
+
+def test_sphere_labels_draw_a_ball_of_the_annotated_diameter() -> None:
+    spacing, origin = (2.0, 0.8, 0.8), (-100.0, -100.0, -50.0)
+    labels = sphere_labels((50, 250, 250), spacing, origin, [((0.0, 0.0, 0.0), 20.0)])
+    vol = labels.sum() * np.prod(spacing)
+    assert vol == pytest.approx(4 / 3 * np.pi * 10**3, rel=0.05)
+    centre = np.argwhere(labels).mean(0)
+    assert centre == pytest.approx([25, 125, 125], abs=0.5)
+
+
+def test_split_is_seeded_disjoint_and_needs_two_scans() -> None:
+    cases = [RealCase("luna16", f"{i}.mhd") for i in range(10)]
+    tr, va = split_cases(cases, 100, 3, seed=0)
+    assert len(va) == 3 and len(tr) == 7 and not set(tr) & set(va)
+    assert split_cases(cases, 100, 3, seed=0) == (tr, va)
+    assert split_cases(cases, 100, 3, seed=1) != (tr, va)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_cases(cases[:1], 10, 1, seed=0)
+
+
+def _write_luna16(folder: Path, seeds: list[int]) -> dict[str, list[tuple[float, ...]]]:
+    """Phantoms as LUNA16 ``.mhd``/``.raw`` scans plus ``annotations.csv``."""
+    sub = folder / "subset0"
+    sub.mkdir(parents=True)
+    rows: dict[str, list[tuple[float, ...]]] = {}
+    for s in seeds:
+        ph = make_phantom(s, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
+        uid = f"1.2.826.0.1.{s}"
+        ph.volume_hu.astype(np.int16).tofile(sub / f"{uid}.raw")
+        dz, dy, dx = ph.spacing_mm
+        (sub / f"{uid}.mhd").write_text(
+            "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+            "TransformMatrix = 1 0 0 0 1 0 0 0 1\n"
+            f"Offset = {ph.origin_mm[0]} {ph.origin_mm[1]} {ph.origin_mm[2]}\n"
+            f"ElementSpacing = {dx} {dy} {dz}\n"
+            f"DimSize = {SHAPE[2]} {SHAPE[1]} {SHAPE[0]}\nElementType = MET_SHORT\n"
+            f"ElementDataFile = {uid}.raw\n"
+        )
+        rows[uid] = [(*n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
+    with open(folder / "annotations.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        for uid, nods in rows.items():
+            for n in nods:
+                w.writerow([uid, *n])
+    return rows
+
+
+def test_luna16_scan_becomes_a_training_volume_with_its_nodules(tmp_path: Path) -> None:
+    rows = _write_luna16(tmp_path, [31])
+    (case,) = luna16_cases(tmp_path)
+    v = prepare_real(case, seed=0)
+    ph = make_phantom(31, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
+    assert v.diameters_mm == [n[3] for n in rows[Path(case.path).stem]]
+    for c, n in zip(v.centres, ph.nodules, strict=True):
+        world = [v.origin_mm[a] + c[2 - a] * ISO_SPACING_MM for a in range(3)]
+        assert world == pytest.approx(n.centre_xyz_mm, abs=1e-6)
+        assert v.labels[tuple(np.rint(c).astype(int))] > 0
+
+
+def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from models.train import main
+
+    _write_luna16(tmp_path / "luna", [41, 42, 43])
+    out = tmp_path / "weights"
+    main(
+        ["all", "--luna16", str(tmp_path / "luna"), "--out", str(out), "--threads", "1"]
+        + ["--n-val", "1", "--s1-iters", "6", "--s2-iters", "4"]
+    )
+    m1 = json.loads((out / "stage1_screen.json").read_text())
+    m2 = json.loads((out / "stage2_refine.json").read_text())
+    assert m1["sha256"] == sha256(out / "stage1_screen.onnx")
+    assert m2["sha256"] == sha256(out / "stage2_refine.onnx")
+    assert m1["training"]["data"] == "luna16: 2 training and 1 validation scans"
+    assert len(m1["training"]["val_scans"]) == 1
+    ph = make_phantom(41, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
+    res = NoduleDetector(out, threads=1).detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
+    assert res.timings["stage1_s"] > 0
+
+
+def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
+    folder = shared_data / "lidc-idri-0001"
+    if not folder.exists():
+        pytest.skip("LIDC-IDRI-0001 not available")
+    (case,) = lidc_cases(folder)
+    v = prepare_real(case, seed=0)
+    assert len(v.diameters_mm) == 1 and v.diameters_mm[0] == pytest.approx(32.8, abs=1.0)
+    world = [v.origin_mm[a] + v.centres[0][2 - a] * ISO_SPACING_MM for a in range(3)]
+    assert world == pytest.approx([56.2, 86.2, -115.9], abs=1.0)
+    assert v.labels.sum() * ISO_SPACING_MM**3 > 0.3 * 4 / 3 * np.pi * 16.4**3
