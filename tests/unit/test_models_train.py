@@ -14,14 +14,19 @@ from models.infer import NoduleDetector, sha256
 from models.phantom import make_phantom
 from models.preprocessing import ISO_SPACING_MM
 from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
-from models.train import HARD_NEGATIVE_GAP_VOX, prepare, prepare_real, stage1_batch
+from models.train import HARD_NEGATIVE_GAP_VOX, Volume, prepare, prepare_real, stage1_batch
 
 SHAPE = (40, 160, 160)
 SPACING = (2.5, 1.6, 1.6)
 
 
-def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule() -> None:
-    v = prepare(10003, (2, 3))
+@pytest.fixture(scope="module")
+def volume() -> Volume:
+    return prepare(10003, (2, 3))
+
+
+def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule(volume: Volume) -> None:
+    v = volume
     assert len(v.hard) > 100
     gaps = np.linalg.norm(v.hard[:, None, :] - v.centres[None], axis=2) - v.radii[None]
     assert gaps.min() > HARD_NEGATIVE_GAP_VOX - 1.0
@@ -29,9 +34,8 @@ def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule() -> None:
     assert np.all(v.allowed[tuple(v.hard.T)])
 
 
-def test_stage1_batches_hold_nodule_crops_and_background() -> None:
-    v = prepare(10003, (2, 3))
-    x, t = stage1_batch([v], np.random.default_rng(0), 16, 96)
+def test_stage1_batches_hold_nodule_crops_and_background(volume: Volume) -> None:
+    x, t = stage1_batch([volume], np.random.default_rng(0), 16, 96)
     assert x.shape == (16, 5, 96, 96) and t.shape == (16, 1, 96, 96)
     peaks = t.reshape(16, -1).max(axis=1)
     assert np.all(peaks[[i for i in range(16) if i % 4 in (0, 1)]] > 0.1)
@@ -102,10 +106,8 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
 
     _write_luna16(tmp_path / "luna", [41, 42, 43])
     out = tmp_path / "weights"
-    main(
-        ["all", "--luna16", str(tmp_path / "luna"), "--out", str(out), "--threads", "1"]
-        + ["--n-val", "1", "--s1-iters", "6", "--s2-iters", "4"]
-    )
+    tiny = ["--threads", "1", "--n-val", "1", "--s1-iters", "6", "--s2-iters", "4"]
+    main(["all", "--luna16", str(tmp_path / "luna"), "--out", str(out), *tiny])
     m1 = json.loads((out / "stage1_screen.json").read_text())
     m2 = json.loads((out / "stage2_refine.json").read_text())
     assert m1["sha256"] == sha256(out / "stage1_screen.onnx")
