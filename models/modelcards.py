@@ -33,7 +33,9 @@ heart, optional diaphragm dome, lungs around -860 HU with texture, branching ves
 bronchi, and solid / part-solid / ground-glass nodules of 3-30 mm (round or irregular,
 parenchymal, juxta-pleural, juxta-vascular); pixel spacing 0.6-0.9 mm, slice thickness
 0.625-2.5 mm, scanner blur and noise. No real patient data was used for training; the same
-command trains on LUNA16/LIDC-IDRI volumes given `models.annotations` readers.
+command trains on LUNA16 or LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR`.
+Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
+from 40 % of its iterations on, its own false-positive peaks on the training phantoms.
 """
 
 
@@ -79,12 +81,15 @@ def _shortfalls(s: dict[str, Any] | None, m: dict[str, Any]) -> str:
         lines.append(
             f"- CPM {s['cpm']:.3f} is below the 0.85 target: small (3-10 mm) and "
             "juxta-vascular nodules are missed; the networks are small and were trained "
-            "for about 40 minutes on one CPU core."
+            f"for {m['training']['wall_s'] / 60:.0f} minutes on {m['training']['threads']} "
+            "CPU thread(s)."
         )
     if (s["stage1_recall"] or 0) < 0.98:
         lines.append(
             f"- Stage-1 recall {s['stage1_recall']:.3f} at its threshold is below the "
-            "98 % target: the 128-candidate cap and weak peaks on 3-5 mm nodules."
+            "98 % target: small juxta-vascular nodules get no peak of their own (the "
+            "strongest one sits on the vessel beside them) and some 3-5 mm peaks lie just "
+            "outside the nodule's radius."
         )
     lines.append(
         "- The operating threshold was chosen on validation phantoms with the plain "
