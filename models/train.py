@@ -183,7 +183,7 @@ def stage1_batch(
     often), a quarter centred on hard negatives, a quarter anywhere in the lungs' box."""
     xs, ys = [], []
     nodules = [(v, k) for v in vols for k in range(len(v.radii))]
-    weights = np.array([v.diameters_mm[k] ** -0.5 for v, k in nodules])
+    weights = np.array([1.0 / v.diameters_mm[k] for v, k in nodules])
     weights /= weights.sum()
     for i in range(batch):
         kind = i % 4
@@ -354,13 +354,13 @@ def train_stage1(
     seed: int,
     threads: int,
     batch: int = 16,
-    size: int = 96,
-    mine_at: float = 0.4,
+    size: int = 64,
+    mine_at: tuple[float, ...] = (0.3, 0.6),
 ) -> Any:
     """Train :class:`~models.nets.ScreenNet`; returns the model in eval mode.
 
-    After ``mine_at`` of the iterations the net screens the training volumes and its false
-    positives join the hard negatives for the rest of the training.
+    At each fraction ``mine_at`` of the iterations the net screens the training volumes and its
+    false positives join the hard negatives for the rest of the training.
     """
     torch, device = _torch_setup(threads, seed)
     from models.nets import ScreenNet
@@ -373,7 +373,7 @@ def train_stage1(
     net.train()
     run = 0.0
     for i, show in _iterate(iters, 100):
-        if i == int(mine_at * iters) and i:
+        if i in {int(f * iters) for f in mine_at} and i:
             added = mine_false_positives(net.eval(), vols)
             net.train()
             _log(f"stage1 iter {i}: {added} mined false positives added to the hard negatives")
@@ -656,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--s1-iters", type=int, default=6000)
+    p.add_argument("--s1-iters", type=int, default=12000)
     p.add_argument("--s2-iters", type=int, default=3000)
     p.add_argument("--s1-floor", type=float, default=0.05)
     p.add_argument("--operating-fps", type=float, default=0.25)
