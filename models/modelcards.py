@@ -35,7 +35,7 @@ parenchymal, juxta-pleural, juxta-vascular); pixel spacing 0.6-0.9 mm, slice thi
 0.625-2.5 mm, scanner blur and noise. No real patient data was used for training; the same
 command trains on LUNA16 or LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR`.
 Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
-from 40 % of its iterations on, its own false-positive peaks on the training phantoms.
+at 30 % and 60 % of its iterations, its own false-positive peaks on the training phantoms.
 """
 
 
