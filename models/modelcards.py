@@ -12,6 +12,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _data_line(t: dict[str, Any]) -> str:
+    if "data" in t:
+        return f"Trained on {t['data']} (listed in the manifest)."
+    return (
+        f"Training phantoms {t['train_seeds']}, validation phantoms {t['val_seeds']}; the "
+        "held-out evaluation uses other seeds."
+    )
+
+
+def _data_source(t: dict[str, Any]) -> str:
+    if "data" in t:
+        return f"These weights: {t['data']}, real CT."
+    return "These weights: synthetic phantoms only, no patient data."
+
+
 def _common(m: dict[str, Any]) -> str:
     t = m["training"]
     pre = m["preprocessing"]
@@ -20,20 +35,21 @@ def _common(m: dict[str, Any]) -> str:
 - ONNX: `models/weights/{m["file"]}` (opset {m["opset"]}, dynamic batch), sha256
   `{m["sha256"]}`; manifest `models/weights/{m["name"]}.json`.
 - Produced by: `{t["command"]}` (seed {t["seed"]}, {t["threads"]} thread(s), {t["wall_s"]} s
-  wall for both stages). Training phantoms {t["train_seeds"]}, validation phantoms
-  {t["val_seeds"]}; the held-out evaluation uses other seeds.
+  wall for both stages). {_data_line(t)}
 - Preprocessing: isotropic {pre["spacing_mm"][0]} mm voxels ({pre["resample"]}); HU window
   {pre["hu_window"]} scaled to [0, 1]; candidates within {pre["lung_margin_mm"]} mm of a
   threshold-based lung mask.
 
 ## Training data
 
-Synthetic chest CT phantoms only (`models.phantom`): body wall, ribs, spine, mediastinum,
+{_data_source(t)}
+
+Synthetic chest CT phantoms (`models.phantom`): body wall, ribs, spine, mediastinum,
 heart, optional diaphragm dome, lungs around -860 HU with texture, branching vessels with
 bronchi, and solid / part-solid / ground-glass nodules of 3-30 mm (round or irregular,
 parenchymal, juxta-pleural, juxta-vascular); pixel spacing 0.6-0.9 mm, slice thickness
-0.625-2.5 mm, scanner blur and noise. No real patient data was used for training; the same
-command trains on LUNA16 or LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR`.
+0.625-2.5 mm, scanner blur and noise, are the default; the same command trains on LUNA16 or
+LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR` (sphere masks of the annotated diameter).
 Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
 at 30 % and 60 % of its iterations, its own false-positive peaks on the training phantoms.
 """
@@ -142,7 +158,8 @@ Strongest findings below the operating point:
 
 
 def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any], out: Path) -> None:
-    """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out``."""
+    """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out`` (created if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
     s = result.get("synthetic_held_out")
     lidc = result.get("lidc_idri_0001")
     bench = result.get("benchmark", {})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from models.infer import NoduleDetector, sha256
+from models.modelcards import render_cards
 from models.phantom import make_phantom
 from models.preprocessing import ISO_SPACING_MM
 from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
@@ -117,6 +118,9 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     ph = make_phantom(41, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
     res = NoduleDetector(out, threads=1).detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     assert res.timings["stage1_s"] > 0
+    render_cards({}, m1, m2, tmp_path / "cards")
+    card = (tmp_path / "cards" / "stage1_screen.md").read_text()
+    assert "These weights: luna16: 2 training and 1 validation scans, real CT." in card
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
