@@ -298,16 +298,39 @@ def refine_candidates(
     ``max_offset`` is passed to :func:`make_finding` (training's threshold choice used 0.6;
     :meth:`NoduleDetector.detect` uses 1.0 and then :func:`recentre_findings`).
     """
-    out: list[Finding] = []
-    for i in range(0, len(candidates), batch):
-        chunk = candidates[i : i + batch]
-        x = np.stack([crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in chunk])
-        prob, mask = predict_flip_averaged(predict, x)
-        out.extend(
+    prob, mask = predict_patches(
+        iso_norm, candidates, lambda x: predict_flip_averaged(predict, x), batch
+    )
+    return merge_findings(
+        [
             make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
-            for c, p, m in zip(chunk, prob, mask, strict=True)
-        )
-    return merge_findings(out)
+            for c, p, m in zip(candidates, prob, mask, strict=True)
+        ]
+    )
+
+
+def predict_patches(
+    iso_norm: FloatArray, candidates: list[Candidate], predict: Predict2, batch: int = 16
+) -> tuple[FloatArray, FloatArray]:
+    """Stage 2 on the patch around every candidate, ``batch`` patches per call."""
+    if not candidates:
+        empty = np.zeros((0, 1), np.float32)
+        return empty, np.zeros((0, 1, STAGE2_PATCH, STAGE2_PATCH, STAGE2_PATCH), np.float32)
+    probs, masks = zip(
+        *(
+            predict(
+                np.stack(
+                    [
+                        crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None]
+                        for c in candidates[i : i + batch]
+                    ]
+                )
+            )
+            for i in range(0, len(candidates), batch)
+        ),
+        strict=True,
+    )
+    return np.concatenate(probs), np.concatenate(masks)
 
 
 def recentre_findings(
@@ -337,16 +360,7 @@ def recentre_findings(
         )
         for f in todo
     ]
-    masks = np.concatenate(
-        [
-            predict(
-                np.stack(
-                    [crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None] for c in cands[i : i + 16]]
-                )
-            )[1]
-            for i in range(0, len(cands), 16)
-        ]
-    )
+    masks = predict_patches(iso_norm, cands, predict)[1]
     redone = [
         make_finding(c, f.probability, m[0], origin_mm)
         for c, f, m in zip(cands, todo, masks, strict=True)
