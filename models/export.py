@@ -25,7 +25,7 @@ from models.preprocessing import (
 )
 
 OPSET = 17
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 
 
 def export_stage1(net: ScreenNet, path: Path) -> None:

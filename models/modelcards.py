@@ -52,6 +52,8 @@ parenchymal, juxta-pleural, juxta-vascular); pixel spacing 0.6-0.9 mm, slice thi
 LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR` (sphere masks of the annotated diameter).
 Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
 at 30 % and 60 % of its iterations, its own false-positive peaks on the training phantoms.
+Both stages draw their nodule examples with weight 1/diameter, so 3-5 mm nodules are seen
+more often than large ones.
 """
 
 

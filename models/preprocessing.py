@@ -147,7 +147,7 @@ def near_lung(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
 
 
 def crop_patch(
-    volume: FloatArray, centre_vox: tuple[int, int, int], size: int, fill: float = 0.0
+    volume: npt.NDArray[np.generic], centre_vox: tuple[int, int, int], size: int, fill: float = 0.0
 ) -> FloatArray:
     """Cut a cube of edge ``size`` centred on ``centre_vox``, padding outside with ``fill``."""
     out = np.full((size, size, size), fill, dtype=np.float32)

@@ -240,11 +240,13 @@ def mine_false_positives(net: Any, vols: list[Volume], per_volume: int = 200) ->
 
 @dataclass
 class PatchSet:
-    """Stage-2 training patches (float16), masks and labels."""
+    """Stage-2 training patches (float16), masks, labels and the nodule diameter (mm) of each
+    positive (0 for negatives)."""
 
     x: npt.NDArray[np.float16]
     m: npt.NDArray[np.uint8]
     y: npt.NDArray[np.uint8]
+    d: npt.NDArray[np.float32]
 
 
 def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
@@ -267,40 +269,47 @@ def stage2_patches(
     """
     xs: list[FloatArray] = []
     ms: list[npt.NDArray[np.uint8]] = []
-    ys: list[int] = []
+    ds: list[float] = []
 
-    def add(v: Volume, centre: npt.NDArray[np.float64], label: int) -> None:
+    def add(v: Volume, centre: npt.NDArray[np.float64], diameter_mm: float) -> None:
         vox = (int(np.rint(centre[0])), int(np.rint(centre[1])), int(np.rint(centre[2])))
-        xs.append(crop_patch(v.iso.astype(np.float32), vox, STAGE2_PATCH))
-        lab = crop_patch(v.labels.astype(np.float32), vox, STAGE2_PATCH)
+        xs.append(crop_patch(v.iso, vox, STAGE2_PATCH))
+        lab = crop_patch(v.labels, vox, STAGE2_PATCH)
         ms.append((lab > 0).astype(np.uint8))
-        ys.append(label)
+        ds.append(diameter_mm)
 
     for v, cs in zip(vols, cands, strict=True):
-        for c, r in zip(v.centres, v.radii, strict=True):
+        for c, r, d in zip(v.centres, v.radii, v.diameters_mm, strict=True):
             for _ in range(jitter_per_nodule):
-                add(v, c + rng.uniform(-1, 1, 3) * min(0.6 * r, 3.0), 1)
+                add(v, c + rng.uniform(-1, 1, 3) * min(0.6 * r, 3.0), d)
         for cand in cs:
             p = np.array(cand.voxel, dtype=np.float64)
-            _, gap = _nearest(v, p)
+            k, gap = _nearest(v, p)
             if gap <= 0:
-                add(v, p, 1)
+                add(v, p, v.diameters_mm[k])
             elif gap > 2.0:
-                add(v, p, 0)
+                add(v, p, 0.0)
         pts = np.argwhere(v.allowed[v.box])
         for j in rng.choice(len(pts), size=min(random_neg, len(pts)), replace=False):
             p = pts[j] + [s.start for s in v.box]
             if _nearest(v, p)[1] > 2.0:
-                add(v, p.astype(np.float64), 0)
-    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms), y=np.asarray(ys, np.uint8))
+                add(v, p.astype(np.float64), 0.0)
+    diam = np.asarray(ds, np.float32)
+    return PatchSet(
+        x=np.stack(xs).astype(np.float16), m=np.stack(ms), y=(diam > 0).astype(np.uint8), d=diam
+    )
 
 
 def stage2_batch(
     ps: PatchSet, rng: np.random.Generator, batch: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Balanced batch with flips and in-plane transposes."""
+    """Balanced batch with flips and in-plane transposes; positives are drawn with weight
+    1/diameter, as stage 1 draws its nodule crops, so small nodules are seen more often."""
     pos, neg = np.flatnonzero(ps.y == 1), np.flatnonzero(ps.y == 0)
-    idx = np.concatenate([rng.choice(pos, batch // 2), rng.choice(neg, batch - batch // 2)])
+    w = 1.0 / ps.d[pos].astype(np.float64)
+    idx = np.concatenate(
+        [rng.choice(pos, batch // 2, p=w / w.sum()), rng.choice(neg, batch - batch // 2)]
+    )
     xs, ms = [], []
     for i in idx:
         x, m = ps.x[i].astype(np.float32), ps.m[i].astype(np.float32)
@@ -657,7 +666,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-val", type=int, default=20)
     p.add_argument("--s1-iters", type=int, default=12000)
-    p.add_argument("--s2-iters", type=int, default=3000)
+    p.add_argument("--s2-iters", type=int, default=5000)
     p.add_argument("--s1-floor", type=float, default=0.05)
     p.add_argument("--operating-fps", type=float, default=0.25)
     real = p.add_mutually_exclusive_group()
