@@ -107,7 +107,8 @@ def _shortfalls(s: dict[str, Any] | None, m: dict[str, Any]) -> str:
             f"- Stage-1 recall {s['stage1_recall']:.3f} at its threshold is below the "
             "98 % target: small juxta-vascular nodules get no peak of their own (the "
             "strongest one sits on the vessel beside them) and some 3-5 mm peaks lie just "
-            "outside the nodule's radius."
+            "outside the nodule's radius. The recipe is fragile: models 1.2.0, trained with the "
+            "same stage-1 settings in an earlier environment, reached 0.959."
         )
     lines.append(
         "- The operating threshold was chosen on validation phantoms with the plain "
