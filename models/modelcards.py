@@ -27,6 +27,13 @@ def _data_source(t: dict[str, Any]) -> str:
     return "These weights: synthetic phantoms only, no patient data."
 
 
+def _environment(t: dict[str, Any]) -> str:
+    env = t.get("environment")
+    if not env:
+        return ""
+    return "; " + ", ".join(f"{k} {v}" for k, v in env.items())
+
+
 def _common(m: dict[str, Any]) -> str:
     t = m["training"]
     pre = m["preprocessing"]
@@ -35,7 +42,7 @@ def _common(m: dict[str, Any]) -> str:
 - ONNX: `models/weights/{m["file"]}` (opset {m["opset"]}, dynamic batch), sha256
   `{m["sha256"]}`; manifest `models/weights/{m["name"]}.json`.
 - Produced by: `{t["command"]}` (seed {t["seed"]}, {t["threads"]} thread(s), {t["wall_s"]} s
-  wall for both stages). {_data_line(t)}
+  wall for both stages{_environment(t)}). {_data_line(t)}
 - Preprocessing: isotropic {pre["spacing_mm"][0]} mm voxels ({pre["resample"]}); HU window
   {pre["hu_window"]} scaled to [0, 1]; candidates within {pre["lung_margin_mm"]} mm of a
   threshold-based lung mask.

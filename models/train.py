@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -612,6 +613,17 @@ def training_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume],
     return train, val, info
 
 
+def training_environment() -> dict[str, str]:
+    """Python and the package versions the weights depend on: the same command reproduces the
+    same bytes only with the same versions (and the same ``--threads``)."""
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        **{p: version(p) for p in ("numpy", "scipy", "torch", "onnx")},
+    }
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """The whole pipeline; returns what it recorded in the manifests."""
     from models import export as ex
@@ -641,6 +653,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "stage1_iterations": args.s1_iters,
         "stage2_iterations": args.s2_iters,
         "threads": args.threads,
+        "environment": training_environment(),
         "wall_s": None,
         "stage1_val_recall": float(recall),
         **val_info,

@@ -117,6 +117,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2["sha256"] == sha256(out / "stage2_refine.onnx")
     assert m1["training"]["data"] == "luna16: 2 training and 1 validation scans"
     assert len(m1["training"]["val_scans"]) == 1
+    assert set(m1["training"]["environment"]) == {"python", "numpy", "scipy", "torch", "onnx"}
     ph = make_phantom(41, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
     res = NoduleDetector(out, threads=1).detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     assert res.timings["stage1_s"] > 0
