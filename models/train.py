@@ -177,6 +177,13 @@ def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray
     return tgt
 
 
+def inverse_diameter_weights(diameters_mm: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Sampling probabilities proportional to 1/diameter (small nodules drawn more often); both
+    stages draw their nodule examples with them."""
+    w = 1.0 / np.asarray(diameters_mm, np.float64)
+    return np.asarray(w / w.sum(), np.float64)
+
+
 def stage1_batch(
     vols: list[Volume], rng: np.random.Generator, batch: int, size: int
 ) -> tuple[FloatArray, FloatArray]:
@@ -184,8 +191,7 @@ def stage1_batch(
     often), a quarter centred on hard negatives, a quarter anywhere in the lungs' box."""
     xs, ys = [], []
     nodules = [(v, k) for v in vols for k in range(len(v.radii))]
-    weights = np.array([1.0 / v.diameters_mm[k] for v, k in nodules])
-    weights /= weights.sum()
+    weights = inverse_diameter_weights([v.diameters_mm[k] for v, k in nodules])
     for i in range(batch):
         kind = i % 4
         if kind in (0, 1) and nodules:
@@ -241,13 +247,17 @@ def mine_false_positives(net: Any, vols: list[Volume], per_volume: int = 200) ->
 
 @dataclass
 class PatchSet:
-    """Stage-2 training patches (float16), masks, labels and the nodule diameter (mm) of each
-    positive (0 for negatives)."""
+    """Stage-2 training patches (float16), masks and the nodule diameter (mm) of each patch
+    (0 for negatives)."""
 
     x: npt.NDArray[np.float16]
     m: npt.NDArray[np.uint8]
-    y: npt.NDArray[np.uint8]
     d: npt.NDArray[np.float32]
+
+    @property
+    def y(self) -> npt.NDArray[np.uint8]:
+        """Labels: 1 for a nodule patch, 0 for a negative."""
+        return (self.d > 0).astype(np.uint8)
 
 
 def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
@@ -295,10 +305,7 @@ def stage2_patches(
             p = pts[j] + [s.start for s in v.box]
             if _nearest(v, p)[1] > 2.0:
                 add(v, p.astype(np.float64), 0.0)
-    diam = np.asarray(ds, np.float32)
-    return PatchSet(
-        x=np.stack(xs).astype(np.float16), m=np.stack(ms), y=(diam > 0).astype(np.uint8), d=diam
-    )
+    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms), d=np.asarray(ds, np.float32))
 
 
 def stage2_batch(
@@ -306,10 +313,13 @@ def stage2_batch(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Balanced batch with flips and in-plane transposes; positives are drawn with weight
     1/diameter, as stage 1 draws its nodule crops, so small nodules are seen more often."""
-    pos, neg = np.flatnonzero(ps.y == 1), np.flatnonzero(ps.y == 0)
-    w = 1.0 / ps.d[pos].astype(np.float64)
+    y = ps.y
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     idx = np.concatenate(
-        [rng.choice(pos, batch // 2, p=w / w.sum()), rng.choice(neg, batch - batch // 2)]
+        [
+            rng.choice(pos, batch // 2, p=inverse_diameter_weights(ps.d[pos])),
+            rng.choice(neg, batch - batch // 2),
+        ]
     )
     xs, ms = [], []
     for i in idx:
@@ -324,7 +334,7 @@ def stage2_batch(
     return (
         np.stack(xs)[:, None].astype(np.float32),
         np.stack(ms)[:, None].astype(np.float32),
-        ps.y[idx].astype(np.float32)[:, None],
+        y[idx].astype(np.float32)[:, None],
     )
 
 
