@@ -22,6 +22,23 @@ LOGGER = logging.getLogger(__name__)
 
 MAX_BATCH = 64
 
+SPATIAL_RANGE = (8, 256, 640)
+"""Optimisation-profile range (min, opt, max) of a dynamic axis other than the batch: stage 1's
+in-plane size, the lungs' box on the 1.25 mm grid (640 voxels = 800 mm)."""
+
+
+def profile_shapes(
+    shape: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) shapes of an input whose axis 0 is the batch; other dynamic axes (-1)
+    take :data:`SPATIAL_RANGE`, fixed ones keep their size."""
+    rest = shape[1:]
+
+    def pick(k: int) -> tuple[int, ...]:
+        return tuple(d if d > 0 else SPATIAL_RANGE[k] for d in rest)
+
+    return (1, *pick(0)), (MAX_BATCH // 4, *pick(1)), (MAX_BATCH, *pick(2))
+
 
 def engine_path(cache_dir: Path, model: Path, trt_version: str, gpu: str, fp16: bool) -> Path:
     """Where the engine for this model, TensorRT version, GPU and precision is cached."""
@@ -87,10 +104,7 @@ class TensorRTBackend:
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
-            rest = tuple(tensor.shape)[1:]
-            if any(d < 0 for d in rest):
-                raise BackendUnavailableError(f"{model.name}: only the batch axis may be dynamic")
-            profile.set_shape(tensor.name, (1, *rest), (MAX_BATCH // 4, *rest), (MAX_BATCH, *rest))
+            profile.set_shape(tensor.name, *profile_shapes(tuple(tensor.shape)))
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

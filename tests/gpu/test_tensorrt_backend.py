@@ -24,7 +24,7 @@ def _gpu_available() -> bool:
 
 
 def _batch(manifest: dict[str, object], n: int) -> np.ndarray:
-    shape = [n, *manifest["input_shape"][1:]]  # type: ignore[index]
+    shape = [n, *manifest["inputs"][0]["shape"][1:]]  # type: ignore[index]
     shape = [d if isinstance(d, int) and d > 0 else 64 for d in shape]
     return np.random.default_rng(0).uniform(-1, 1, size=shape).astype(np.float32)
 

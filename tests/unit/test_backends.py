@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.backends import BackendUnavailableError, load_backend
-from pipelines.backends.tensorrt import engine_path
+from pipelines.backends.tensorrt import MAX_BATCH, engine_path, profile_shapes
 
 
 def _tiny_model(path: Path) -> Path:
@@ -55,3 +55,12 @@ def test_engines_are_keyed_by_model_tensorrt_version_gpu_and_precision(tmp_path:
     assert a != engine_path(tmp_path, model, "10.3.0", "NVIDIA L4", fp16=False)
     model.write_bytes(b"model two")
     assert a != engine_path(tmp_path, model, "10.3.0", "NVIDIA H100 80GB HBM3", fp16=False)
+
+
+def test_tensorrt_profiles_cover_the_dynamic_batch_and_stage_1_in_plane_size() -> None:
+    stage1 = profile_shapes((-1, 9, -1, -1))  # stage 1: batch, slices, height, width
+    assert stage1[0] == (1, 9, 8, 8) and stage1[2] == (MAX_BATCH, 9, 640, 640)
+    assert stage1[0] <= stage1[1] <= stage1[2]
+    stage2 = profile_shapes((-1, 1, 32, 32, 32))  # stage 2: only the batch is dynamic
+    assert [p[1:] for p in stage2] == [(1, 32, 32, 32)] * 3
+    assert [p[0] for p in stage2] == [1, MAX_BATCH // 4, MAX_BATCH]
