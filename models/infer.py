@@ -169,10 +169,12 @@ def extract_candidates(
     scores = heat[peaks]
     order = np.argsort(-scores, kind="stable")
     kept: list[Candidate] = []
+    kept_vox = np.empty((max_candidates, 3))
     for i in order:
         v = idx[i]
-        if any(np.sum((v - np.array(k.voxel)) ** 2) < min_dist_vox**2 for k in kept):
+        if ((kept_vox[: len(kept)] - v) ** 2).sum(axis=1).min(initial=np.inf) < min_dist_vox**2:
             continue
+        kept_vox[len(kept)] = v
         kept.append(Candidate(voxel=(int(v[0]), int(v[1]), int(v[2])), score=float(scores[i])))
         if len(kept) >= max_candidates:
             break

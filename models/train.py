@@ -158,7 +158,7 @@ def _crop2d(vol: npt.NDArray[np.floating[Any]], z: int, cy: int, cx: int, size: 
     y0, x0 = cy - size // 2, cx - size // 2
     ys = slice(max(0, y0), min(vol.shape[1], y0 + size))
     xs = slice(max(0, x0), min(vol.shape[2], x0 + size))
-    out[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = vol[idx][:, ys, xs]
+    out[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = vol[idx, ys, xs]
     return out
 
 
