@@ -49,7 +49,8 @@ def engine_path(cache_dir: Path, model: Path, trt_version: str, gpu: str, fp16: 
 
 
 class TensorRTBackend:
-    """A TensorRT engine with a dynamic batch axis, run on one CUDA stream.
+    """A TensorRT engine with a dynamic batch axis (and stage 1's dynamic in-plane size, see
+    :func:`profile_shapes`), run on one CUDA stream.
 
     Parameters
     ----------
