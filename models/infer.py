@@ -436,7 +436,7 @@ class NoduleDetector:
         self.threshold = float(self.manifest2["operating_threshold"])
 
     def predict1(self, x: FloatArray) -> FloatArray:
-        """Stage 1 on a batch ``(N, 3, H, W)`` -> heatmap ``(N, 1, H, W)``."""
+        """Stage 1 on a batch ``(N, 2 * STAGE1_CONTEXT + 1, H, W)`` -> heatmap ``(N, 1, H, W)``."""
         out = self.s1.run(None, {"slices": x.astype(np.float32)})[0]
         return np.asarray(out, dtype=np.float32)
 
