@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from sqlalchemy import create_engine, text
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.service import Node
+from tests.helpers import system_program
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("NODULEAI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -107,5 +107,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Fail, not skip, when a DCMTK or Orthanc binary the tests need is missing in CI."""
     if os.environ.get("CI"):
         for tool in ("storescu", "Orthanc", "dciodvfy"):
-            if shutil.which(tool) is None:
+            if system_program(tool) == tool:
                 raise pytest.UsageError(f"{tool} is not installed; .ci/run installs it")

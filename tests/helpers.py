@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +34,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def system_program(tool: str) -> str:
+    """Path of the installed program ``tool`` (DCMTK, Orthanc, dicom3tools), or the bare name
+    when it is not installed.
+
+    pynetdicom puts ``storescu``, ``echoscu``, ``findscu``, ``getscu`` and ``movescu`` scripts
+    of its own, with other options, into the Python environment's ``bin``; with the virtual
+    environment activated they would shadow DCMTK's, so that folder is skipped.
+    """
+    own = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if Path(d).resolve() != own]
+    return shutil.which(tool, path=os.pathsep.join(dirs)) or tool
+
+
 def storescu(
     port: int,
     *paths: Path,
@@ -40,8 +56,8 @@ def storescu(
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Send files or folders with DCMTK's storescu (folders recursively, names by ``pattern``)."""
-    cmd = ["storescu", "-aet", aet, "-aec", aec, "+sd", "+r", "+sp", pattern, *extra]
-    cmd += ["127.0.0.1", str(port), *map(str, paths)]
+    cmd = [system_program("storescu"), "-aet", aet, "-aec", aec, "+sd", "+r", "+sp", pattern]
+    cmd += [*extra, "127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
 

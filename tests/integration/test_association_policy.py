@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from dicom_node.db import Instance
 from dicom_node.service import Node
 from dicom_node.status import Status
-from tests.helpers import storescu
+from tests.helpers import storescu, system_program
 
 
 def _write_config(tmp_path: Path, text: str) -> Path:
@@ -56,7 +56,15 @@ def test_an_unknown_calling_ae_is_rejected_as_not_recognised(
     # PS3.8 Table 9-21: rejected-permanent, service-user, calling-AE-title-not-recognized.
     assert _rejection(_associate(node.scp.port, "STRANGER")) == (1, 1, 3)
     result = subprocess.run(
-        ["echoscu", "-aet", "STRANGER", "-aec", "NODULEAI", "127.0.0.1", str(node.scp.port)],
+        [
+            system_program("echoscu"),
+            "-aet",
+            "STRANGER",
+            "-aec",
+            "NODULEAI",
+            "127.0.0.1",
+            str(node.scp.port),
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -18,7 +18,7 @@ from dicom_node.db import Instance, Job, Study
 from dicom_node.queues import declare_topology
 from dicom_node.service import Node
 from tests.conftest import AMQP_URL
-from tests.helpers import storescu, wait_for
+from tests.helpers import storescu, system_program, wait_for
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -178,7 +178,7 @@ def test_concurrent_associations_each_storing_a_study_all_succeed(
     cmds = [
         subprocess.Popen(
             [
-                "storescu",
+                system_program("storescu"),
                 "-aec",
                 "NODULEAI",
                 "+sd",

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from dicom_node import reactor
 from dicom_node.db import Instance
 from dicom_node.service import Node
-from tests.helpers import storescu, wait_for
+from tests.helpers import storescu, system_program, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,8 @@ def _rows(node: Node) -> int:
 
 
 def _echoscu(node: Node) -> subprocess.CompletedProcess[str]:
-    cmd = ["echoscu", "-aet", "MODALITY", "-aec", "NODULEAI", "127.0.0.1", str(node.scp.port)]
+    cmd = [system_program("echoscu"), "-aet", "MODALITY", "-aec", "NODULEAI", "127.0.0.1"]
+    cmd.append(str(node.scp.port))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 
