@@ -40,10 +40,13 @@ def system_program(tool: str) -> str:
 
     pynetdicom puts ``storescu``, ``echoscu``, ``findscu``, ``getscu`` and ``movescu`` scripts
     of its own, with other options, into the Python environment's ``bin``; with the virtual
-    environment activated they would shadow DCMTK's, so that folder is skipped.
+    environment activated they would shadow DCMTK's, so a virtual environment's ``bin`` is
+    skipped (a system Python's is not: DCMTK may live there).
     """
-    own = (Path(sys.prefix) / "bin").resolve()
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if Path(d).resolve() != own]
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    if sys.prefix != sys.base_prefix:
+        own = (Path(sys.prefix) / "bin").resolve()
+        dirs = [d for d in dirs if Path(d).resolve() != own]
     return shutil.which(tool, path=os.pathsep.join(dirs)) or tool
 
 
