@@ -50,6 +50,12 @@ def system_program(tool: str) -> str:
     return shutil.which(tool, path=os.pathsep.join(dirs)) or tool
 
 
+def echoscu(port: int, aet: str, aec: str = "NODULEAI") -> subprocess.CompletedProcess[str]:
+    """One C-ECHO with DCMTK's echoscu, calling as ``aet``."""
+    cmd = [system_program("echoscu"), "-aet", aet, "-aec", aec, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+
 def storescu(
     port: int,
     *paths: Path,

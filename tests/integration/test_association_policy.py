@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from dicom_node.db import Instance
 from dicom_node.service import Node
 from dicom_node.status import Status
-from tests.helpers import storescu, system_program
+from tests.helpers import echoscu, storescu
 
 
 def _write_config(tmp_path: Path, text: str) -> Path:
@@ -55,20 +55,7 @@ def test_an_unknown_calling_ae_is_rejected_as_not_recognised(
     node = make_node(config=_write_config(tmp_path, POLICY))
     # PS3.8 Table 9-21: rejected-permanent, service-user, calling-AE-title-not-recognized.
     assert _rejection(_associate(node.scp.port, "STRANGER")) == (1, 1, 3)
-    result = subprocess.run(
-        [
-            system_program("echoscu"),
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "NODULEAI",
-            "127.0.0.1",
-            str(node.scp.port),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = echoscu(node.scp.port, "STRANGER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr
 

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from dicom_node import reactor
 from dicom_node.db import Instance
 from dicom_node.service import Node
-from tests.helpers import storescu, system_program, wait_for
+from tests.helpers import echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -145,12 +145,6 @@ def _rows(node: Node) -> int:
         return int(session.scalar(select(func.count(Instance.id))) or 0)
 
 
-def _echoscu(node: Node) -> subprocess.CompletedProcess[str]:
-    cmd = [system_program("echoscu"), "-aet", "MODALITY", "-aec", "NODULEAI", "127.0.0.1"]
-    cmd.append(str(node.scp.port))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-
-
 def _no_associations(node: Node) -> bool:
     return not node.scp.ae.active_associations
 
@@ -176,7 +170,7 @@ def test_storescu_stores_a_handful_of_files_over_the_event_driven_reactor(
 def test_echoscu_gets_a_success_answer(make_node: Callable[..., Node]) -> None:
     node = make_node()
 
-    done = _echoscu(node)
+    done = echoscu(node.scp.port, "MODALITY")
 
     assert done.returncode == 0, done.stderr
 
@@ -216,7 +210,7 @@ def test_an_aborted_or_dropped_association_is_cleaned_up(
     assert assoc.is_aborted
     assert not assoc.dul.is_alive()
     # The node still takes new associations afterwards.
-    assert _echoscu(node).returncode == 0
+    assert echoscu(node.scp.port, "MODALITY").returncode == 0
 
 
 def test_an_idle_open_association_does_not_burn_cpu(
