@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: serve test check lint types install install-dev system-deps bench e2e-deps fhir-deps ohif-deps
+.PHONY: serve test test-fast check lint types install install-dev system-deps bench e2e-deps fhir-deps ohif-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,14 @@ fhir-deps:
 serve: install
 	$(BIN)/noduleai serve
 
-## Install everything the tests need and run the whole suite (SQLite and PostgreSQL).
-test: system-deps install-dev e2e-deps fhir-deps ohif-deps
+## Install everything the tests need; lint (ruff check, ruff format --check), type-check (mypy
+## strict) and run the whole suite (SQLite and PostgreSQL). What CI runs (.ci/run).
+test: system-deps install-dev e2e-deps fhir-deps ohif-deps lint types
 	$(BIN)/pytest
+
+## The quick subset while working: lint, types and the unit tests (no peers; a few minutes).
+test-fast: install-dev lint types
+	$(BIN)/pytest -m unit
 
 lint: install-dev
 	$(BIN)/ruff check dicom_node pipelines models tests benchmarks
@@ -46,8 +51,8 @@ lint: install-dev
 types: install-dev
 	$(BIN)/mypy
 
-## Lint, types and tests.
-check: lint types test
+## The same as test (kept for habit).
+check: test
 
 bench: install-dev
 	$(BIN)/python benchmarks/ingest.py

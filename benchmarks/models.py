@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.infer import WEIGHTS_DIR, load_manifest
+from pipelines.manifest import WEIGHTS_DIR, load_manifest
 
 
 def _session(name: str, provider: str, threads: int, weights: Path) -> Any:

@@ -25,13 +25,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.evaluation import Detection as Det  # noqa: E402
-from models.evaluation import Reference, ScanCase, match_scan  # noqa: E402
-from models.infer import STAGE2_PATCH, WEIGHTS_DIR, lung_box  # noqa: E402
+from models.evaluation import EvalDetection, Reference, ScanCase, match_scan  # noqa: E402
 from models.phantom import make_phantom, write_dicom_series  # noqa: E402
-from models.preprocessing import lung_mask, normalise_hu  # noqa: E402
 from pipelines.detect import Detector, DetectorConfig  # noqa: E402
-from pipelines.resample import resample_to_iso  # noqa: E402
+from pipelines.manifest import WEIGHTS_DIR  # noqa: E402
+from pipelines.preprocess import (  # noqa: E402
+    STAGE2_PATCH,
+    lung_mask,
+    normalise_hu,
+    resample_to_iso,
+)
+from pipelines.refine import refine  # noqa: E402
+from pipelines.screen import Candidate, lung_box  # noqa: E402
 
 SERIES_SEED = 424242
 HELD_OUT_SEEDS = range(90_000, 90_100)
@@ -97,7 +102,7 @@ def exhaustive(
     spacing: tuple[float, float, float],
     origin: tuple[float, float, float],
     stride: int,
-) -> list[Det]:
+) -> list[EvalDetection]:
     """Stage 2 on every patch of the lungs' box at ``stride`` isotropic voxels."""
     iso_hu = resample_to_iso(hu, spacing)
     lung = lung_mask(iso_hu)
@@ -113,11 +118,8 @@ def exhaustive(
             max(0, z - half) : z + half, max(0, y - half) : y + half, max(0, x - half) : x + half
         ].any()
     ]
-    from models.infer import Candidate
-    from pipelines.refine import refine
-
     findings = refine(iso, [Candidate(c, 1.0) for c in centres], detector.stage2, origin, batch=32)
-    return [Det(f.centre_xyz_mm, f.probability) for f in findings]
+    return [EvalDetection(f.centre_xyz_mm, f.probability) for f in findings]
 
 
 def bench_held_out(detector: Detector, n: int, stride: int) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def bench_held_out(detector: Detector, n: int, stride: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             if name == "two_stage":
                 found = detector.detect(p.volume_hu, p.spacing_mm, p.origin_mm).nodules
-                dets = [Det(f.center_mm, f.probability) for f in found]
+                dets = [EvalDetection(f.center_mm, f.probability) for f in found]
             else:
                 dets = exhaustive(detector, p.volume_hu, p.spacing_mm, p.origin_mm, stride)
             dets = [d for d in dets if d.probability >= detector.threshold]

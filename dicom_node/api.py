@@ -13,8 +13,9 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
-from dicom_node.config import Settings
-from dicom_node.db import Database, Job, Result, Study
+from dicom_node.config import NodeConfig, Settings
+from dicom_node.db import Database, Job, Result, Study, StudyState
+from dicom_node.results import ResultSet
 
 
 class StudyOut(BaseModel):
@@ -30,8 +31,9 @@ class StudyOut(BaseModel):
     updated_at: datetime
     job_id: str | None
     attempts: int
-    timings_ms: dict[str, Any] | None
+    timings_ms: dict[str, float] | None
     backend: str | None
+    error_code: str | None
     error: str | None
 
 
@@ -43,12 +45,13 @@ class FindingsOut(BaseModel):
     job_id: str | None
     series_instance_uid: str | None
     nodules: list[dict[str, Any]]
-    models: dict[str, Any] | None
+    models: dict[str, str] | None
 
 
 def create_app(
     db: Database,
     settings: Settings | None = None,
+    config: NodeConfig | None = None,
     on_job: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app over ``db``; with ``settings``, mount the dashboard and ``/metrics`` too.
@@ -60,6 +63,8 @@ def create_app(
     settings : Settings, optional
         Enables the dashboard (pages, JSON API, actions, ``/metrics``) and queue checks in
         ``/readyz``.
+    config : NodeConfig, optional
+        The node configuration read at start (empty if not given).
     on_job : callable, optional
         Called after a dashboard action committed a new job (wakes the publisher).
     """
@@ -68,7 +73,7 @@ def create_app(
     if settings is not None:
         from dicom_node.dashboard import mount_dashboard
 
-        dashboard = mount_dashboard(app, db, settings, on_job)
+        dashboard = mount_dashboard(app, db, settings, config or NodeConfig(), on_job)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -98,7 +103,7 @@ def create_app(
 
     @app.get("/api/studies", response_model=list[StudyOut])
     def studies(
-        state: str | None = None, limit: int = Query(default=500, ge=1, le=5000)
+        state: StudyState | None = None, limit: int = Query(default=500, ge=1, le=5000)
     ) -> list[StudyOut]:
         """Studies, newest first, with their current job."""
         query = (
@@ -120,16 +125,17 @@ def create_app(
             study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
             if study is None:
                 raise HTTPException(status_code=404, detail="unknown study")
-            result = None
+            row = None
             if study.current_job_id is not None:
-                result = session.scalar(select(Result).where(Result.job_id == study.current_job_id))
+                row = session.scalar(select(Result).where(Result.job_id == study.current_job_id))
+            result = ResultSet.from_json(row.detail) if row is not None else None
             return FindingsOut(
                 study_instance_uid=study.study_instance_uid,
                 state=study.state,
                 job_id=study.current_job_id,
                 series_instance_uid=result.series_instance_uid if result else None,
-                nodules=list(result.nodules) if result else [],
-                models=result.detail.get("models") if result else None,
+                nodules=[n.to_json() for n in result.nodules] if result else [],
+                models=result.model_versions if result else None,
             )
 
     return app
@@ -149,5 +155,6 @@ def _study_out(study: Study, job: Job | None) -> StudyOut:
         attempts=job.attempts if job else 0,
         timings_ms=job.timings if job else None,
         backend=job.backend if job else None,
+        error_code=study.error_code,
         error=study.error,
     )

@@ -42,7 +42,7 @@ def _run_node(settings: Settings, workers: int) -> int:
 
     node = Node(settings)
     node.start()
-    pool = [Worker(settings, node.db) for _ in range(workers)]
+    pool = [Worker(settings, node.db, node.config) for _ in range(workers)]
     threads = [
         threading.Thread(target=run_worker, args=(settings, node.db, w), name=f"worker-{i}")
         for i, w in enumerate(pool)
@@ -61,12 +61,12 @@ def _run_node(settings: Settings, workers: int) -> int:
 
 
 def _run_worker(settings: Settings) -> int:
-    from dicom_node.migrate import upgrade
     from pipelines.worker import Worker, run_worker
 
+    config = settings.node_config()
     db = Database(settings.database_url)
     upgrade(db)
-    worker = Worker(settings, db)
+    worker = Worker(settings, db, config)
     thread = threading.Thread(target=run_worker, args=(settings, db, worker), name="worker")
     thread.start()
     LOGGER.info("worker %s ready", worker.worker_id)
@@ -81,6 +81,7 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     """Run the pipeline offline on a folder of DICOM files: ``out/findings.json`` and the
     SEG, SR and GSPS objects (``out/<modality>-<SOPInstanceUID>.dcm``)."""
     from dicom_node.errors import StudyRejectedError
+    from dicom_node.results import ModelIdentity
     from pipelines.analysis import analyse
     from pipelines.detect import Detector
     from pipelines.outputs import encode_results
@@ -91,19 +92,18 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     try:
         analysis = analyse(files, lambda: Detector(detector_config(settings)), settings.min_slices)
         detection = analysis.detection
-        report: dict[str, object] = detection.to_json()
-        datasets = encode_results(
-            analysis.paths,
-            analysis.volume,
-            detection.nodules,
-            detection.model_name,
-            detection.model_version,
-        )
-        names = [f"{ds.Modality}-{ds.SOPInstanceUID}.dcm" for ds in datasets]
-        for ds, name in zip(datasets, names, strict=True):
+        model = ModelIdentity(detection.model_name, detection.model_version)
+        encoded = encode_results(analysis.paths, analysis.volume, detection.nodules, model)
+        names = [f"{ds.Modality}-{ds.SOPInstanceUID}.dcm" for ds in encoded.datasets]
+        for ds, name in zip(encoded.datasets, names, strict=True):
             ds.save_as(out / name, enforce_file_format=True)
-        report["objects"] = names
-        LOGGER.info("%d nodule(s) found", len(detection.nodules))
+        report: dict[str, object] = {
+            **detection.to_json(),
+            "nodules": [n.to_json() for n in encoded.nodules],
+            "not_encoded": encoded.not_encoded,
+            "objects": names,
+        }
+        LOGGER.info("%d nodule(s) found", len(encoded.nodules))
     except StudyRejectedError as exc:
         report = {"rejected": {"code": exc.code, "detail": exc.detail}}
         LOGGER.info("rejected: %s", exc.code)

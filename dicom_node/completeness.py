@@ -4,7 +4,7 @@ DICOM has no "end of study" message, so completeness is a policy per calling AE 
 ``quiet`` (no new instance for N seconds) or ``release`` (the association that brought it was
 released). Quiet applies to every study as the fallback (an aborted association, a study spread
 over several associations). Instances that arrive after a study was queued reopen it
-(:func:`dicom_node.ingest.record_instance`); completing it again makes a new job that supersedes
+(:func:`dicom_node.lifecycle.reopen_study`); completing it again makes a new job that supersedes
 the previous one.
 """
 
@@ -24,7 +24,7 @@ from dicom_node.db import (
     StudyState,
     utcnow,
 )
-from dicom_node.jobs import queue_job
+from dicom_node.lifecycle import queue_job
 from dicom_node.policy import AssociationPolicy
 
 LOGGER = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
-"""Database: the schema (SQLAlchemy 2), the engine, and the study/job state transitions.
+"""Database: the schema (SQLAlchemy 2) and the engine.
 
-Every state change of a study or a job is a row update with a timestamp, so the dashboard, the
-metrics and the API read the same truth. The schema is created and migrated by Alembic
-(``noduleai db upgrade``); the same schema runs on SQLite (WAL, the embedded default) and on
-PostgreSQL.
+Every state change of a study, a job or a delivery is a row update with a timestamp, made by
+:mod:`dicom_node.lifecycle` (the one owner of those changes), so the dashboard, the metrics and the
+API read the same truth. State columns hold the enums below; failures are ``(error_code, error)``.
+The schema is created and migrated by Alembic (``noduleai db upgrade``); the same schema runs on
+SQLite (WAL, the embedded default) and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -66,6 +68,41 @@ class JobState(StrEnum):
     SUPERSEDED = "superseded"
 
 
+class DeliveryState(StrEnum):
+    """Where a delivery is."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryKind(StrEnum):
+    """What a delivery row carries: a DICOM result object, or a FHIR report status."""
+
+    DICOM = "dicom"
+    FHIR = "fhir"
+
+
+class ReportStatus(StrEnum):
+    """The FHIR DiagnosticReport statuses the node publishes (R4 ``diagnostic-report-status``)."""
+
+    REGISTERED = "registered"
+    PRELIMINARY = "preliminary"
+    CANCELLED = "cancelled"
+
+
+def _state_column(enum: type[StrEnum]) -> Enum:
+    """A column type that stores the enum's values (VARCHAR(16), as the migrations create)."""
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC timestamp on every backend (SQLite hands back naive values)."""
 
@@ -91,13 +128,16 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
+    state: Mapped[StudyState] = mapped_column(
+        _state_column(StudyState), default=StudyState.RECEIVING, index=True
+    )
     calling_ae: Mapped[str] = mapped_column(String(16))
     instances: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     current_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    error_code: Mapped[str | None] = mapped_column(String(32), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
@@ -137,56 +177,65 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    state: Mapped[JobState] = mapped_column(_state_column(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     instances: Mapped[int] = mapped_column(Integer)
+    #: An :class:`~dicom_node.errors.ErrorCode` or :class:`~dicom_node.errors.RejectionCode` value.
+    error_code: Mapped[str | None] = mapped_column(String(32), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     supersedes: Mapped[str | None] = mapped_column(String(36), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
     published_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: A retried job is published again (by the outbox) no earlier than this.
+    retry_at: Mapped[datetime | None] = mapped_column(default=None)
     processing_at: Mapped[datetime | None] = mapped_column(default=None)
     delivering_at: Mapped[datetime | None] = mapped_column(default=None)
     done_at: Mapped[datetime | None] = mapped_column(default=None)
     rejected_at: Mapped[datetime | None] = mapped_column(default=None)
     failed_at: Mapped[datetime | None] = mapped_column(default=None)
     superseded_at: Mapped[datetime | None] = mapped_column(default=None)
-    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
     backend: Mapped[str | None] = mapped_column(String(64), default=None)
     findings: Mapped[int | None] = mapped_column(Integer, default=None)
     discarded_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class DeliveryState(StrEnum):
-    """Where a delivery is."""
-
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
-
-
 class Delivery(Base):
-    """One result object (or report) on its way to one destination.
+    """One result object, or one FHIR report status, on its way to one destination.
 
-    DICOM objects get a row each (``object_uid`` is the SOP Instance UID, ``path`` the result file
-    relative to the spool), so that only what a destination did not confirm is sent again; the
-    FHIR report of a job is one row.
+    DICOM objects get a row each (``object_uid`` is the SOP Instance UID, ``path`` the stored
+    result file relative to the spool), so that only what a destination did not confirm is sent
+    again. A FHIR row carries the report status to publish (``report_status``); the
+    ``preliminary`` one also the stored FHIR resources (``path``).
     """
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("job_id", "destination", "object_uid"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "job_id",
+            "destination",
+            "object_uid",
+            "report_status",
+            name="uq_deliveries_job_destination_object",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[DeliveryKind] = mapped_column(_state_column(DeliveryKind))
     object_uid: Mapped[str] = mapped_column(UID, default="")
+    report_status: Mapped[str] = mapped_column(String(16), default="")
     path: Mapped[str | None] = mapped_column(String(400), default=None)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[DeliveryState] = mapped_column(
+        _state_column(DeliveryState), default=DeliveryState.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    error_code: Mapped[str | None] = mapped_column(String(32), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
@@ -290,20 +339,3 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
-
-
-def set_job_state(session: Session, job: Job, state: JobState, error: str | None = None) -> None:
-    """Move ``job`` to ``state``, stamp the time, and mirror it on the study when it is current.
-
-    The study's state follows its current job; a superseded job no longer speaks for its study.
-    """
-    now = utcnow()
-    job.state = state
-    setattr(job, f"{state.value}_at", now)
-    if error is not None:
-        job.error = error
-    study = session.get(Study, job.study_id)
-    if study is not None and study.current_job_id == job.id and state != JobState.SUPERSEDED:
-        study.state = StudyState(state.value)
-        study.error = error
-        study.updated_at = now

@@ -32,11 +32,6 @@ from pydantic import SecretStr
 
 from dicom_node.config import FhirDestination
 from dicom_node.errors import PermanentError, TransientError
-from pipelines.fhir import (
-    REPORT_STATUSES,
-    REPORT_SYSTEM,
-    report_identifier,
-)
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +187,11 @@ class FhirClient:
         Parameters
         ----------
         report : dict
-            From :func:`pipelines.fhir.build_report` / :func:`~pipelines.fhir.build_results`; its
+            From :func:`~dicom_node.fhir_resources.build_report` or
+            :func:`~dicom_node.fhir_resources.build_results`; its
             ``result`` references (by identifier) are made literal (``Observation/<id>``).
         observations : sequence of dict
-            From :func:`pipelines.fhir.build_observation`.
+            From :func:`dicom_node.fhir_resources.build_observation`.
 
         Returns
         -------
@@ -215,43 +211,6 @@ class FhirClient:
         stored = self.upsert(body)
         withdrawn = self._withdraw(previous, set(by_identifier.values()))
         return Published(stored, written, withdrawn)
-
-    def set_status(
-        self,
-        identifier: Mapping[str, Any] | str,
-        status: str,
-        conclusion: str | None = None,
-    ) -> Written:
-        """Move an existing report to ``status`` (and ``conclusion``), as a versioned update.
-
-        Parameters
-        ----------
-        identifier : dict or str
-            The report's identifier, or the StudyInstanceUID it is derived from
-            (:func:`pipelines.fhir.report_identifier`).
-        status : str
-            A DiagnosticReport.status code (FHIR R4 ``diagnostic-report-status``).
-        conclusion : str, optional
-            Replaces the conclusion; required for ``cancelled`` (the reason).
-
-        Raises
-        ------
-        PermanentError
-            No report has that identifier (build and :meth:`publish` one instead).
-        """
-        if status not in REPORT_STATUSES:
-            raise ValueError(f"not a DiagnosticReport.status: {status!r}")
-        if status == "cancelled" and not conclusion:
-            raise ValueError("a cancelled report needs the reason in its conclusion")
-        if isinstance(identifier, str):
-            identifier = report_identifier(identifier)
-        current = self.find("DiagnosticReport", identifier)
-        if current is None:
-            raise PermanentError(f"no DiagnosticReport with that {REPORT_SYSTEM} identifier")
-        updated = {**current, "status": status}
-        if conclusion is not None:
-            updated["conclusion"] = conclusion
-        return self.upsert(updated)
 
     def _withdraw(self, previous: JSON | None, kept: set[str]) -> list[str]:
         """Set the Observations ``previous`` listed and the new report does not to withdrawn."""

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.db import Database, Instance, Series, Study, StudyState, utcnow
 from dicom_node.errors import DatasetMismatchError, UndecodableDatasetError
+from dicom_node.lifecycle import reopen_study
 from dicom_node.spool import Spool, instance_path
 
 LOGGER = logging.getLogger(__name__)
@@ -182,8 +183,8 @@ def record_instance(
 ) -> bool:
     """Insert the instance row and update its series and study; return whether it reopened one.
 
-    A study that was already queued (or further) is reopened: back to ``receiving``, so that
-    completeness produces a new job that supersedes the old one.
+    A study that was already queued (or further) is reopened (:func:`reopen_study`): back to
+    ``receiving``, so that completeness produces a new job that supersedes the old one.
     """
     now = utcnow()
     study = session.scalar(
@@ -198,9 +199,7 @@ def record_instance(
         )
         session.add(study)
         session.flush()
-    reopened = study.state != StudyState.RECEIVING
-    study.state = StudyState.RECEIVING
-    study.error = None
+    reopened = reopen_study(study)
     study.instances += 1
     study.last_received_at = now
     study.calling_ae = calling_ae

@@ -1,7 +1,8 @@
 """The job publisher: the outbox of job rows, drained into the job queue.
 
 The job row is committed first (by completeness); this thread then publishes every queued job
-that has no confirmation yet and stamps ``published_at`` once the queue confirmed it. While the
+that has no confirmation yet (and whose ``retry_at``, if a retry set one, has come) and stamps
+``published_at`` once the queue confirmed it. While the
 broker is down, jobs simply wait in the outbox and the loop tries again, so a study received
 during an outage is published once the broker is back. There is one mechanism for both the
 first attempt and the retries.
@@ -13,7 +14,7 @@ import logging
 import threading
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from dicom_node.db import Database, Job, JobState, Study, utcnow
 from dicom_node.errors import QueueUnavailableError
@@ -80,7 +81,7 @@ class Publisher(threading.Thread):
         self.join(timeout=30)
 
     def publish_pending(self) -> int:
-        """Publish every queued job without a confirmation, oldest first; return the count.
+        """Publish every due queued job without a confirmation, oldest first; return the count.
 
         Raises
         ------
@@ -91,15 +92,23 @@ class Publisher(threading.Thread):
             pending = session.execute(
                 select(Job, Study)
                 .join(Study, Study.id == Job.study_id)
-                .where(Job.state == JobState.QUEUED, Job.published_at.is_(None))
+                .where(
+                    Job.state == JobState.QUEUED,
+                    Job.published_at.is_(None),
+                    or_(Job.retry_at.is_(None), Job.retry_at <= utcnow()),
+                )
                 .order_by(Job.created_at)
             ).all()
-            messages = [(job.id, job_message(job, study)) for job, study in pending]
-        for job_id, body in messages:
+            messages = [(job.id, job.attempts, job_message(job, study)) for job, study in pending]
+        for job_id, attempts, body in messages:
             self.queue.publish(body, message_id=job_id)
             with self.db.session() as session:
-                job = session.get(Job, job_id)
-                if job is not None:
-                    job.published_at = utcnow()
+                # Not if a worker already began an attempt: it may have sent the job back to
+                # the outbox for a retry, which must be published again.
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.attempts == attempts, Job.published_at.is_(None))
+                    .values(published_at=utcnow())
+                )
             LOGGER.info("job %s published", job_id)
         return len(messages)

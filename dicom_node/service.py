@@ -9,29 +9,18 @@ import uvicorn
 
 from dicom_node.api import create_app
 from dicom_node.completeness import CompletenessLoop, CompletenessTracker
-from dicom_node.config import Settings
+from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database
-from dicom_node.export import DeliveryLoop
+from dicom_node.delivery import DeliveryLoop
 from dicom_node.ingest import Ingest
 from dicom_node.migrate import upgrade
 from dicom_node.policy import AssociationPolicy
 from dicom_node.publisher import Publisher
-from dicom_node.queues import EmbeddedQueue, JobQueue, RabbitQueue
+from dicom_node.queues import make_job_queue
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import LocalSpool
 
 LOGGER = logging.getLogger(__name__)
-
-
-def make_job_queue(settings: Settings, db: Database) -> JobQueue:
-    """RabbitMQ when ``amqp_url`` is set, otherwise the embedded queue in the database."""
-    if settings.amqp_url is not None:
-        return RabbitQueue(
-            settings.amqp_url.get_secret_value(),
-            settings.amqp_queue,
-            settings.amqp_dead_letter_queue,
-        )
-    return EmbeddedQueue(db, settings.amqp_queue, settings.amqp_dead_letter_queue)
 
 
 class Node:
@@ -41,12 +30,15 @@ class Node:
     ----------
     settings : Settings
         The validated settings.
+    config : NodeConfig, optional
+        The node configuration (AE policies, destinations); read from the settings' YAML once,
+        here, when not given. Every part of the node uses this one copy.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config: NodeConfig | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = settings.node_config()
+        self.config = config if config is not None else settings.node_config()
         self.policy = AssociationPolicy(self.config, settings.quiet_seconds)
         self.db = Database(settings.database_url)
         upgrade(self.db)
@@ -76,7 +68,7 @@ class Node:
 
     def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.db, self.settings, self.publisher.wake),
+            create_app(self.db, self.settings, self.config, self.publisher.wake),
             host=self.settings.http_host,
             port=self.settings.http_port,
             log_level="warning",

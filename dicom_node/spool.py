@@ -38,6 +38,18 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"{safe_uid(study_uid)}/{safe_uid(series_uid)}/{safe_uid(sop_uid)}.dcm"
 
 
+_JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def results_path(job_id: str) -> str:
+    """The spool-relative folder of a job's result artifacts: ``results/<job id>``.
+
+    Job ids are the node's own UUIDs and are used as they are; anything else is hashed like an
+    unsafe UID.
+    """
+    return f"results/{job_id if _JOB_ID.match(job_id) else safe_uid(job_id)}"
+
+
 def study_path(study_uid: str) -> str:
     """The spool-relative directory of a study."""
     return safe_uid(study_uid)

@@ -1,8 +1,12 @@
-"""NoduleAI models: phantoms, annotation readers, the two-stage detector, training and evaluation.
+"""NoduleAI models: phantoms, annotation readers, training, export and evaluation.
 
-Torch-free (importable by the service): :mod:`models.phantom`, :mod:`models.annotations`,
-:mod:`models.preprocessing`, :mod:`models.infer`, :mod:`models.evaluation`,
-:mod:`models.evaluate`, :mod:`models.modelcards`.
+The detector itself (preprocessing, both stages, the manifests) lives in :mod:`pipelines`
+(:mod:`pipelines.preprocess`, :mod:`pipelines.screen`, :mod:`pipelines.refine`,
+:mod:`pipelines.manifest`, orchestrated by :class:`pipelines.detect.Detector`); this package
+trains, exports and measures it with those same functions.
+
+Torch-free: :mod:`models.phantom`, :mod:`models.annotations`, :mod:`models.evaluation`,
+:mod:`models.evaluate`, :mod:`models.modelcards`, :mod:`models.realdata`.
 Torch (``train`` extra only): :mod:`models.nets`, :mod:`models.train`, :mod:`models.export`.
 
 Shipped weights: ``models/weights/stage1_screen.onnx`` and ``stage2_refine.onnx`` with their

@@ -11,6 +11,10 @@
 2. The real series LIDC-IDRI-0001 (when the data folder is there): every finding at the
    operating point (and the strongest ones below it), matched to the readers' nodules.
 
+Detection is the service's own :class:`pipelines.detect.Detector` on onnxruntime CPU
+(:meth:`~pipelines.detect.Detector.run_stages`, which keeps the findings below the operating
+point), so the figures are those of what the service runs.
+
 Writes ``models/cards/evaluation.json`` and renders ``models/cards/stage1_screen.md`` and
 ``models/cards/stage2_refine.md``.
 """
@@ -28,7 +32,7 @@ import numpy as np
 
 from models.annotations import lidc_consensus, load_dicom_series, read_lidc_xml
 from models.evaluation import (
-    Detection,
+    EvalDetection,
     Reference,
     ScanCase,
     dice,
@@ -36,9 +40,12 @@ from models.evaluation import (
     froc,
     sensitivity_by_size,
 )
-from models.infer import WEIGHTS_DIR, DetectionResult, Finding, NoduleDetector, candidate_world
 from models.phantom import Phantom, make_phantom
-from models.preprocessing import ISO_SPACING_MM, STAGE2_PATCH, crop_patch, resample_to_iso
+from pipelines.detect import Detector, DetectorConfig, StageResult
+from pipelines.manifest import WEIGHTS_DIR
+from pipelines.preprocess import ISO_SPACING_MM, STAGE2_PATCH, crop_patch, resample_to_iso
+from pipelines.refine import Finding
+from pipelines.screen import candidate_world
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 TEST_OFFSET = 50000
@@ -53,6 +60,16 @@ def default_data_dir() -> Path | None:
     return p if p.exists() else None
 
 
+def evaluation_detector(weights: str | Path = WEIGHTS_DIR, threads: int | None = 1) -> Detector:
+    """The service's detector on onnxruntime CPU with ``threads`` intra-op threads."""
+    return Detector(DetectorConfig(models_dir=Path(weights), backend="onnx-cpu", threads=threads))
+
+
+def _timings_s(res: StageResult) -> dict[str, float]:
+    """``preprocess_s``, ``stage1_s``, ``stage2_s`` in seconds."""
+    return {f"{k}_s": v / 1000.0 for k, v in res.timings_ms.items()}
+
+
 def _hit(centre: tuple[float, float, float], ref: Reference) -> bool:
     return bool(np.linalg.norm(np.subtract(centre, ref.centre_mm)) <= ref.diameter_mm / 2)
 
@@ -65,10 +82,10 @@ def _mask_dice(ph: Phantom, f: Finding, label: int) -> float:
     return dice(f.mask, gt)
 
 
-def evaluate_phantom(det: NoduleDetector, seed: int) -> dict[str, Any]:
+def evaluate_phantom(det: Detector, seed: int) -> dict[str, Any]:
     """Detect in one held-out phantom; return its scan case, stage-1 hits and Dice values."""
     ph = make_phantom(seed)
-    res: DetectionResult = det.detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
+    res = det.run_stages(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     refs = [Reference(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     cands = [candidate_world(c, ph.origin_mm) for c in res.candidates]
     s1_hits = [any(_hit(c, r) for c in cands) for r in refs]
@@ -79,18 +96,18 @@ def evaluate_phantom(det: NoduleDetector, seed: int) -> dict[str, Any]:
             dices.append(
                 (n.diameter_mm, _mask_dice(ph, max(hits, key=lambda f: f.probability), n.label))
             )
-    case = ScanCase(refs, [Detection(f.centre_xyz_mm, f.probability) for f in res.findings])
+    case = ScanCase(refs, [EvalDetection(f.centre_xyz_mm, f.probability) for f in res.findings])
     return {
         "case": case,
         "s1_hits": s1_hits,
         "dice": dices,
         "n_candidates": len(res.candidates),
-        "timings": res.timings,
+        "timings": _timings_s(res),
         "kinds": [(n.kind, n.location) for n in ph.nodules],
     }
 
 
-def evaluate_synthetic(det: NoduleDetector, seed: int, n: int) -> dict[str, Any]:
+def evaluate_synthetic(det: Detector, seed: int, n: int) -> dict[str, Any]:
     """Held-out synthetic evaluation (see the module docstring)."""
     rows = []
     for i in range(n):
@@ -133,7 +150,7 @@ def evaluate_synthetic(det: NoduleDetector, seed: int, n: int) -> dict[str, Any]
         "sensitivity_by_kind": {
             k: [round(float(np.mean(v)), 4), len(v)] for k, v in by_kind.items()
         },
-        "stage1_threshold": det.stage1_threshold,
+        "stage1_threshold": det.candidate_threshold,
         "stage1_recall": round(float(np.mean(s1)), 4) if s1 else None,
         "stage1_candidates_per_scan": round(float(np.mean([r["n_candidates"] for r in rows])), 1),
         "dice_mean": round(float(np.mean([d for _, d in dices])), 4) if dices else None,
@@ -163,14 +180,14 @@ def _lidc_series(data: Path) -> Path | None:
     return hits[0].parent if hits else None
 
 
-def evaluate_lidc(det: NoduleDetector, data: Path) -> dict[str, Any] | None:
+def evaluate_lidc(det: Detector, data: Path) -> dict[str, Any] | None:
     """Detection on LIDC-IDRI-0001 compared with the readers' marks."""
     folder = _lidc_series(data)
     if folder is None:
         return None
     ct = load_dicom_series(folder)
     t0 = time.perf_counter()
-    res = det.detect(ct.volume_hu, ct.spacing_mm, ct.origin_mm)
+    res = det.run_stages(ct.volume_hu, ct.spacing_mm, ct.origin_mm)
     wall = time.perf_counter() - t0
     readers = lidc_consensus(
         read_lidc_xml(folder / "069.xml"), ct.origin_mm, ct.spacing_mm[1:], ct.spacing_mm[0]
@@ -231,7 +248,7 @@ def evaluate_lidc(det: NoduleDetector, data: Path) -> dict[str, Any] | None:
         "findings_at_operating_point": at_op,
         "strongest_below_operating_point": below,
         "n_candidates": len(res.candidates),
-        "timings_s": {k: round(v, 2) for k, v in res.timings.items()},
+        "timings_s": {k: round(v, 2) for k, v in _timings_s(res).items()},
         "wall_s": round(wall, 2),
     }
 
@@ -247,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(CARDS_DIR))
     p.add_argument("--skip-synthetic", action="store_true")
     args = p.parse_args(argv)
-    det = NoduleDetector(args.weights, threads=args.threads)
+    det = evaluation_detector(args.weights, threads=args.threads)
     data = Path(args.data) if args.data else default_data_dir()
     out = Path(args.out)
     prev = out / "evaluation.json"

@@ -31,8 +31,8 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class Detection:
-    """A detection (centre in mm, probability)."""
+class EvalDetection:
+    """A detection as the metrics see it (centre in mm, probability)."""
 
     centre_mm: tuple[float, float, float]
     probability: float
@@ -43,7 +43,7 @@ class ScanCase:
     """One scan: its references, detections and ignore regions (references not counted)."""
 
     references: list[Reference]
-    detections: list[Detection]
+    detections: list[EvalDetection]
     ignore: list[Reference] = field(default_factory=list)
 
 
@@ -60,7 +60,7 @@ class FrocResult:
     n_scans: int
 
 
-def _hits(det: Detection, refs: Sequence[Reference]) -> list[int]:
+def _hits(det: EvalDetection, refs: Sequence[Reference]) -> list[int]:
     c = np.asarray(det.centre_mm)
     return [
         i

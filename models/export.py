@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from models.infer import sha256
 from models.nets import RefineExport, RefineNet, ScreenExport, ScreenNet
-from models.preprocessing import (
+from pipelines.manifest import sha256
+from pipelines.preprocess import (
     HU_WINDOW,
     ISO_SPACING_MM,
     LUNG_MARGIN_MM,

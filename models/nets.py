@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.preprocessing import STAGE1_CONTEXT
+from pipelines.preprocess import STAGE1_CONTEXT
 
 
 class DSConv(nn.Module):

@@ -42,7 +42,7 @@ SOFT_HU = 40.0
 
 
 @dataclass(frozen=True)
-class Nodule:
+class PhantomNodule:
     """Ground truth for one phantom nodule.
 
     Attributes
@@ -81,7 +81,7 @@ class Phantom:
         ``(dz, dy, dx)``; ``dz`` equals the slice thickness.
     origin_mm : tuple of float
         LPS ``(x, y, z)`` of voxel ``[0, 0, 0]``.
-    nodules : list of Nodule
+    nodules : list of PhantomNodule
         Nodules in the volume.
     labels : numpy.ndarray
         uint8 ``[z, y, x]``; ``k`` marks voxels of the nodule with ``label == k``.
@@ -92,7 +92,7 @@ class Phantom:
     volume_hu: npt.NDArray[np.int16]
     spacing_mm: tuple[float, float, float]
     origin_mm: tuple[float, float, float]
-    nodules: list[Nodule]
+    nodules: list[PhantomNodule]
     labels: npt.NDArray[np.uint8]
     seed: int
 
@@ -445,9 +445,9 @@ def _add_nodules(
     anat: _Anatomy,
     hu: FloatArray,
     labels: npt.NDArray[np.uint8],
-) -> list[Nodule]:
+) -> list[PhantomNodule]:
     """Paint ``n`` nodules into ``hu`` (in place) and ``labels``; return their ground truth."""
-    nodules: list[Nodule] = []
+    nodules: list[PhantomNodule] = []
     for _ in range(n * 6):
         if len(nodules) == n:
             break
@@ -481,7 +481,7 @@ def _add_nodules(
         label = len(nodules) + 1
         labels[box][occ >= 0.5] = label
         nodules.append(
-            Nodule(
+            PhantomNodule(
                 centre_xyz_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
                 diameter_mm=round(diameter, 2),
                 kind=kind,

@@ -3,7 +3,7 @@
 ``python -m models.train all --luna16 DIR`` (MetaImage ``*.mhd`` + ``.raw`` and an
 ``annotations.csv`` anywhere under ``DIR``) or ``--lidc DIR`` (DICOM series folders, each with
 its LIDC-IDRI reader XML) trains on those scans instead of phantoms. Every scan becomes the same
-:class:`models.train.Volume` a phantom does; the masks stage 2 learns are spheres of the
+:class:`models.train.TrainingVolume` a phantom does; the masks stage 2 learns are spheres of the
 annotated diameter (LUNA16 gives only a centre and a diameter; for LIDC-IDRI the readers'
 consensus centre and long axis are used the same way). Scans are split into training and
 validation by a seeded shuffle of the scans, so no patient is in both.
@@ -28,7 +28,7 @@ from models.annotations import (
     read_luna16_annotations,
 )
 
-Nodule = tuple[tuple[float, float, float], float]
+AnnotatedNodule = tuple[tuple[float, float, float], float]
 """A reference nodule: LPS centre ``(x, y, z)`` mm and diameter mm."""
 
 LIDC_MIN_READERS = 3
@@ -42,7 +42,7 @@ class RealCase:
 
     kind: str
     path: str
-    nodules: tuple[Nodule, ...] = ()
+    nodules: tuple[AnnotatedNodule, ...] = ()
     xml: str = ""
 
 
@@ -88,7 +88,7 @@ def lidc_cases(folder: str | Path) -> list[RealCase]:
     return out
 
 
-def load_case(case: RealCase) -> tuple[CTVolume, list[Nodule]]:
+def load_case(case: RealCase) -> tuple[CTVolume, list[AnnotatedNodule]]:
     """The scan's HU volume and its reference nodules."""
     if case.kind == "luna16":
         return load_mhd(case.path), list(case.nodules)
@@ -108,7 +108,7 @@ def sphere_labels(
     shape: tuple[int, ...],
     spacing_mm: tuple[float, float, float],
     origin_mm: tuple[float, float, float],
-    nodules: list[Nodule],
+    nodules: list[AnnotatedNodule],
 ) -> npt.NDArray[np.uint8]:
     """Label volume ``[z, y, x]``: nodule ``k`` (1-based) is the ball of its diameter."""
     labels = np.zeros(shape, np.uint8)

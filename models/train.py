@@ -28,17 +28,17 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.infer import (
-    MAX_CANDIDATES,
-    Candidate,
-    extract_candidates,
-    lung_box,
-    refine_candidates,
-    screen_volume,
-    sha256,
-)
 from models.phantom import make_phantom
-from models.preprocessing import (
+from models.realdata import (
+    RealCase,
+    lidc_cases,
+    load_case,
+    luna16_cases,
+    sphere_labels,
+    split_cases,
+)
+from pipelines.manifest import sha256
+from pipelines.preprocess import (
     ISO_SPACING_MM,
     STAGE1_CONTEXT,
     STAGE2_PATCH,
@@ -49,20 +49,20 @@ from models.preprocessing import (
     normalise_hu,
     resample_to_iso,
 )
-from models.realdata import (
-    RealCase,
-    lidc_cases,
-    load_case,
-    luna16_cases,
-    sphere_labels,
-    split_cases,
+from pipelines.refine import refine_candidates
+from pipelines.screen import (
+    MAX_CANDIDATES,
+    Candidate,
+    extract_candidates,
+    lung_box,
+    screen_volume,
 )
 
 TRAIN_OFFSET, VAL_OFFSET, TEST_OFFSET = 10000, 20000, 50000
 
 
 @dataclass
-class Volume:
+class TrainingVolume:
     """A phantom prepared for training on the isotropic grid."""
 
     iso: npt.NDArray[np.float16]
@@ -90,15 +90,15 @@ HARD_NEGATIVE_GAP_VOX = 3.0
 """Hard negatives lie at least this far (isotropic voxels) outside every nodule."""
 
 
-def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> Volume:
+def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> TrainingVolume:
     """Make phantom ``seed`` and bring it to the isotropic grid with its targets."""
     ph = make_phantom(seed, n_nodules=n_nodules)
     nodules = [(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     return to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
 
 
-def prepare_real(case: RealCase, seed: int) -> Volume:
-    """Load a real annotated scan (LUNA16 / LIDC-IDRI) as a training :class:`Volume`."""
+def prepare_real(case: RealCase, seed: int) -> TrainingVolume:
+    """Load a real annotated scan (LUNA16 / LIDC-IDRI) as a training :class:`TrainingVolume`."""
     ct, nodules = load_case(case)
     labels = sphere_labels(ct.volume_hu.shape, ct.spacing_mm, ct.origin_mm, nodules)
     return to_volume(ct.volume_hu, ct.spacing_mm, ct.origin_mm, labels, nodules, seed)
@@ -111,7 +111,7 @@ def to_volume(
     labels_native: npt.NDArray[np.generic],
     nodules: list[tuple[tuple[float, float, float], float]],
     seed: int,
-) -> Volume:
+) -> TrainingVolume:
     """Bring a HU volume, its nodule label volume and its nodules (LPS centre mm, diameter mm)
     to the isotropic grid with the training targets; ``seed`` picks the hard negatives."""
     iso_hu = resample_to_iso(volume_hu, spacing_mm)
@@ -132,7 +132,7 @@ def to_volume(
             for c, _ in nodules
         ]
     )
-    return Volume(
+    return TrainingVolume(
         iso=normalise_hu(iso_hu).astype(np.float16),
         labels=labels,
         allowed=near_lung(lung),
@@ -162,7 +162,7 @@ def _crop2d(vol: npt.NDArray[np.floating[Any]], z: int, cy: int, cx: int, size: 
     return out
 
 
-def heatmap_target(v: Volume, z: int, y0: int, x0: int, size: int) -> FloatArray:
+def heatmap_target(v: TrainingVolume, z: int, y0: int, x0: int, size: int) -> FloatArray:
     """Gaussian centre heatmap for a crop (1 exactly at each nodule's nearest voxel)."""
     yy, xx = np.mgrid[y0 : y0 + size, x0 : x0 + size].astype(np.float32)
     tgt = np.zeros((size, size), np.float32)
@@ -185,7 +185,7 @@ def inverse_diameter_weights(diameters_mm: npt.ArrayLike) -> npt.NDArray[np.floa
 
 
 def stage1_batch(
-    vols: list[Volume], rng: np.random.Generator, batch: int, size: int
+    vols: list[TrainingVolume], rng: np.random.Generator, batch: int, size: int
 ) -> tuple[FloatArray, FloatArray]:
     """Half the crops around nodules (mostly their centre slice; small nodules drawn more
     often), a quarter centred on hard negatives, a quarter anywhere in the lungs' box."""
@@ -224,7 +224,7 @@ def stage1_batch(
     return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32)
 
 
-def mine_false_positives(net: Any, vols: list[Volume], per_volume: int = 200) -> int:
+def mine_false_positives(net: Any, vols: list[TrainingVolume], per_volume: int = 200) -> int:
     """Add the screen's strongest peaks outside every nodule to each volume's hard negatives.
 
     Returns how many were added in all.
@@ -260,7 +260,7 @@ class PatchSet:
         return (self.d > 0).astype(np.uint8)
 
 
-def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
+def _nearest(v: TrainingVolume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
     if not len(v.radii):
         return -1, np.inf
     d = np.linalg.norm(v.centres - p, axis=1) - v.radii
@@ -269,7 +269,7 @@ def _nearest(v: Volume, p: npt.NDArray[np.float64]) -> tuple[int, float]:
 
 
 def stage2_patches(
-    vols: list[Volume],
+    vols: list[TrainingVolume],
     cands: list[list[Candidate]],
     rng: np.random.Generator,
     jitter_per_nodule: int = 6,
@@ -282,7 +282,7 @@ def stage2_patches(
     ms: list[npt.NDArray[np.uint8]] = []
     ds: list[float] = []
 
-    def add(v: Volume, centre: npt.NDArray[np.float64], diameter_mm: float) -> None:
+    def add(v: TrainingVolume, centre: npt.NDArray[np.float64], diameter_mm: float) -> None:
         vox = (int(np.rint(centre[0])), int(np.rint(centre[1])), int(np.rint(centre[2])))
         xs.append(crop_patch(v.iso, vox, STAGE2_PATCH))
         lab = crop_patch(v.labels, vox, STAGE2_PATCH)
@@ -369,7 +369,7 @@ def _iterate(n: int, every: int) -> Iterator[tuple[int, bool]]:
 
 
 def train_stage1(
-    vols: list[Volume],
+    vols: list[TrainingVolume],
     iters: int,
     seed: int,
     threads: int,
@@ -482,7 +482,7 @@ def torch_predict2(net: Any) -> Any:
 # --------------------------------------------------------------------------- thresholds
 
 
-def best_candidate_scores(vols: list[Volume], cands: list[list[Candidate]]) -> list[float]:
+def best_candidate_scores(vols: list[TrainingVolume], cands: list[list[Candidate]]) -> list[float]:
     """Per nodule: highest candidate score within its radius (0 when none)."""
     out = []
     for v, cs in zip(vols, cands, strict=True):
@@ -502,7 +502,7 @@ def choose_stage1_threshold(scores: list[float], floor: float) -> float:
 
 
 def screen_all(
-    net: Any, vols: list[Volume], threshold: float, max_candidates: int = MAX_CANDIDATES
+    net: Any, vols: list[TrainingVolume], threshold: float, max_candidates: int = MAX_CANDIDATES
 ) -> list[list[Candidate]]:
     """Stage-1 candidates of every volume."""
     pred = torch_predict1(net)
@@ -517,7 +517,7 @@ def screen_all(
     ]
 
 
-def _world(v: Volume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+def _world(v: TrainingVolume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     o = v.origin_mm
     return (
         float(o[0] + c[2] * ISO_SPACING_MM),
@@ -527,17 +527,17 @@ def _world(v: Volume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
 
 
 def choose_operating_threshold(
-    vols: list[Volume], cands: list[list[Candidate]], net2: Any, target_fps: float
+    vols: list[TrainingVolume], cands: list[list[Candidate]], net2: Any, target_fps: float
 ) -> tuple[float, dict[str, Any]]:
     """Lowest stage-2 threshold (>= 0.5) with at most ``target_fps`` FPs/scan on validation."""
-    from models.evaluation import Detection, Reference, ScanCase, fps_per_scan, froc
+    from models.evaluation import EvalDetection, Reference, ScanCase, fps_per_scan, froc
 
     pred = torch_predict2(net2)
     cases = []
     for v, cs in zip(vols, cands, strict=True):
         fs = refine_candidates(v.iso.astype(np.float32), cs, pred, v.origin_mm)
         refs = [Reference(_world(v, c), d) for c, d in zip(v.centres, v.diameters_mm, strict=True)]
-        cases.append(ScanCase(refs, [Detection(f.centre_xyz_mm, f.probability) for f in fs]))
+        cases.append(ScanCase(refs, [EvalDetection(f.centre_xyz_mm, f.probability) for f in fs]))
     res = froc(cases)
     thr = 0.5
     for t in sorted(set(np.round(np.linspace(0.5, 0.99, 50), 3))):
@@ -554,7 +554,9 @@ def choose_operating_threshold(
 # --------------------------------------------------------------------------- main
 
 
-def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) -> dict[str, float]:
+def onnx_parity(
+    net1: Any, net2: Any, p1: Path, p2: Path, vols: list[TrainingVolume]
+) -> dict[str, float]:
     """Largest |onnxruntime - torch| of both exported stages on validation inputs."""
     import onnxruntime as ort
 
@@ -585,17 +587,19 @@ def onnx_parity(net1: Any, net2: Any, p1: Path, p2: Path, vols: list[Volume]) ->
     }
 
 
-def _pool_map(fn: Any, jobs: list[tuple[Any, ...]], processes: int) -> list[Volume]:
+def _pool_map(fn: Any, jobs: list[tuple[Any, ...]], processes: int) -> list[TrainingVolume]:
     """``fn(*job)`` for every job, in order, on ``processes`` worker processes."""
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        out: list[Volume] = pool.starmap(fn, jobs, chunksize=4)
+        out: list[TrainingVolume] = pool.starmap(fn, jobs, chunksize=4)
     _log(f"prepared {len(out)} volumes")
     return out
 
 
-def training_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], dict[str, Any]]:
+def training_data(
+    args: argparse.Namespace,
+) -> tuple[list[TrainingVolume], list[TrainingVolume], dict[str, Any]]:
     """Training and validation volumes (phantoms, or real scans with ``--luna16``/``--lidc``)
     and what the manifests record about them."""
     if args.luna16 or args.lidc:

@@ -1,6 +1,9 @@
 """The two-stage detector on a built volume: preprocessing, stage 1, stage 2, post-processing.
 
-Each step is timed (milliseconds); the backend that ran is reported with the result.
+This is the one orchestration of the detector: the service runs :meth:`Detector.run`, the models'
+evaluation (:mod:`models.evaluate`) runs :meth:`Detector.run_stages` on the same steps to see
+every scored finding. Each step is timed (milliseconds); the backend that ran is reported with
+the result.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.infer import MAX_CANDIDATES, STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
-from models.preprocessing import lung_mask, normalise_hu
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
-from pipelines.refine import refine
-from pipelines.resample import resample_to_iso
-from pipelines.screen import screen
+from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
+from pipelines.preprocess import FloatArray, lung_mask, normalise_hu, resample_to_iso
+from pipelines.refine import Finding, refine
+from pipelines.screen import MAX_CANDIDATES, Candidate, screen
 from pipelines.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
@@ -80,6 +82,37 @@ class Detection:
         }
 
 
+@dataclass
+class StageResult:
+    """What preprocessing and the two stages made of one volume, before post-processing.
+
+    Attributes
+    ----------
+    candidates : list of Candidate
+        Stage 1's candidates, strongest first.
+    findings : list of Finding
+        Every finding stage 2 scored (merged and recentred), also those below the operating
+        threshold (what FROC needs).
+    threshold : float
+        The detector's operating threshold.
+    iso_hu : numpy.ndarray
+        The volume resampled to the isotropic grid, in HU (what post-processing measures on).
+    timings_ms : dict of str to float
+        ``preprocess``, ``stage1`` and ``stage2`` in milliseconds.
+    """
+
+    candidates: list[Candidate]
+    findings: list[Finding]
+    threshold: float
+    iso_hu: FloatArray = field(repr=False)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def findings_at(self, threshold: float | None = None) -> list[Finding]:
+        """Findings with probability at or above ``threshold`` (default: the operating point)."""
+        t = self.threshold if threshold is None else threshold
+        return [f for f in self.findings if f.probability >= t]
+
+
 class Detector:
     """Both stages loaded once, run on many volumes.
 
@@ -120,14 +153,28 @@ class Detector:
             volume.hu, volume.spacing_mm, volume.origin_mm, volume.series_instance_uid
         )
 
-    def detect(
+    def run_stages(
         self,
         hu: npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]],
         spacing_mm: tuple[float, float, float],
         origin_mm: tuple[float, float, float],
-        series_instance_uid: str = "",
-    ) -> Detection:
-        """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``."""
+    ) -> StageResult:
+        """Preprocess ``hu`` and run both stages; every scored finding, none dropped.
+
+        Parameters
+        ----------
+        hu : numpy.ndarray
+            ``[z, y, x]`` Hounsfield units, slices in increasing z.
+        spacing_mm : tuple of float
+            ``(dz, dy, dx)``.
+        origin_mm : tuple of float
+            LPS ``(x, y, z)`` of voxel ``[0, 0, 0]``.
+
+        Returns
+        -------
+        StageResult
+            Candidates, all scored findings (also below the operating threshold) and timings.
+        """
         timings: dict[str, float] = {}
         with _timed(timings, "preprocess"):
             iso_hu = resample_to_iso(hu, spacing_mm)
@@ -139,17 +186,28 @@ class Detector:
             )
         with _timed(timings, "stage2"):
             findings = refine(iso, candidates, self.stage2, origin_mm)
+        return StageResult(candidates, findings, self.threshold, iso_hu, timings)
+
+    def detect(
+        self,
+        hu: npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]],
+        spacing_mm: tuple[float, float, float],
+        origin_mm: tuple[float, float, float],
+        series_instance_uid: str = "",
+    ) -> Detection:
+        """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``."""
+        stages = self.run_stages(hu, spacing_mm, origin_mm)
+        timings = dict(stages.timings_ms)
         with _timed(timings, "postprocess"):
             nodules = [
-                describe(f, iso_hu, origin_mm, self.threshold, self.config.review_band)
-                for f in findings
-                if f.probability >= self.threshold
+                describe(f, stages.iso_hu, origin_mm, self.threshold, self.config.review_band)
+                for f in stages.findings_at()
             ]
             nodules.sort(key=lambda n: -n.probability)
         return Detection(
             series_instance_uid=series_instance_uid,
             nodules=nodules,
-            candidates=len(candidates),
+            candidates=len(stages.candidates),
             timings_ms=timings,
             backend=self.backend,
             model_versions={

@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.infer import Finding
-from models.preprocessing import ISO_SPACING_MM
+from pipelines.preprocess import ISO_SPACING_MM
+from pipelines.refine import Finding
 
 #: HU above which a voxel counts as solid (soft tissue) rather than ground glass.
 SOLID_HU = -300.0

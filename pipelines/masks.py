@@ -38,7 +38,8 @@ from pydicom import Dataset
 from scipy import ndimage
 
 from pipelines.findings import Nodule
-from pipelines.volume import SourceFrame, Volume, frame_attr
+from pipelines.headers import frame_attr
+from pipelines.volume import SourceFrame, Volume
 
 BoolArray = npt.NDArray[np.bool_]
 Points = npt.NDArray[np.float64]

@@ -1,24 +1,33 @@
 """The one entry point that turns detected nodules into DICOM result objects.
 
-``encode_results`` is what the worker calls after detection. It writes nothing to disk and sends
-nothing; it returns the datasets (SEG, then SR, then GSPS) for the worker to persist and deliver.
+``encode_results`` is what the worker (and ``noduleai detect``) calls after detection. It writes
+nothing to disk and sends nothing; it returns the datasets (SEG, then SR, then GSPS) and the
+nodules they actually hold, each with its tracking identifier, tracking UID and segment number,
+for the worker to persist (:class:`dicom_node.results.ResultSet`) and deliver. The FHIR
+Observations are built from those same nodules, so SR, SEG and FHIR always list the same ones.
 
 * SEG (PS3.3 C.8.20, :mod:`pipelines.seg`): only when there are nodules.
 * Comprehensive 3D SR, TID 1500 (:mod:`pipelines.sr`): always; a negative report when there are
   no nodules. Names ``predecessor`` when given (rerun after late instances).
 * GSPS (PS3.3 C.11.10, :mod:`pipelines.gsps`): only when there are nodules.
 
-Every UID is derived (:mod:`pipelines.uids`) from the source series, its instance set and the
-model version: encoding the same input again returns objects with the same UIDs.
+Every UID is derived here, once (:mod:`pipelines.uids`), from the source series, its instance set
+and the model version: encoding the same input again returns objects with the same UIDs.
+
+Encoder faults are deterministic (the same input fails the same way), so they leave this module as
+:class:`~dicom_node.errors.EncodingError`, a permanent error: the job fails at once, unretried.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
+from dicom_node.errors import EncodingError
+from dicom_node.results import ModelIdentity, ObjectKind, ReportedNodule
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.masks import nodule_outline, project_mask, source_planes
@@ -33,19 +42,31 @@ def _load(sources: Sequence[Dataset | str | Path]) -> list[Dataset]:
     return [s if isinstance(s, Dataset) else dcmread(s, stop_before_pixels=True) for s in sources]
 
 
-def model_identity(model_name: str, model_version: str) -> str:
-    """The string UIDs depend on: name and version."""
-    return f"{model_name} {model_version}"
+#: The kind of each result object by its Modality.
+KIND_BY_MODALITY = {"SEG": ObjectKind.SEG, "SR": ObjectKind.SR, "PR": ObjectKind.GSPS}
+#: Errors highdicom and pydicom raise on content they cannot encode.
+_ENCODER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+@dataclass(frozen=True)
+class EncodedResults:
+    """What :func:`encode_results` made: the datasets and the nodules they hold.
+
+    ``not_encoded`` counts the detected nodules left out because no stored frame shows them.
+    """
+
+    datasets: list[Dataset]
+    nodules: list[ReportedNodule]
+    not_encoded: int
 
 
 def encode_results(
     source_datasets_or_paths: Sequence[Dataset | str | Path],
     volume: Volume,
     nodules: Sequence[Nodule],
-    model_name: str,
-    model_version: str,
+    model: ModelIdentity,
     predecessor: Predecessor | None = None,
-) -> list[Dataset]:
+) -> EncodedResults:
     """Encode the findings of one series as SEG, SR (TID 1500) and GSPS.
 
     Parameters
@@ -56,8 +77,9 @@ def encode_results(
     volume : Volume
         The volume the nodules were found in (its ``source_positions`` tie slices to frames).
     nodules : sequence of Nodule
-        In report order; nodule ``i`` becomes "Nodule i+1", segment ``i+1``.
-    model_name, model_version : str
+        In report order. The ``k``-th nodule that is encoded becomes "Nodule k", segment ``k``,
+        with tracking UID ``k - 1`` (:meth:`ResultUIDs.tracking_uid`).
+    model : ModelIdentity
         Algorithm identification in every object; part of every derived UID.
     predecessor : pydicom.Dataset or (str, str, str), optional
         The SR of an earlier run on this series (a different instance set); the new SR lists it in
@@ -65,57 +87,94 @@ def encode_results(
 
     Returns
     -------
-    list of pydicom.Dataset
-        ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without. Nodules whose mask falls on no stored
-        frame (e.g. only on interpolated slices) are left out of all three objects.
+    EncodedResults
+        Datasets ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without, and the encoded nodules.
+        Nodules whose mask falls on no stored frame (e.g. only on interpolated slices) are left
+        out of all three objects and of the nodule list.
 
     Raises
     ------
-    ValueError
+    EncodingError
         When there are nodules but none lies on a stored frame (e.g. a Volume resampled onto
         an axial grid from a tilted series has no ``source_positions``): a negative report
-        would be false.
+        would be false. Also when highdicom refuses the content.
     """
+    try:
+        return _encode(source_datasets_or_paths, volume, nodules, model, predecessor)
+    except _ENCODER_ERRORS as exc:
+        raise EncodingError(f"result objects could not be encoded: {exc}") from exc
+
+
+def _encode(
+    source_datasets_or_paths: Sequence[Dataset | str | Path],
+    volume: Volume,
+    nodules: Sequence[Nodule],
+    model: ModelIdentity,
+    predecessor: Predecessor | None,
+) -> EncodedResults:
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     used = [by_uid[uid] for uid in volume.sop_instance_uids if uid in by_uid]
     uids = ResultUIDs.create(
         volume.series_instance_uid,
         volume.sop_instance_uids,
-        model_identity(model_name, model_version),
+        model.display,
     )
+    name, version = model.name, model.version
     planes = source_planes(volume, by_uid)
     segments: list[SegmentInput] = []
     reports: list[NoduleReport] = []
-    for index, nodule in enumerate(nodules):
+    for nodule in nodules:
         masks = project_mask(nodule, planes)
         outline = nodule_outline(masks, nodule)
         if outline is None:
             continue
-        tracking_id = f"Nodule {index + 1}"
-        tracking_uid = uids.tracking_uid(index)
+        number = len(reports) + 1
+        tracking_id = f"Nodule {number}"
+        tracking_uid = uids.tracking_uid(number - 1)
         segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id))
-        reports.append(
-            NoduleReport(nodule, outline, tracking_id, tracking_uid, segment_number=len(segments))
-        )
+        reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number))
     if predecessor is not None and _same_sr(predecessor, uids.sr_instance_uid):
         predecessor = None
     if nodules and not reports:
-        # a "without findings" SR would be false; the caller must fail the job instead
-        raise ValueError("no nodule lies on a stored frame (volume resampled off the source?)")
+        # a "without findings" SR would be false; the job must fail instead
+        raise EncodingError("no nodule lies on a stored frame (volume resampled off the source?)")
+    encoded = [_reported(r) for r in reports]
+    not_encoded = len(nodules) - len(reports)
     if not reports:
-        return [encode_sr([], used, uids, model_name, model_version, predecessor=predecessor)]
+        sr = encode_sr([], used, uids, name, version, predecessor=predecessor)
+        return EncodedResults([sr], encoded, not_encoded)
     slice_order = [(p.source.sop_instance_uid, p.source.frame_number) for p in planes]
-    seg = encode_segmentation(used, slice_order, segments, uids, model_name, model_version)
-    sr = encode_sr(reports, used, uids, model_name, model_version, seg=seg, predecessor=predecessor)
+    seg = encode_segmentation(used, slice_order, segments, uids, name, version)
+    sr = encode_sr(reports, used, uids, name, version, seg=seg, predecessor=predecessor)
     gsps = encode_gsps(
         used,
         [GspsNodule(r.nodule, r.outline, r.tracking_id, r.tracking_uid) for r in reports],
         uids,
-        model_name,
-        model_version,
+        name,
+        version,
     )
-    return [seg, sr, gsps]
+    return EncodedResults([seg, sr, gsps], encoded, not_encoded)
+
+
+def _reported(report: NoduleReport) -> ReportedNodule:
+    """The record every output shares for one encoded nodule."""
+    n = report.nodule
+    x, y, z = (float(v) for v in n.center_mm)
+    return ReportedNodule(
+        number=report.segment_number,
+        tracking_id=report.tracking_id,
+        tracking_uid=report.tracking_uid,
+        segment_number=report.segment_number,
+        center_mm=(x, y, z),
+        long_axis_mm=float(n.long_axis_mm),
+        short_axis_mm=float(n.short_axis_mm),
+        volume_mm3=float(n.volume_mm3),
+        mean_hu=float(n.mean_hu),
+        type=n.type,
+        probability=float(n.probability),
+        needs_review=bool(n.needs_review),
+    )
 
 
 def _same_sr(predecessor: Predecessor, sop_instance_uid: str) -> bool:

@@ -1,20 +1,118 @@
 """Stage 1: the 2D screen over every slice of the lungs, and candidate extraction.
 
-The network (2.5D input: each slice with its neighbours as channels) turns every slice into a
-nodule-centre heatmap; local maxima inside the lungs become candidates after 3D non-maximum
-suppression, strongest first and bounded in number. The tensor work is
-:func:`models.infer.screen_volume` and :func:`models.infer.extract_candidates`, shared with the
-models' own evaluation so that the service runs exactly what was measured.
+The network (2.5D input: each slice with its neighbours as channels) turns every slice inside the
+lungs' bounding box into a nodule-centre heatmap; local maxima at or above the stage-1 threshold
+within :data:`~pipelines.preprocess.LUNG_MARGIN_MM` of the lungs become candidates after 3D
+non-maximum suppression, strongest first and at most :data:`MAX_CANDIDATES`. Training and
+evaluation (:mod:`models`) use the same functions, so the service runs exactly what was measured.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
-from models.infer import Candidate, extract_candidates, lung_box, screen_volume
-from models.preprocessing import near_lung
-from pipelines.backends import FloatArray, InferenceBackend
+from pipelines.backends import InferenceBackend
+from pipelines.preprocess import ISO_SPACING_MM, STAGE1_CONTEXT, FloatArray, near_lung
+
+MAX_CANDIDATES = 128
+"""Most candidates per scan passed to stage 2 (highest stage-1 scores first)."""
+
+Predict1 = Callable[[FloatArray], FloatArray]
+"""Stage 1 on a batch ``(N, 2 * STAGE1_CONTEXT + 1, H, W)`` -> heatmap ``(N, 1, H, W)``."""
+
+
+@dataclass
+class Candidate:
+    """A stage-1 candidate: isotropic voxel ``(z, y, x)`` and heatmap score."""
+
+    voxel: tuple[int, int, int]
+    score: float
+
+
+def candidate_world(
+    c: Candidate, origin_mm: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    """LPS position of a candidate voxel on the isotropic grid."""
+    z, y, x = c.voxel
+    return (
+        origin_mm[0] + x * ISO_SPACING_MM,
+        origin_mm[1] + y * ISO_SPACING_MM,
+        origin_mm[2] + z * ISO_SPACING_MM,
+    )
+
+
+def lung_box(lung: npt.NDArray[np.bool_], margin: int = 8) -> tuple[slice, slice, slice]:
+    """Bounding box of the lungs plus ``margin`` voxels (the whole volume when empty)."""
+    if not lung.any():
+        return (slice(0, lung.shape[0]), slice(0, lung.shape[1]), slice(0, lung.shape[2]))
+    idx = np.argwhere(lung)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, lung.shape)
+    return (
+        slice(int(lo[0]), int(hi[0])),
+        slice(int(lo[1]), int(hi[1])),
+        slice(int(lo[2]), int(hi[2])),
+    )
+
+
+def stage1_input(iso_norm: FloatArray, z: int) -> FloatArray:
+    """The 2.5D input of slice ``z``: slices ``z-2 .. z+2`` as channels (edges repeated)."""
+    idx = np.clip(np.arange(z - STAGE1_CONTEXT, z + STAGE1_CONTEXT + 1), 0, iso_norm.shape[0] - 1)
+    return np.ascontiguousarray(iso_norm[idx], dtype=np.float32)
+
+
+def screen_volume(
+    iso_norm: FloatArray, box: tuple[slice, slice, slice], predict: Predict1, batch: int = 8
+) -> FloatArray:
+    """Run stage 1 on every slice of ``box``; return the heatmap on the full isotropic grid.
+
+    The in-plane box is padded (with 0, i.e. air) to a multiple of 8 for the network's strides.
+    """
+    heat = np.zeros(iso_norm.shape, np.float32)
+    ys, xs = box[1], box[2]
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    ph, pw = -h % 8, -w % 8
+    zs = list(range(box[0].start, box[0].stop))
+    for i in range(0, len(zs), batch):
+        chunk = zs[i : i + batch]
+        x = np.stack([stage1_input(iso_norm, z)[:, ys, xs] for z in chunk])
+        x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
+        out = predict(x)
+        heat[chunk[0] : chunk[-1] + 1, ys, xs] = out[:, 0, :h, :w]
+    return heat
+
+
+def extract_candidates(
+    heat: FloatArray,
+    allowed: npt.NDArray[np.bool_],
+    threshold: float,
+    max_candidates: int = MAX_CANDIDATES,
+    min_dist_vox: float = 4.0,
+) -> list[Candidate]:
+    """Local maxima of ``heat`` at or above ``threshold`` inside ``allowed``, strongest first.
+
+    Peaks closer than ``min_dist_vox`` to a stronger kept peak are dropped.
+    """
+    peaks = (heat == ndimage.maximum_filter(heat, size=3)) & (heat >= threshold) & allowed
+    idx = np.argwhere(peaks)
+    scores = heat[peaks]
+    order = np.argsort(-scores, kind="stable")
+    kept: list[Candidate] = []
+    kept_vox = np.empty((max_candidates, 3))
+    for i in order:
+        v = idx[i]
+        if ((kept_vox[: len(kept)] - v) ** 2).sum(axis=1).min(initial=np.inf) < min_dist_vox**2:
+            continue
+        kept_vox[len(kept)] = v
+        kept.append(Candidate(voxel=(int(v[0]), int(v[1]), int(v[2])), score=float(scores[i])))
+        if len(kept) >= max_candidates:
+            break
+    return kept
 
 
 def screen(
@@ -39,6 +137,8 @@ def screen(
         Heatmap level at or above which a local maximum is a candidate.
     max_candidates : int
         The most candidates passed on to stage 2.
+    batch : int
+        Slices per network call.
     """
     heat = screen_volume(iso_norm, lung_box(lung), lambda x: backend.run(x)[0], batch=batch)
     return extract_candidates(heat, near_lung(lung), threshold, max_candidates=max_candidates)

@@ -47,16 +47,13 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import StudyRejectedError
-from pipelines.volume import (
+from pipelines.geometry import SAME_POSITION_MM, SPACING_NOISE_MM, axial_angle_deg, slice_normal
+from pipelines.headers import (
     CT_IMAGE,
     ENHANCED_CT,
-    SAME_POSITION_MM,
-    SPACING_NOISE_MM,
-    axial_angle_deg,
     frame_attr,
     is_multiframe,
     number_of_frames,
-    slice_normal,
     sop_class_uid,
 )
 

@@ -1,23 +1,28 @@
-"""The worker: takes jobs from the queue, analyses the study, persists the results, acknowledges.
+"""The worker: takes jobs from the queue, analyses the study, persists the result set, settles.
 
 At-least-once delivery, idempotent processing (DESIGN.md):
 
 - a job already finished (or superseded) when its message arrives is acknowledged and skipped;
-- results and the job's state change are written in one transaction, and the ``results`` row is
-  unique per job, so a redelivered job cannot leave a second result set;
+- the result set (:class:`dicom_node.results.ResultSet`) is written under the job's results
+  folder, then its row, its delivery rows and the job's state change are committed in one
+  transaction (:func:`dicom_node.lifecycle.store_result`); the ``results`` row is unique per job,
+  so a redelivered job cannot leave a second result set;
 - the message is acknowledged only after that transaction committed;
-- transient errors are retried with exponential backoff up to ``max_attempts``; then, and for
-  permanent errors, the job is ``failed`` with its reason and the message is dead-lettered;
-  a study that cannot be analysed ends ``rejected`` with a machine-readable reason.
+- a failure is classified by the one retry policy (:mod:`dicom_node.retry`): a rejected study
+  ends ``rejected`` with its reason, a permanent fault (an encoder error, say) fails the job at
+  once and dead-letters the message, anything else is retried *by the outbox*: the job goes back
+  to ``queued`` with a ``retry_at`` after the backoff and its message is acknowledged, so no
+  message is held while waiting; after ``max_attempts`` the job fails;
+- when not even the failure can be recorded (the database is unreachable), the message is given
+  back to the queue and this worker pauses before it takes another.
 
-pika is not thread-safe: on RabbitMQ the analysis runs in its own thread while the connection's
-thread keeps serving heartbeats, and the acknowledgement goes back through
-``add_callback_threadsafe``.
+The job source (:func:`dicom_node.queues.make_job_source`) is RabbitMQ's consumer or the embedded
+queue; on RabbitMQ the connection lives on its own thread, so a long analysis never starves its
+heartbeats.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -27,33 +32,36 @@ import time
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
-import pika
-from pika.adapters.blocking_connection import BlockingChannel
-from pika.spec import Basic, BasicProperties
+from pydicom import Dataset
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.config import Settings
-from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study, set_job_state
-from dicom_node.errors import PermanentError, StudyRejectedError, TransientError
-from dicom_node.export import delivery_rows
-from dicom_node.queues import EmbeddedQueue, JobSource, Received, declare_topology
-from dicom_node.spool import LocalSpool, safe_uid
+from dicom_node.config import NodeConfig, Settings
+from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study
+from dicom_node.errors import ErrorCode, QueueUnavailableError
+from dicom_node.fhir_resources import build_results, report_subject
+from dicom_node.lifecycle import (
+    FINISHED,
+    begin_attempt,
+    settle_failure,
+    store_result,
+)
+from dicom_node.queues import JobSource, Received, make_job_source
+from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet
+from dicom_node.retry import Decision, RetryPolicy, Verdict
+from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
-from pipelines.detect import Detection, Detector, DetectorConfig
-from pipelines.outputs import encode_results, model_identity
-from pipelines.uids import ResultUIDs
+from pipelines.detect import Detector, DetectorConfig
+from pipelines.outputs import KIND_BY_MODALITY, encode_results
 
 LOGGER = logging.getLogger(__name__)
 
-_FINISHED = (JobState.DONE, JobState.REJECTED, JobState.FAILED, JobState.SUPERSEDED)
 HEARTBEAT_SECONDS = 10.0
 
 
-class Decision(Enum):
+class Settle(Enum):
     """What becomes of a message after its job was handled."""
 
     ACK = "ack"
@@ -85,15 +93,24 @@ class Worker:
         Attempts, backoff, minimum slices and the detector's configuration.
     db : Database
         Jobs, instances and results.
+    config : NodeConfig
+        Destinations (read once at start by the caller).
     detector : Detector, optional
         Loaded lazily on the first job when not given.
     """
 
-    def __init__(self, settings: Settings, db: Database, detector: Detector | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        config: NodeConfig,
+        detector: Detector | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
+        self.config = config
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
-        self.config = settings.node_config()
+        self.policy = RetryPolicy(settings.max_attempts, settings.retry_backoff_seconds)
         self._detector = detector
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:04x}"
         self.current_job: str | None = None
@@ -112,176 +129,173 @@ class Worker:
 
     # ------------------------------------------------------------------ one job
 
-    def handle(self, body: dict[str, Any]) -> Decision:
+    def handle(self, message: Received) -> Settle:
         """Handle one job message; return what to do with the message."""
-        job_id = str(body.get("job_id", ""))
-        paths = self._start(job_id)
-        if paths is None:
-            return Decision.ACK
+        job_id = str(message.body.get("job_id", ""))
+        started = self._start(job_id)
+        if isinstance(started, Settle):
+            return started
+        paths, study_uid, attempt = started
         self.current_job = job_id
         self.heartbeat()
         try:
             analysis = analyse(paths, lambda: self.detector, self.settings.min_slices)
-            detection = analysis.detection
-            outputs = self._encode(job_id, analysis)
-        except StudyRejectedError as exc:
-            self._finish(job_id, JobState.REJECTED, error=f"{exc.code}: {exc.detail}")
-            LOGGER.info("job %s rejected: %s", job_id, exc.code)
-            return Decision.ACK
+            result = self._persist(job_id, study_uid, analysis)
         except Exception as exc:
-            return self._failed(job_id, exc)
+            return self._failed(job_id, self.policy.decide(exc, attempt))
         finally:
             self.current_job = None
-        self._save(job_id, detection, outputs)
+        self._save(job_id, result)
         LOGGER.info(
-            "job %s done: %d nodules from %d candidates in %.0f ms on %s",
+            "job %s done: %d nodules (%d not encodable) from %d candidates in %.0f ms on %s",
             job_id,
-            len(detection.nodules),
-            detection.candidates,
-            detection.timings_ms["total"],
-            detection.backend,
+            len(result.nodules),
+            result.not_encoded,
+            result.candidates,
+            result.timings_ms["total"],
+            result.backend,
         )
-        return Decision.ACK
+        return Settle.ACK
 
-    def _start(self, job_id: str) -> list[Path] | None:
-        """Move the job to processing and list its files; ``None`` if there is nothing to do."""
+    def _start(self, job_id: str) -> tuple[list[Path], str, int] | Settle:
+        """Begin an attempt: the job's files, study UID and attempt number, or how to settle."""
         with self.db.session() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state in _FINISHED:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state in FINISHED:
                 LOGGER.info("job %s skipped: %s", job_id, job.state if job else "unknown job")
-                return None
-            job.attempts += 1
-            set_job_state(session, job, JobState.PROCESSING)
+                return Settle.ACK
+            if job.attempts >= self.policy.max_attempts:  # earlier attempts died with the worker
+                decision = Decision(
+                    Verdict.DEAD_LETTER,
+                    ErrorCode.RETRIES_EXHAUSTED,
+                    f"{job.attempts} attempts started, none finished",
+                )
+                settle_failure(session, job, decision, self.config)
+                LOGGER.error("job %s failed: %s", job_id, decision.code)
+                return Settle.DEAD_LETTER
+            begin_attempt(session, job)
+            study = session.get(Study, job.study_id)
+            assert study is not None
             relpaths = session.scalars(
                 select(Instance.path)
                 .join(Series, Series.id == Instance.series_id)
                 .where(Series.study_id == job.study_id)
             ).all()
             LOGGER.info("job %s processing (attempt %d)", job_id, job.attempts)
-        return [self.spool.path(p) for p in relpaths]
+            return [self.spool.path(p) for p in relpaths], study.study_instance_uid, job.attempts
 
-    def _encode(self, job_id: str, analysis: Analysis) -> dict[str, Any]:
-        """Encode SEG/SR/GSPS into the spool (``results/<job>/``); describe what was written."""
+    def _persist(self, job_id: str, study_uid: str, analysis: Analysis) -> ResultSet:
+        """Encode the findings and write every artifact under ``results/<job>/``."""
         start = time.perf_counter()
-        volume, detection = analysis.volume, analysis.detection
-        datasets = encode_results(
+        detection = analysis.detection
+        model = ModelIdentity(detection.model_name, detection.model_version)
+        encoded = encode_results(
             analysis.paths,
-            volume,
+            analysis.volume,
             detection.nodules,
-            detection.model_name,
-            detection.model_version,
+            model,
             predecessor=self._predecessor(job_id),
         )
-        uids = ResultUIDs.create(
-            volume.series_instance_uid,
-            volume.sop_instance_uids,
-            model_identity(detection.model_name, detection.model_version),
+        folder = results_path(job_id)
+        objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
+        sr = next(o for o in objects if o.kind is ObjectKind.SR)
+        seg = next((o for o in objects if o.kind is ObjectKind.SEG), None)
+        report, observations = build_results(
+            report_subject(study_uid, analysis.paths[0]),
+            [n.to_json() for n in encoded.nodules],
+            model,
+            tracking_uids=[n.tracking_uid for n in encoded.nodules],
+            sr_uid=sr.sop_instance_uid,
+            seg_uid=seg.sop_instance_uid if seg is not None else None,
         )
-        objects = []
-        for ds in datasets:
-            relpath = f"results/{safe_uid(job_id)}/{ds.Modality}-{safe_uid(ds.SOPInstanceUID)}.dcm"
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            self.spool.write(relpath, buffer.getvalue())
-            objects.append(
-                {
-                    "modality": str(ds.Modality),
-                    "sop_class_uid": str(ds.SOPClassUID),
-                    "sop_instance_uid": str(ds.SOPInstanceUID),
-                    "series_instance_uid": str(ds.SeriesInstanceUID),
-                    "study_instance_uid": str(ds.StudyInstanceUID),
-                    "path": relpath,
-                }
-            )
-        detection.timings_ms["encode"] = (time.perf_counter() - start) * 1000.0
-        return {
-            "objects": objects,
-            "tracking_uids": [uids.tracking_uid(i) for i in range(len(detection.nodules))],
-            "sr_uid": uids.sr_instance_uid,
-            "seg_uid": uids.seg_instance_uid if detection.nodules else None,
-            "model": {"name": detection.model_name, "version": detection.model_version},
-        }
+        fhir_path = f"{folder}/fhir.json"
+        fhir = {"report": report, "observations": observations}
+        self.spool.write(fhir_path, json.dumps(fhir, indent=1).encode())
+        timings = dict(detection.timings_ms)
+        timings["encode"] = (time.perf_counter() - start) * 1000.0
+        result = ResultSet(
+            job_id=job_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=detection.series_instance_uid,
+            model=model,
+            nodules=tuple(encoded.nodules),
+            not_encoded=encoded.not_encoded,
+            objects=objects,
+            fhir_path=fhir_path,
+            candidates=detection.candidates,
+            backend=detection.backend,
+            timings_ms=timings,
+            model_versions=dict(detection.model_versions),
+        )
+        document = json.dumps(result.to_json(), indent=1).encode()
+        self.spool.write(f"{folder}/resultset.json", document)
+        return result
+
+    def _write_object(self, folder: str, ds: Dataset) -> ResultObject:
+        relpath = f"{folder}/{ds.Modality}-{safe_uid(ds.SOPInstanceUID)}.dcm"
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        self.spool.write(relpath, buffer.getvalue())
+        return ResultObject(
+            kind=KIND_BY_MODALITY[str(ds.Modality)],
+            modality=str(ds.Modality),
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            path=relpath,
+        )
 
     def _predecessor(self, job_id: str) -> tuple[str, str, str] | None:
-        """The SR of the job this one supersedes, if it produced one."""
+        """(study, series, SOP instance UID) of the SR of the job this one supersedes, if any."""
         with self.db.session() as session:
             job = session.get(Job, job_id)
             previous = job.supersedes if job is not None else None
-            result = session.scalar(select(Result).where(Result.job_id == previous))
-        if result is None:
+            row = session.scalar(select(Result).where(Result.job_id == previous))
+            detail = row.detail if row is not None else None
+        if detail is None:
             return None
-        for obj in result.detail.get("outputs", {}).get("objects", []):
-            if obj["modality"] == "SR":
-                return (
-                    obj["study_instance_uid"],
-                    obj["series_instance_uid"],
-                    obj["sop_instance_uid"],
-                )
-        return None
+        try:
+            sr = ResultSet.from_json(detail).object(ObjectKind.SR)
+        except (ValueError, KeyError, TypeError):
+            LOGGER.warning(
+                "job %s: the superseded job's result is unreadable; no predecessor", job_id
+            )
+            return None
+        if sr is None:
+            return None
+        return sr.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid
 
-    def _save(self, job_id: str, detection: Detection, outputs: dict[str, Any]) -> None:
-        """Write the result set and its deliveries and move the job on, in one transaction."""
+    def _save(self, job_id: str, result: ResultSet) -> None:
+        """Persist the result set, its deliveries and the job's move, in one transaction."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.PROCESSING:
                 LOGGER.info("job %s no longer processing; result discarded", job_id)
                 return
-            exists = session.scalar(select(Result.id).where(Result.job_id == job_id))
-            if exists is None:
-                session.add(
-                    Result(
-                        job_id=job_id,
-                        series_instance_uid=detection.series_instance_uid,
-                        nodules=[n.to_json() for n in detection.nodules],
-                        detail={**detection.to_json(), "outputs": outputs},
-                    )
-                )
-            job.timings = {k: round(v, 1) for k, v in detection.timings_ms.items()}
-            job.backend = detection.backend
-            job.findings = len(detection.nodules)
-            study = session.get(Study, job.study_id)
-            calling_ae = study.calling_ae if study is not None else ""
-            rows = delivery_rows(self.config, calling_ae, job_id, outputs["objects"], "preliminary")
-            session.add_all(rows)
-            set_job_state(session, job, JobState.DELIVERING if rows else JobState.DONE)
+            store_result(session, job, result, self.config)
 
-    def _finish(self, job_id: str, state: JobState, error: str) -> None:
-        """End the job rejected or failed; the FHIR report says ``cancelled``."""
+    def _failed(self, job_id: str, decision: Decision) -> Settle:
+        """Record a failed attempt as the retry policy decided; say how to settle the message."""
         with self.db.session() as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.state == JobState.PROCESSING:
-                set_job_state(session, job, state, error=error)
-                study = session.get(Study, job.study_id)
-                calling_ae = study.calling_ae if study is not None else ""
-                session.add_all(delivery_rows(self.config, calling_ae, job_id, [], "cancelled"))
-
-    def _failed(self, job_id: str, exc: Exception) -> Decision:
-        """Retry a transient failure with backoff, or fail the job for good."""
-        with self.db.session() as session:
-            job = session.get(Job, job_id)
-            attempts = job.attempts if job is not None else self.settings.max_attempts
-        permanent = isinstance(exc, PermanentError)
-        reason = f"{type(exc).__name__}: {exc}"
-        if permanent or attempts >= self.settings.max_attempts:
-            LOGGER.error("job %s failed after %d attempt(s): %s", job_id, attempts, reason)
-            self._finish(job_id, JobState.FAILED, error=reason)
-            return Decision.DEAD_LETTER
-        delay = self.settings.retry_backoff_seconds * 2 ** (attempts - 1)
-        kind = "transient" if isinstance(exc, TransientError | OperationalError) else "unexpected"
-        LOGGER.warning(
-            "job %s attempt %d failed (%s): %s; retrying in %.0f s",
-            job_id,
-            attempts,
-            kind,
-            reason,
-            delay,
-        )
-        with self.db.session() as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.state == JobState.PROCESSING:
-                set_job_state(session, job, JobState.QUEUED, error=f"attempt {attempts}: {reason}")
-        self._stop.wait(delay)
-        return Decision.REQUEUE
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.PROCESSING:
+                LOGGER.info("job %s no longer processing; failure not recorded", job_id)
+                return Settle.ACK
+            settle_failure(session, job, decision, self.config)
+        if decision.verdict is Verdict.RETRY:
+            LOGGER.warning(
+                "job %s failed (%s); retried in %.0f s",
+                job_id,
+                decision.code,
+                decision.delay_seconds,
+            )
+            return Settle.ACK
+        if decision.verdict is Verdict.REJECT:
+            LOGGER.info("job %s rejected: %s", job_id, decision.code)
+            return Settle.ACK
+        LOGGER.error("job %s failed: %s: %s", job_id, decision.code, decision.detail)
+        return Settle.DEAD_LETTER
 
     def heartbeat(self) -> None:
         """Tell the dashboard this worker is alive and what it works on."""
@@ -290,111 +304,57 @@ class Worker:
             record_heartbeat(
                 self.db, self.worker_id, socket.gethostname(), backend, self.current_job
             )
-        except OperationalError:
+        except SQLAlchemyError:
             LOGGER.warning("heartbeat not recorded: database unavailable")
 
-    # ------------------------------------------------------------------ queues
+    # ------------------------------------------------------------------ the loop
 
-    def run_source(self, source: JobSource, poll: float = 1.0) -> None:
-        """Consume from a :class:`JobSource` (the embedded queue) until stopped."""
-        last_beat = 0.0
-        while not self._stop.is_set():
-            if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-                self.heartbeat()
-                last_beat = time.monotonic()
-            message = source.receive(timeout=poll)
-            if message is None:
-                continue
-            decision = self._decide(message)
-            if decision is Decision.ACK:
-                source.ack(message)
-            else:
-                source.reject(message, requeue=decision is Decision.REQUEUE)
-
-    def _decide(self, message: Received) -> Decision:
+    def run(self, source: JobSource, poll: float = 1.0) -> None:
+        """Take messages from ``source`` and settle each, until stopped."""
+        beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        beating.start()
         try:
-            return self.handle(message.body)
-        except Exception:
-            LOGGER.exception("job message could not be handled; requeued")
-            self._stop.wait(self.settings.retry_backoff_seconds)
-            return Decision.REQUEUE
-
-    def run_rabbitmq(self, url: str, queue: str, dead_letter_queue: str) -> None:
-        """Consume from RabbitMQ with prefetch 1 until stopped, reconnecting on failures."""
-        while not self._stop.is_set():
-            try:
-                self._consume_rabbitmq(url, queue, dead_letter_queue)
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                LOGGER.warning("RabbitMQ connection lost (%r); reconnecting", exc)
-                self._stop.wait(2.0)
-
-    def _consume_rabbitmq(self, url: str, queue: str, dead_letter_queue: str) -> None:
-        params = pika.URLParameters(url)
-        params.heartbeat = 30
-        connection = pika.BlockingConnection(params)
-        channel = connection.channel()
-        declare_topology(channel, queue, dead_letter_queue)
-        channel.basic_qos(prefetch_count=1)
-        busy = threading.Event()
-
-        def on_message(
-            ch: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
-        ) -> None:
-            busy.set()
-            message = Received(json.loads(body), method.delivery_tag, bool(method.redelivered))
-            threading.Thread(
-                target=self._work_off_thread,
-                args=(connection, ch, message, busy),
-                name=f"job-{message.body.get('job_id', '?')}",
-                daemon=True,
-            ).start()
-
-        channel.basic_consume(queue, on_message)
-        last_beat = 0.0
-        try:
-            while not (self._stop.is_set() and not busy.is_set()):
-                connection.process_data_events(time_limit=1.0)
-                if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-                    self.heartbeat()
-                    last_beat = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    message = source.receive(timeout=poll)
+                except QueueUnavailableError as exc:
+                    LOGGER.warning("job queue unavailable (%s); trying again", exc)
+                    self._stop.wait(self.settings.retry_backoff_seconds)
+                    continue
+                if message is not None:
+                    self._settle(source, message)
         finally:
-            if connection.is_open:
-                connection.close()
+            self._stop.set()
+            beating.join(timeout=HEARTBEAT_SECONDS)
 
-    def _work_off_thread(
-        self,
-        connection: pika.BlockingConnection,
-        channel: BlockingChannel,
-        message: Received,
-        busy: threading.Event,
-    ) -> None:
-        decision = self._decide(message)
+    def _settle(self, source: JobSource, message: Received) -> None:
+        try:
+            settle = self.handle(message)
+        except Exception:
+            # Not even the failure could be recorded (the database is unreachable, say): give
+            # the message back and pause before taking another one.
+            LOGGER.exception("job message could not be handled; requeued")
+            settle = Settle.REQUEUE
+        if settle is Settle.ACK:
+            source.ack(message)
+        elif settle is Settle.DEAD_LETTER:
+            source.dead_letter(message)
+        else:
+            source.requeue(message)
+            self._stop.wait(self.settings.retry_backoff_seconds)
 
-        def settle() -> None:
-            if decision is Decision.ACK:
-                channel.basic_ack(message.tag)
-            else:
-                channel.basic_reject(message.tag, requeue=decision is Decision.REQUEUE)
-            busy.clear()
-
-        connection.add_callback_threadsafe(functools.partial(settle))
+    def _beat(self) -> None:
+        while True:
+            self.heartbeat()
+            if self._stop.wait(HEARTBEAT_SECONDS):
+                return
 
 
-def run_worker(settings: Settings, db: Database, worker: Worker | None = None) -> Worker:
-    """Run a worker on the configured queue in the calling thread until it is stopped."""
-    worker = worker or Worker(settings, db)
-    if settings.amqp_url is not None:
-        worker.run_rabbitmq(
-            settings.amqp_url.get_secret_value(),
-            settings.amqp_queue,
-            settings.amqp_dead_letter_queue,
-        )
-    else:
-        source = EmbeddedQueue(
-            db,
-            settings.amqp_queue,
-            settings.amqp_dead_letter_queue,
-            lease_seconds=settings.job_timeout_seconds,
-        )
-        worker.run_source(source)
+def run_worker(settings: Settings, db: Database, worker: Worker) -> Worker:
+    """Run ``worker`` on the configured queue in the calling thread until it is stopped."""
+    source = make_job_source(settings, db)
+    try:
+        worker.run(source)
+    finally:
+        source.close()
     return worker

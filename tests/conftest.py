@@ -103,8 +103,17 @@ def make_node(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., 
         node.stop()
 
 
+#: Test folders, each also a marker: ``pytest -m unit`` selects ``tests/unit``.
+SUITES = ("unit", "integration", "e2e", "gpu")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Fail, not skip, when a DCMTK or Orthanc binary the tests need is missing in CI."""
+    """Mark every test with its folder's suite; fail, not skip, when a DCMTK or Orthanc binary the
+    tests need is missing in CI."""
+    for item in items:
+        parts = item.path.relative_to(REPO / "tests").parts
+        if parts and parts[0] in SUITES:
+            item.add_marker(parts[0])
     if os.environ.get("CI"):
         for tool in ("storescu", "Orthanc", "dciodvfy"):
             if system_program(tool) == tool:

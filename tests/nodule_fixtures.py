@@ -14,8 +14,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.annotations import LidcReading, read_lidc_xml
-from models.preprocessing import ISO_SPACING_MM
 from pipelines.findings import Nodule, attenuation_type, axes_mm
+from pipelines.preprocess import ISO_SPACING_MM
 from pipelines.volume import Volume
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from dicom_node.config import Settings
+from dicom_node.config import NodeConfig, Settings
 from dicom_node.dashboard.api import action_router, read_router
 from dicom_node.dashboard.auth import credentials_from
-from dicom_node.dashboard.context import Dashboard, make_inspector
+from dicom_node.dashboard.context import Dashboard
 from dicom_node.dashboard.metrics import make_registry
 from dicom_node.dashboard.pages import page_router
-from dicom_node.dashboard.queue_stats import QueueInspector
+from dicom_node.dashboard.queue_stats import QueueInspector, make_inspector
 from dicom_node.db import Database
 
 STATIC = Path(__file__).with_name("static")
@@ -31,6 +31,7 @@ def mount_dashboard(
     app: FastAPI,
     db: Database,
     settings: Settings,
+    config: NodeConfig,
     on_job: Callable[[], None] | None = None,
     queues: QueueInspector | None = None,
 ) -> Dashboard:
@@ -44,6 +45,8 @@ def mount_dashboard(
         The service database.
     settings : Settings
         Validated settings (credentials, queue names, read access, patient-data display).
+    config : NodeConfig
+        AE policies and destinations, read once at start (shown, and used by the actions).
     on_job : callable, optional
         Called after an action committed a new job (wakes the outbox publisher).
     queues : QueueInspector, optional
@@ -57,6 +60,7 @@ def mount_dashboard(
     dash = Dashboard(
         db=db,
         settings=settings,
+        config=config,
         creds=credentials_from(settings),
         queues=queues or make_inspector(settings, db),
         on_job=on_job or _nothing,

@@ -1,6 +1,6 @@
 """Operator actions: retry, rerun and discard.
 
-Retry and rerun create a new job with :func:`dicom_node.jobs.queue_job`, exactly as
+Retry and rerun create a new job with :func:`dicom_node.lifecycle.queue_job`, exactly as
 completeness does (outbox, superseding the study's previous job). Discard acknowledges a failed
 job: it stays failed, is stamped ``discarded_at`` and its dead letters are removed from the
 dead-letter queue.
@@ -22,7 +22,7 @@ from dicom_node.db import (
     StudyState,
     utcnow,
 )
-from dicom_node.jobs import queue_job
+from dicom_node.lifecycle import queue_job
 
 
 class ActionError(Exception):
@@ -34,7 +34,7 @@ class ActionError(Exception):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ActionOutcome:
     """What an action did."""
 
     study_instance_uid: str
@@ -59,7 +59,7 @@ def _current_job(session: Session, study: Study) -> Job:
     return job
 
 
-def retry(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
+def retry(db: Database, config: NodeConfig, study_uid: str) -> ActionOutcome:
     """Requeue a failed or rejected study as a new job."""
     with db.session() as session:
         study = _study(session, study_uid)
@@ -69,10 +69,10 @@ def retry(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
                 f"only a failed or rejected study can be retried (it is {study.state})"
             )
         new_id = queue_job(session, study, config).id
-        return Outcome(study_uid, previous.id, new_id, f"retry of {previous.state} job")
+        return ActionOutcome(study_uid, previous.id, new_id, f"retry of {previous.state} job")
 
 
-def rerun(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
+def rerun(db: Database, config: NodeConfig, study_uid: str) -> ActionOutcome:
     """Run the study again as a new job, whatever its current job's state."""
     with db.session() as session:
         study = _study(session, study_uid)
@@ -80,10 +80,10 @@ def rerun(db: Database, config: NodeConfig, study_uid: str) -> Outcome:
             raise ActionError("the study is still receiving")
         previous = _current_job(session, study)
         new_id = queue_job(session, study, config).id
-        return Outcome(study_uid, previous.id, new_id, f"rerun of {previous.state} job")
+        return ActionOutcome(study_uid, previous.id, new_id, f"rerun of {previous.state} job")
 
 
-def discard(db: Database, job_id: str) -> Outcome:
+def discard(db: Database, job_id: str) -> ActionOutcome:
     """Acknowledge a failed or rejected job: it is no longer listed as a failure."""
     with db.session() as session:
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
@@ -94,4 +94,4 @@ def discard(db: Database, job_id: str) -> Outcome:
         job.discarded_at = utcnow()
         study = session.get(Study, job.study_id)
         uid = study.study_instance_uid if study is not None else ""
-        return Outcome(uid, job.id, None, f"discarded {job.state} job")
+        return ActionOutcome(uid, job.id, None, f"discarded {job.state} job")

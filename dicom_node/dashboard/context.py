@@ -1,4 +1,5 @@
-"""What the dashboard's routes share: database, settings, credentials, queue inspector."""
+"""What the dashboard's routes share: database, settings, node configuration, credentials, queue
+inspector; built once at start."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.config import Settings
+from dicom_node.config import NodeConfig, Settings
 from dicom_node.dashboard.auth import Credentials
-from dicom_node.dashboard.queue_stats import EmbeddedInspector, QueueInspector, RabbitInspector
+from dicom_node.dashboard.queue_stats import QueueInspector
 from dicom_node.db import Database
 
 _SECRET_KEY = re.compile(r"pass|secret|token|key|auth|credential", re.IGNORECASE)
@@ -23,20 +24,10 @@ class Dashboard:
 
     db: Database
     settings: Settings
+    config: NodeConfig
     creds: Credentials
     queues: QueueInspector
     on_job: Callable[[], None]
-
-
-def make_inspector(settings: Settings, db: Database) -> QueueInspector:
-    """RabbitMQ inspector when ``amqp_url`` is set, else the embedded queue's."""
-    if settings.amqp_url is not None:
-        return RabbitInspector(
-            settings.amqp_url.get_secret_value(),
-            settings.amqp_queue,
-            settings.amqp_dead_letter_queue,
-        )
-    return EmbeddedInspector(db, settings.amqp_queue, settings.amqp_dead_letter_queue)
 
 
 def mask_secrets(value: Any) -> Any:

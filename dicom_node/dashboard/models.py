@@ -101,6 +101,7 @@ class StudyRow(BaseModel):
     backend: str | None
     findings: int | None
     durations_ms: dict[str, float]
+    error_code: str | None
     error: str | None
 
 
@@ -126,6 +127,7 @@ class JobOut(BaseModel):
     state: str
     attempts: int
     instances: int
+    error_code: str | None
     error: str | None
     supersedes: str | None
     created_at: datetime
@@ -138,7 +140,7 @@ class JobOut(BaseModel):
     failed_at: datetime | None
     superseded_at: datetime | None
     discarded_at: datetime | None
-    timings: dict[str, Any] | None
+    timings: dict[str, float] | None
     backend: str | None
     findings: int | None
     durations_ms: dict[str, float]
@@ -154,6 +156,7 @@ class DeliveryOut(BaseModel):
     state: str
     attempts: int
     updated_at: datetime
+    error_code: str | None
     error: str | None
 
 
@@ -193,6 +196,7 @@ class FailureRow(BaseModel):
     job_id: str
     study_instance_uid: str
     state: str
+    error_code: str | None
     error: str | None
     attempts: int
     ended_at: datetime | None

@@ -27,7 +27,17 @@ from dicom_node.dashboard.models import (
     ThroughputPoint,
     Totals,
 )
-from dicom_node.db import Database, Delivery, Instance, Job, JobState, Series, Study, utcnow
+from dicom_node.db import (
+    Database,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
 
 DERIVED_STAGES = ("ingest", "queue_wait", "processing", "delivery", "end_to_end")
 _SPANS = {
@@ -188,6 +198,7 @@ def study_row(study: Study, job: Job | None, series: int) -> StudyRow:
         backend=job.backend if job else None,
         findings=job.findings if job else None,
         durations_ms=job_durations(job, study.received_at) if job else {},
+        error_code=study.error_code,
         error=study.error,
     )
 
@@ -209,7 +220,9 @@ def search_studies(
     """Studies filtered by state and a search over study UID, calling AE and job id."""
     query = select(Study, Job).outerjoin(Job, Job.id == Study.current_job_id)
     if state:
-        query = query.where(Study.state == state)
+        if state not in set(StudyState):
+            return 0, []
+        query = query.where(Study.state == StudyState(state))
     if q:
         pattern = f"%{q.strip()}%"
         query = query.where(
@@ -235,6 +248,7 @@ def job_out(job: Job, received_at: datetime) -> JobOut:
         state=job.state,
         attempts=job.attempts,
         instances=job.instances,
+        error_code=job.error_code,
         error=job.error,
         supersedes=job.supersedes,
         created_at=job.created_at,
@@ -284,6 +298,7 @@ def study_parts(
                 state=d.state,
                 attempts=d.attempts,
                 updated_at=d.updated_at,
+                error_code=d.error_code,
                 error=d.error,
             )
             for d in deliveries
@@ -316,6 +331,7 @@ def failures(db: Database, include_history: bool, limit: int) -> list[FailureRow
             job_id=job.id,
             study_instance_uid=study.study_instance_uid,
             state=job.state,
+            error_code=job.error_code,
             error=job.error,
             attempts=job.attempts,
             ended_at=job.failed_at or job.rejected_at,

@@ -8,22 +8,19 @@ then returned with one ``basic.nack(requeue)``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy import func, select, update
 
+from dicom_node.config import Settings
 from dicom_node.db import Database, QueueMessage, utcnow
+from dicom_node.queues import AMQP_ERRORS, amqp_channel, decode_body
 
-_AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
 NOT_FOUND = 404
 
 
@@ -80,18 +77,6 @@ class RabbitInspector:
         self._lock = threading.Lock()
         self._cached: tuple[float, list[QueueDepth]] | None = None
 
-    @contextlib.contextmanager
-    def _channel(self) -> Iterator[BlockingChannel]:
-        params = pika.URLParameters(self.url)
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        connection = pika.BlockingConnection(params)
-        try:
-            yield connection.channel()
-        finally:
-            with contextlib.suppress(*_AMQP_ERRORS):
-                connection.close()
-
     def depths(self) -> list[QueueDepth]:
         """Passive declares of both queues; a missing queue or broker shows as an error."""
         with self._lock:
@@ -103,14 +88,14 @@ class RabbitInspector:
 
     def _depth(self, name: str) -> QueueDepth:
         try:
-            with self._channel() as channel:
+            with amqp_channel(self.url) as channel:
                 ok = channel.queue_declare(name, passive=True).method
                 return QueueDepth(name, int(ok.message_count), int(ok.consumer_count))
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == NOT_FOUND:  # the publisher declares it on its first message
                 return QueueDepth(name, 0, 0, error="not declared yet")
             return QueueDepth(name, None, None, error=type(exc).__name__)
-        except _AMQP_ERRORS as exc:
+        except AMQP_ERRORS as exc:
             return QueueDepth(name, None, None, error=type(exc).__name__)
 
     def _peek(self, channel: BlockingChannel, limit: int) -> list[tuple[int, dict[str, Any], bool]]:
@@ -119,23 +104,23 @@ class RabbitInspector:
             method, _props, body = channel.basic_get(self.names[1], auto_ack=False)
             if method is None:
                 break
-            got.append((int(method.delivery_tag), _decode(body), bool(method.redelivered)))
+            got.append((int(method.delivery_tag), decode_body(body), bool(method.redelivered)))
         return got
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         """Fetch unacked, then give every one back with one ``basic.nack(requeue=True)``."""
         try:
-            with self._channel() as channel:
+            with amqp_channel(self.url) as channel:
                 got = self._peek(channel, limit)
                 if got:
                     channel.basic_nack(got[-1][0], multiple=True, requeue=True)
-        except _AMQP_ERRORS:
+        except AMQP_ERRORS:
             return []
         return [_dead_letter(body, redelivered) for _tag, body, redelivered in got]
 
     def discard_dead_letters(self, job_id: str) -> int:
         """Ack the dead letters of ``job_id``, give the others back."""
-        with self._channel() as channel:
+        with amqp_channel(self.url) as channel:
             got = self._peek(channel, 10_000)
             mine = [tag for tag, body, _r in got if body.get("job_id") == job_id]
             for tag in mine:
@@ -148,18 +133,10 @@ class RabbitInspector:
     def ping(self) -> str | None:
         """``None`` when the broker accepts a connection and a channel."""
         try:
-            with self._channel():
+            with amqp_channel(self.url):
                 return None
-        except _AMQP_ERRORS as exc:
+        except AMQP_ERRORS as exc:
             return type(exc).__name__
-
-
-def _decode(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class EmbeddedInspector:
@@ -192,7 +169,7 @@ class EmbeddedInspector:
                 .order_by(QueueMessage.id)
                 .limit(limit)
             ).all()
-            return [_dead_letter(_decode(r.body.encode()), r.deliveries > 1) for r in rows]
+            return [_dead_letter(decode_body(r.body.encode()), r.deliveries > 1) for r in rows]
 
     def discard_dead_letters(self, job_id: str) -> int:
         """Acknowledge the dead-letter rows of ``job_id``."""
@@ -202,7 +179,7 @@ class EmbeddedInspector:
                     QueueMessage.queue == self.names[1], QueueMessage.acked_at.is_(None)
                 )
             ).all()
-            ids = [r.id for r in rows if _decode(r.body.encode()).get("job_id") == job_id]
+            ids = [r.id for r in rows if decode_body(r.body.encode()).get("job_id") == job_id]
             if ids:
                 session.execute(
                     update(QueueMessage).where(QueueMessage.id.in_(ids)).values(acked_at=utcnow())
@@ -212,3 +189,14 @@ class EmbeddedInspector:
     def ping(self) -> str | None:
         """The embedded queue is reachable whenever the database is."""
         return None
+
+
+def make_inspector(settings: Settings, db: Database) -> QueueInspector:
+    """RabbitMQ inspector when ``amqp_url`` is set, else the embedded queue's."""
+    if settings.amqp_url is not None:
+        return RabbitInspector(
+            settings.amqp_url.get_secret_value(),
+            settings.amqp_queue,
+            settings.amqp_dead_letter_queue,
+        )
+    return EmbeddedInspector(db, settings.amqp_queue, settings.amqp_dead_letter_queue)

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from dicom_node.dashboard.actions import ActionError, Outcome, discard, rerun, retry
+from dicom_node.dashboard.actions import ActionError, ActionOutcome, discard, rerun, retry
 from dicom_node.dashboard.auth import audit
 from dicom_node.dashboard.context import Dashboard, mask_secrets
 from dicom_node.dashboard.models import (
@@ -152,11 +152,11 @@ def failures_out(dash: Dashboard, include_history: bool, limit: int) -> Failures
 
 def config_out(dash: Dashboard) -> ConfigOut:
     """Settings, AE policies and destinations, secrets masked."""
-    node = dash.settings.node_config()
+    node = dash.config
     return ConfigOut(
         settings=mask_secrets(dash.settings.effective()),
         ae_policies=[p.model_dump(mode="json") for p in node.ae_policies],
-        destinations=mask_secrets(node.destinations),
+        destinations=mask_secrets([d.model_dump(mode="json") for d in node.destinations]),
         auth={
             "token": dash.creds.token is not None,
             "basic_users": sorted(dash.creds.users),
@@ -166,7 +166,7 @@ def config_out(dash: Dashboard) -> ConfigOut:
     )
 
 
-def act(dash: Dashboard, actor: str, action: str, target: str) -> Outcome:
+def act(dash: Dashboard, actor: str, action: str, target: str) -> ActionOutcome:
     """Run ``action`` on ``target`` (a study UID; a job id for discard), audit it, wake the outbox.
 
     Raises
@@ -178,15 +178,14 @@ def act(dash: Dashboard, actor: str, action: str, target: str) -> Outcome:
         if action == "discard":
             outcome = discard(dash.db, target)
             removed = dash.queues.discard_dead_letters(target)
-            outcome = Outcome(
+            outcome = ActionOutcome(
                 outcome.study_instance_uid,
                 outcome.job_id,
                 None,
                 f"{outcome.detail}; {removed} dead letter(s) removed",
             )
         else:
-            config = dash.settings.node_config()
-            outcome = (retry if action == "retry" else rerun)(dash.db, config, target)
+            outcome = (retry if action == "retry" else rerun)(dash.db, dash.config, target)
     except ActionError as exc:
         audit(dash.db, actor, f"{action}.rejected", target, str(exc))
         raise

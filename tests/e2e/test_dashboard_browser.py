@@ -24,7 +24,11 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from dicom_node.db import Database, Instance, Job, JobState, Study, set_job_state
+from dicom_node.config import NodeConfig
+from dicom_node.db import Database, Instance, Job, Study
+from dicom_node.errors import ErrorCode
+from dicom_node.lifecycle import settle_failure
+from dicom_node.retry import Decision, Verdict
 from tests.conftest import AMQP_URL, REPO
 from tests.helpers import Service, free_port, storescu, wait_for
 
@@ -119,7 +123,8 @@ def _fail_current_job(db: Database, uid: str) -> str:
         job = session.get(Job, study.current_job_id)
         assert job is not None
         job.attempts = 3
-        set_job_state(session, job, JobState.FAILED, REASON)
+        decision = Decision(Verdict.DEAD_LETTER, ErrorCode.INTERNAL, REASON)
+        settle_failure(session, job, decision, NodeConfig())
         return job.id
 
 

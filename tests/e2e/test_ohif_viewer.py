@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 
+from dicom_node.results import ModelIdentity
 from pipelines.outputs import encode_results
 from pipelines.volume import build_volume
 from tests.conftest import REPO
@@ -43,7 +44,7 @@ E2E = Path(__file__).parent
 FETCH = E2E / "ohif" / "fetch-ohif.sh"
 SERVER = E2E / "ohif" / "ohif_server.py"
 ARTIFACTS = REPO / "test-artifacts" / "ohif"
-MODEL, VERSION = "NoduleAI-e2e", "0.0.0-readers"
+MODEL = ModelIdentity("NoduleAI-e2e", "0.0.0-readers")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 #: A pixel "changed" between two screenshots when its RGB channels differ by more than this in sum.
 CHANGED = 30
@@ -114,7 +115,7 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
     volume = build_volume(slices)
     nodules = lidc_nodules(xml, volume)
     assert len(nodules) == 1
-    seg, sr, gsps = encode_results(slices, volume, nodules, MODEL, VERSION)
+    seg, sr, gsps = encode_results(slices, volume, nodules, MODEL).datasets
     out = tmp_path_factory.mktemp("results")
     files = {}
     for name, ds in (("SEG", seg), ("SR", sr), ("GSPS", gsps)):

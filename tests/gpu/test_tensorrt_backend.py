@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.infer import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
 from pipelines.backends.onnx import OnnxBackend
+from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
 
 pytestmark = pytest.mark.gpu
 

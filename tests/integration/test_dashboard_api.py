@@ -13,7 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dicom_node.db import AuditEntry, Job, JobState, Study, set_job_state
+from dicom_node.config import NodeConfig
+from dicom_node.db import AuditEntry, Job, Study
+from dicom_node.errors import ErrorCode
+from dicom_node.lifecycle import settle_failure
+from dicom_node.retry import Decision, Verdict
 from dicom_node.service import Node
 from dicom_node.workers import record_heartbeat
 from tests.helpers import storescu, wait_for
@@ -52,7 +56,8 @@ def _fail(node: Node, study_uid: str, reason: str) -> str:
         job = session.get(Job, study.current_job_id)
         assert job is not None
         job.attempts = 3
-        set_job_state(session, job, JobState.FAILED, reason)
+        decision = Decision(Verdict.DEAD_LETTER, ErrorCode.INTERNAL, reason)
+        settle_failure(session, job, decision, NodeConfig())
         return job.id
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import select
 
-from dicom_node.db import Delivery, DeliveryState, Job, JobState, Study, set_job_state
+from dicom_node.db import Delivery, DeliveryKind, DeliveryState, Job, JobState, Study, StudyState
 from dicom_node.service import Node
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.peers import Orthanc
 
 
@@ -32,14 +32,24 @@ def _config(tmp_path: Path, orthanc: Orthanc) -> Path:
 def _job_with_deliveries(node: Node, files: list[Path], destination: str) -> str:
     """A delivering job whose result objects are ``files`` (copied into the spool)."""
     with node.db.session() as session:
-        study = Study(study_instance_uid="1.2.3.999", calling_ae="ORTHANC", instances=0)
+        study = Study(
+            study_instance_uid=f"1.2.3.999.{len(files)}",
+            calling_ae="ORTHANC",
+            instances=0,
+            state=StudyState.DELIVERING,
+        )
         session.add(study)
         session.flush()
-        job = Job(id=f"job-{destination}", study_id=study.id, instances=0, attempts=1)
+        job = Job(
+            id=f"job-{destination}",
+            study_id=study.id,
+            instances=0,
+            attempts=1,
+            state=JobState.DELIVERING,
+        )
         session.add(job)
         study.current_job_id = job.id
         session.flush()
-        set_job_state(session, job, JobState.DELIVERING)
         for path in files:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             relpath = f"results/{job.id}/{ds.SOPInstanceUID}.dcm"
@@ -49,8 +59,9 @@ def _job_with_deliveries(node: Node, files: list[Path], destination: str) -> str
                 Delivery(
                     job_id=job.id,
                     destination=destination,
-                    kind="dicom",
+                    kind=DeliveryKind.DICOM,
                     object_uid=ds.SOPInstanceUID,
+                    report_status="",
                     path=relpath,
                     attempts=0,
                     state=DeliveryState.PENDING,
@@ -162,4 +173,92 @@ def test_a_delivery_failing_on_every_attempt_fails_the_job_with_the_reason(
     with node.db.session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.error is not None
-    assert "delivery failed: pacs" in job.error and "not established" in job.error
+    assert job.error_code == "delivery_failed"
+    assert "pacs: destination_unavailable" in job.error and "not established" in job.error
+
+
+class _StatusSCP:
+    """A Storage SCP on loopback that answers the C-STOREs with ``statuses`` in turn (the last
+    one for ever after): a PACS out of resources (0xA700) or refusing a dataset (0xA900)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.statuses = list(statuses)
+        self.answered: list[int] = []
+        self.ae = AE(ae_title="STATUSPACS")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, _event: object) -> int:
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        self.answered.append(status)
+        return status
+
+    def config(self, tmp_path: Path) -> Path:
+        path = tmp_path / "status-pacs.yaml"
+        path.write_text(
+            "destinations:\n"
+            f"  - {{name: pacs, type: dimse, ae_title: STATUSPACS, host: 127.0.0.1, "
+            f"port: {self.port}}}\n"
+        )
+        return path
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _deliveries(node: Node, job_id: str) -> list[Delivery]:
+    with node.db.session() as session:
+        return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
+
+
+def test_a_pacs_out_of_resources_is_retried_until_it_stores(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    pacs = _StatusSCP([0xA700, 0xA700, 0x0000])
+    try:
+        node = make_node(
+            config=pacs.config(tmp_path), delivery_backoff_seconds=0.2, delivery_max_attempts=5
+        )
+        files = sorted((shared_data / "lidc-small").rglob("*.dcm"))[:1]
+        job_id = _job_with_deliveries(node, files, "pacs")
+        node.delivery.wake()
+        wait_for(lambda: _job_state(node, job_id) == JobState.DONE, timeout=60, interval=0.2)
+    finally:
+        pacs.stop()
+    assert pacs.answered == [0xA700, 0xA700, 0x0000]
+    (row,) = _deliveries(node, job_id)
+    assert (row.state, row.attempts, row.error_code) == (DeliveryState.DONE, 3, None)
+
+
+def test_a_pacs_refusing_a_dataset_fails_the_delivery_at_once(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    pacs = _StatusSCP([0xA900])
+    try:
+        node = make_node(
+            config=pacs.config(tmp_path), delivery_backoff_seconds=0.2, delivery_max_attempts=5
+        )
+        files = sorted((shared_data / "lidc-small").rglob("*.dcm"))[:1]
+        job_id = _job_with_deliveries(node, files, "pacs")
+        node.delivery.wake()
+        wait_for(lambda: _job_state(node, job_id) == JobState.FAILED, timeout=60, interval=0.2)
+    finally:
+        pacs.stop()
+    assert pacs.answered == [0xA900]
+    (row,) = _deliveries(node, job_id)
+    assert (row.state, row.attempts, row.error_code) == (DeliveryState.FAILED, 1, "refused")
+    assert row.error == "C-STORE status 0xA900"
+    with node.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.error_code, job.error) == (
+            "delivery_failed",
+            "pacs: refused: C-STORE status 0xA900",
+        )

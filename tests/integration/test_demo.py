@@ -47,7 +47,7 @@ def serving(tmp_path: Path) -> Iterator[Settings]:
     )
     node = Node(settings)
     node.start()
-    worker = Worker(settings, node.db)
+    worker = Worker(settings, node.db, node.config)
     thread = threading.Thread(target=run_worker, args=(settings, node.db, worker), daemon=True)
     thread.start()
     bound = settings.model_copy(update={"dicom_port": node.scp.port, "http_port": node.http_port})

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
+from dicom_node.results import ModelIdentity
 from models.phantom import make_phantom, write_dicom_series
 from pipelines.findings import Nodule
 from pipelines.outputs import encode_results
 from pipelines.volume import Volume, build_volume
 from tests.nodule_fixtures import grid_mask_to_nodule, lidc_nodules
 
-MODEL, VERSION = "noduleai-detector", "1.0.0"
+MODEL = ModelIdentity("noduleai-detector", "1.0.0")
 #: The LIDC readers' nodule: centre (LPS mm) per ../shared/data/README.md.
 LIDC_NODULE_MM = np.array([55.5, 85.6, -116.1])
 
@@ -90,7 +91,7 @@ def lidc(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Study:
     paths = sorted(folder.glob("*.dcm"))
     volume = build_volume(paths)
     nodules = lidc_nodules(folder / "069.xml", volume)
-    objects = encode_results(paths, volume, nodules, MODEL, VERSION)
+    objects = encode_results(paths, volume, nodules, MODEL).datasets
     return Study(paths, volume, nodules, objects, _write(objects, tmp_path_factory.mktemp("lidc")))
 
 
@@ -107,14 +108,14 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Study:
         grid_mask_to_nodule(ph.labels == n.label, volume, probability=p)
         for n, p in zip(ph.nodules, (0.55, 0.97), strict=True)
     ]
-    objects = encode_results(paths, volume, nodules, MODEL, VERSION)
+    objects = encode_results(paths, volume, nodules, MODEL).datasets
     folder = tmp_path_factory.mktemp("phantom-results")
     return Study(paths, volume, nodules, objects, _write(objects, folder))
 
 
 @pytest.fixture(scope="module")
 def negative(lidc: Study, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    objects = encode_results(lidc.paths, lidc.volume, [], MODEL, VERSION)
+    objects = encode_results(lidc.paths, lidc.volume, [], MODEL).datasets
     assert [ds.Modality for ds in objects] == ["SR"]
     yield _write(objects, tmp_path_factory.mktemp("negative"))["SR"]
 
@@ -254,17 +255,17 @@ def test_seg_and_sr_share_the_nodules_tracking_uids(phantom: Study) -> None:
 
 
 def test_reprocessing_gives_identical_uids_and_late_instances_new_ones(phantom: Study) -> None:
-    again = encode_results(phantom.paths, phantom.volume, phantom.nodules, MODEL, VERSION)
+    again = encode_results(phantom.paths, phantom.volume, phantom.nodules, MODEL).datasets
     assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in phantom.objects]
     first_sr = phantom.objects[1]
     # an earlier run saw one slice fewer; the late slice makes a new instance set
     earlier_volume = build_volume(phantom.paths[:-1])
-    earlier = encode_results(phantom.paths[:-1], earlier_volume, [], MODEL, VERSION)
+    earlier = encode_results(phantom.paths[:-1], earlier_volume, [], MODEL).datasets
     assert earlier[0].SOPInstanceUID != first_sr.SOPInstanceUID
     assert earlier[0].SeriesInstanceUID == first_sr.SeriesInstanceUID
     rerun = encode_results(
-        phantom.paths, phantom.volume, phantom.nodules, MODEL, VERSION, predecessor=earlier[0]
-    )
+        phantom.paths, phantom.volume, phantom.nodules, MODEL, predecessor=earlier[0]
+    ).datasets
     predecessor = rerun[1].PredecessorDocumentsSequence[0]
     assert predecessor.StudyInstanceUID == first_sr.StudyInstanceUID
     ref = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -283,7 +284,7 @@ def test_enhanced_ct_frames_are_referenced_by_number_and_flips_are_undone(
     grid = np.zeros(volume.hu.shape, dtype=bool)
     grid[:, 200:230, 300:330] = True  # canonical [z, y, x]: off-centre, so a wrong flip shows
     nodule = grid_mask_to_nodule(grid, volume)
-    objects = encode_results([path], volume, [nodule], MODEL, VERSION)
+    objects = encode_results([path], volume, [nodule], MODEL).datasets
     files = _write(objects, tmp_path)
     for modality in ("SEG", "SR", "PR"):
         _assert_no_errors_of_ours(files[modality])

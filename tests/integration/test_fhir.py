@@ -12,22 +12,22 @@ from pydantic import SecretStr
 
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.fhir_client import FhirClient
-from pipelines.fhir import (
+from dicom_node.fhir_resources import (
     DICOM_UID_SYSTEM,
     REPORT_SYSTEM,
     SNOMED,
-    Model,
-    Study,
+    ReportSubject,
     build_report,
     build_results,
     report_identifier,
 )
+from dicom_node.results import ModelIdentity
 from tests.fhir_peer import SERVER_DIR, FhirServer
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
-MODEL = Model("noduleai-two-stage", "1.2.0")
+MODEL = ModelIdentity("noduleai-two-stage", "1.2.0")
 NODULES: list[dict[str, Any]] = [
     {
         "center_mm": [62.5, -20.0, -140.0],
@@ -62,8 +62,8 @@ NODULES: list[dict[str, Any]] = [
 ]
 
 
-def new_study() -> Study:
-    return Study(f"2.25.{uuid.uuid4().int}", f"PID-{uuid.uuid4().hex[:8]}", "HOSPITAL A")
+def new_study() -> ReportSubject:
+    return ReportSubject(f"2.25.{uuid.uuid4().int}", f"PID-{uuid.uuid4().hex[:8]}", "HOSPITAL A")
 
 
 @pytest.fixture
@@ -73,13 +73,13 @@ def client(fhir_server: FhirServer) -> Iterator[FhirClient]:
         yield client
 
 
-def reports_of(server: FhirServer, study: Study) -> list[dict[str, Any]]:
+def reports_of(server: FhirServer, study: ReportSubject) -> list[dict[str, Any]]:
     ident = report_identifier(study.study_instance_uid)
     bundle = server.get("DiagnosticReport", identifier=f"{REPORT_SYSTEM}|{ident['value']}")
     return [e["resource"] for e in bundle.get("entry", [])]
 
 
-def observations_of(server: FhirServer, study: Study) -> list[dict[str, Any]]:
+def observations_of(server: FhirServer, study: ReportSubject) -> list[dict[str, Any]]:
     bundle = server.get("Observation", _count="1000")
     return [
         e["resource"]
@@ -115,30 +115,6 @@ def test_a_study_keeps_one_report_through_its_lifecycle_and_reruns(
     assert [w.action for w in rerun.observations] == ["unchanged"] * 3
     assert [w.reference for w in rerun.observations] == [w.reference for w in first.observations]
 
-    client.set_status(study.study_instance_uid, "cancelled", "Study failed: model crashed")
-
-    (stored,) = reports_of(fhir_server, study)
-    assert stored["status"] == "cancelled"
-    assert stored["conclusion"] == "Study failed: model crashed"
-    assert stored["code"]["coding"][0] == {
-        "system": "http://loinc.org",
-        "code": "24627-2",
-        "display": "CT Chest",
-    }
-    assert stored["category"][0]["coding"][0]["code"] == "RAD"
-    assert stored["subject"]["identifier"] == {
-        "system": "urn:noduleai:issuer:HOSPITAL%20A",
-        "value": study.patient_id,
-    }
-    assert stored["imagingStudy"][0]["identifier"] == {
-        "system": DICOM_UID_SYSTEM,
-        "value": f"urn:oid:{study.study_instance_uid}",
-    }
-    assert [r["reference"] for r in stored["result"]] == [w.reference for w in first.observations]
-
-    history = client.history("DiagnosticReport", stored["id"])
-    assert [v["status"] for v in reversed(history)] == ["registered", "preliminary", "cancelled"]
-
     stored_obs = observations_of(fhir_server, study)
     assert len(stored_obs) == len(NODULES)
     by_uid = {o["identifier"][0]["value"]: o for o in stored_obs}
@@ -161,6 +137,34 @@ def test_a_study_keeps_one_report_through_its_lifecycle_and_reruns(
         )
         assert codes["needs-review"]["valueBoolean"] is nodule["needs_review"]
         assert len(client.history("Observation", obs["id"])) == 1
+
+    cancelled = build_report(study, "cancelled", conclusion="Study failed: model crashed")
+    client.publish(cancelled, [])
+
+    (stored,) = reports_of(fhir_server, study)
+    assert stored["status"] == "cancelled"
+    assert stored["conclusion"] == "Study failed: model crashed"
+    assert stored["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "24627-2",
+        "display": "CT Chest",
+    }
+    assert stored["category"][0]["coding"][0]["code"] == "RAD"
+    assert stored["subject"]["identifier"] == {
+        "system": "urn:noduleai:issuer:HOSPITAL%20A",
+        "value": study.patient_id,
+    }
+    assert stored["imagingStudy"][0]["identifier"] == {
+        "system": DICOM_UID_SYSTEM,
+        "value": f"urn:oid:{study.study_instance_uid}",
+    }
+    assert "result" not in stored
+
+    history = client.history("DiagnosticReport", stored["id"])
+    assert [v["status"] for v in reversed(history)] == ["registered", "preliminary", "cancelled"]
+
+    statuses = [o["status"] for o in observations_of(fhir_server, study)]
+    assert statuses == ["entered-in-error"] * len(NODULES)
 
 
 def test_a_rerun_with_fewer_nodules_withdraws_the_ones_no_longer_found(
@@ -203,11 +207,6 @@ def test_an_unreachable_server_is_a_transient_error() -> None:
         pytest.raises(TransientError),
     ):
         client.publish(build_report(new_study(), "registered"), [])
-
-
-def test_set_status_of_an_unknown_report_is_a_permanent_error(client: FhirClient) -> None:
-    with pytest.raises(PermanentError, match="no DiagnosticReport"):
-        client.set_status(new_study().study_instance_uid, "cancelled", "rejected: no CT series")
 
 
 @pytest.mark.parametrize("resource_type", ["DiagnosticReport", "Observation"])
@@ -257,10 +256,10 @@ def test_a_concurrent_update_is_a_transient_error_not_a_lost_update(
     study = new_study()
     client.publish(build_report(study, "registered"), [])
     stale = client.find("DiagnosticReport", report_identifier(study.study_instance_uid))
-    client.set_status(study.study_instance_uid, "cancelled", "rejected: no eligible series")
+    client.publish(build_report(study, "cancelled", conclusion="rejected: no eligible series"), [])
     monkeypatch.setattr(client, "find", lambda *_: stale)
     with pytest.raises(TransientError, match="412"):
-        client.set_status(study.study_instance_uid, "cancelled", "another writer")
+        client.upsert(build_report(study, "cancelled", conclusion="another writer"))
     monkeypatch.undo()
     (stored,) = reports_of(fhir_server, study)
     assert stored["conclusion"] == "rejected: no eligible series"

@@ -153,9 +153,9 @@ def test_bad_studies_end_rejected_with_a_reason_and_nothing_crashes(
 
     finished = wait_for(lambda: _finished(env, len(studies)), timeout=300, interval=1.0)
     assert [s["state"] for s in finished] == ["rejected"] * len(studies), serve.output()[-3000:]
-    codes = sorted(s["error"].split(":")[0] for s in finished)
+    codes = sorted(s["error_code"] for s in finished)
     assert "no_eligible_series" in codes
-    assert all(code for code in codes)
+    assert all(s["error_code"] and s["error"] for s in finished)
     assert serve.process.poll() is None
     assert "Traceback" not in serve.output()
 
@@ -208,7 +208,8 @@ def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_rea
     (study,) = wait_for(lambda: _finished(env), timeout=120, interval=0.5)
     assert study["state"] == "failed"
     assert study["attempts"] == 2
-    assert "no-models-here" in study["error"]
+    assert study["error_code"] == "internal_error"
+    assert "no-models-here" in study["error"] and "gave up after 2 attempts" in study["error"]
 
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from dicom_node.config import Settings
 from dicom_node.db import Database
 from dicom_node.migrate import upgrade
-from dicom_node.queues import EmbeddedQueue, RabbitQueue
+from dicom_node.queues import make_job_queue, make_job_source
 from tests.conftest import AMQP_URL
 
 
@@ -17,25 +18,25 @@ from tests.conftest import AMQP_URL
 def queues(
     request: pytest.FixtureRequest, amqp_queues: tuple[str, str], database_url: str
 ) -> Iterator[Any]:
-    """A work queue and a second handle on its dead-letter queue."""
+    """The node's publishing face, a worker's face on the work queue and one on its dead-letter
+    queue, as the factories build them from the settings."""
     queue, dead = amqp_queues
-    if request.param == "rabbitmq":
-        work = RabbitQueue(AMQP_URL, queue, dead)
-        dead_letters = work.dead_letters()
-        yield work, dead_letters
-        work.close()
-        dead_letters.close()
-        return
+    amqp = AMQP_URL if request.param == "rabbitmq" else None
+    settings = Settings(amqp_url=amqp, amqp_queue=queue, amqp_dead_letter_queue=dead)
     db = Database(database_url)
     upgrade(db)
-    embedded = EmbeddedQueue(db, queue, dead)
-    yield embedded, embedded.dead_letters()
+    publisher = make_job_queue(settings, db)
+    work = make_job_source(settings, db)
+    dead_letters = make_job_source(settings, db, dead_letters=True)
+    yield publisher, work, dead_letters
+    for face in (publisher, work, dead_letters):
+        face.close()
     db.dispose()
 
 
 def test_a_message_is_received_once_acked_and_gone(queues: Any) -> None:
-    work, _ = queues
-    work.publish({"job_id": "j1"}, "j1")
+    publisher, work, _ = queues
+    publisher.publish({"job_id": "j1"}, "j1")
     message = work.receive(timeout=5)
     assert message is not None and message.body == {"job_id": "j1"}
     assert not message.redelivered
@@ -44,22 +45,22 @@ def test_a_message_is_received_once_acked_and_gone(queues: Any) -> None:
 
 
 def test_a_requeued_message_comes_back_marked_redelivered(queues: Any) -> None:
-    work, _ = queues
-    work.publish({"job_id": "j2"}, "j2")
+    publisher, work, _ = queues
+    publisher.publish({"job_id": "j2"}, "j2")
     first = work.receive(timeout=5)
     assert first is not None
-    work.reject(first, requeue=True)
+    work.requeue(first)
     again = work.receive(timeout=5)
     assert again is not None and again.body == {"job_id": "j2"} and again.redelivered
     work.ack(again)
 
 
 def test_a_rejected_message_lands_in_the_dead_letter_queue(queues: Any) -> None:
-    work, dead_letters = queues
-    work.publish({"job_id": "j3"}, "j3")
+    publisher, work, dead_letters = queues
+    publisher.publish({"job_id": "j3"}, "j3")
     message = work.receive(timeout=5)
     assert message is not None
-    work.reject(message, requeue=False)
+    work.dead_letter(message)
     assert work.receive(timeout=0.5) is None
     dead = dead_letters.receive(timeout=5)
     assert dead is not None and dead.body == {"job_id": "j3"}

@@ -149,7 +149,7 @@ def _nodules(database_url: str) -> int:
 
 
 def _report_identifier(study_uid: str) -> str:
-    from pipelines.fhir import report_identifier
+    from dicom_node.fhir_resources import report_identifier
 
     ident = report_identifier(study_uid)
     return f"{ident['system']}|{ident['value']}"

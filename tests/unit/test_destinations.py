@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 
 from dicom_node.config import NodeConfig
+from dicom_node.db import ReportStatus
 from dicom_node.errors import ConfigError
-from dicom_node.export import delivery_rows
+from dicom_node.lifecycle import delivery_rows
+from dicom_node.results import ObjectKind, ResultObject
 
 DESTINATIONS = [
     {"name": "pacs", "type": "dimse", "ae_title": "ORTHANC", "host": "10.0.0.5", "port": 4242},
     {"name": "archive", "type": "dicomweb", "url": "http://archive/dicom-web"},
     {"name": "ehr", "type": "fhir", "url": "http://ehr/fhir", "token": "s3cret"},
 ]
+
+
+def _object(uid: str, path: str) -> ResultObject:
+    return ResultObject(
+        ObjectKind.SR, "SR", "1.2.840.10008.5.1.4.1.1.88.34", uid, "2.1", "1.1", path
+    )
 
 
 def _config(*policies: dict[str, object]) -> NodeConfig:
@@ -33,18 +41,20 @@ def test_an_ae_policy_can_name_its_destinations() -> None:
 def test_shadow_mode_sends_nothing_to_dicom_destinations() -> None:
     config = _config({"ae_title": "ORTHANC", "shadow": True})
     assert [d.name for d in config.destinations_for("ORTHANC")] == ["ehr"]
-    rows = delivery_rows(config, "ORTHANC", "job", [{"sop_instance_uid": "1.2", "path": "p"}], None)
+    rows = delivery_rows(config, "ORTHANC", "job", [_object("1.2", "p")], None)
     assert rows == []
 
 
 def test_delivery_rows_are_one_per_object_and_destination_and_one_per_report_status() -> None:
-    objects = [{"sop_instance_uid": f"1.2.{i}", "path": f"r/{i}.dcm"} for i in range(3)]
-    rows = delivery_rows(_config(), "ORTHANC", "job", objects, "preliminary")
-    assert sorted((r.destination, r.kind, r.object_uid) for r in rows) == [
-        ("ehr", "fhir", "preliminary"),
-        ("pacs", "dicom", "1.2.0"),
-        ("pacs", "dicom", "1.2.1"),
-        ("pacs", "dicom", "1.2.2"),
+    objects = [_object(f"1.2.{i}", f"r/{i}.dcm") for i in range(3)]
+    rows = delivery_rows(
+        _config(), "ORTHANC", "job", objects, ReportStatus.PRELIMINARY, "r/fhir.json"
+    )
+    assert sorted((r.destination, r.kind, r.object_uid, r.report_status, r.path) for r in rows) == [
+        ("ehr", "fhir", "", "preliminary", "r/fhir.json"),
+        ("pacs", "dicom", "1.2.0", "", "r/0.dcm"),
+        ("pacs", "dicom", "1.2.1", "", "r/1.dcm"),
+        ("pacs", "dicom", "1.2.2", "", "r/2.dcm"),
     ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
-from pipelines.fhir import (
+from dicom_node.fhir_resources import (
     DCM,
     DICOM_UID_SYSTEM,
     LATERALITY_EXTENSION,
@@ -18,8 +18,7 @@ from pipelines.fhir import (
     REPORT_SYSTEM,
     SNOMED,
     UCUM,
-    Model,
-    Study,
+    ReportSubject,
     build_observation,
     build_report,
     build_results,
@@ -27,9 +26,10 @@ from pipelines.fhir import (
     patient_identifier_system,
     report_identifier,
 )
+from dicom_node.results import ModelIdentity
 
-STUDY = Study("1.2.826.0.1.3680043.8.498.1", "PAT-0001", "1.2.826.0.1.3680043.8.498.9")
-MODEL = Model("noduleai", "1.0.0")
+STUDY = ReportSubject("1.2.826.0.1.3680043.8.498.1", "PAT-0001", "1.2.826.0.1.3680043.8.498.9")
+MODEL = ModelIdentity("noduleai", "1.0.0")
 NODULE: dict[str, Any] = {
     "center_mm": [48.3, -12.0, -150.5],
     "long_axis_mm": 8.25,
@@ -51,15 +51,18 @@ def components(obs: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def test_the_report_identifier_depends_on_the_study_only() -> None:
     a = build_report(STUDY, "registered")
-    b = build_report(Study(STUDY.study_instance_uid, "OTHER"), "preliminary")
+    b = build_report(ReportSubject(STUDY.study_instance_uid, "OTHER"), "preliminary")
     assert a["identifier"][0] == b["identifier"][0]
     assert a["identifier"][0]["system"] == REPORT_SYSTEM
     assert report_identifier("1.2.3")["value"] != report_identifier("1.2.4")["value"]
 
 
 def test_reruns_build_identical_resources() -> None:
-    first = build_results(STUDY, [NODULE, NODULE], MODEL, sr_uid="1.2.3.4")
-    again = build_results(STUDY, copy.deepcopy([NODULE, NODULE]), MODEL, sr_uid="1.2.3.4")
+    uids = ["2.25.1", "2.25.2"]
+    first = build_results(STUDY, [NODULE, NODULE], MODEL, tracking_uids=uids, sr_uid="1.2.3.4")
+    again = build_results(
+        STUDY, copy.deepcopy([NODULE, NODULE]), MODEL, tracking_uids=uids, sr_uid="1.2.3.4"
+    )
     assert first == again
     ids = [o["identifier"][0]["value"] for o in first[1]]
     assert len(set(ids)) == 2
@@ -168,19 +171,19 @@ def test_report_statuses_and_conclusions() -> None:
         build_report(STUDY, "cancelled")
     with pytest.raises(ValueError, match="status"):
         build_report(STUDY, "queued")  # type: ignore[arg-type]
-    report, _ = build_results(STUDY, [NODULE], MODEL)
+    report, _ = build_results(STUDY, [NODULE], MODEL, tracking_uids=["2.25.9"])
     assert report["status"] == "preliminary"
     assert report["conclusion"].startswith("1 lung nodule detected (1 to review).")
-    empty, none = build_results(STUDY, [], MODEL)
+    empty, none = build_results(STUDY, [], MODEL, tracking_uids=[])
     assert none == [] and empty["conclusion"].startswith("No lung nodules detected.")
 
 
 def test_resources_validate_as_fhir_and_issued_is_opt_in() -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    report, (obs,) = build_results(STUDY, [NODULE], MODEL, issued=when)
+    report, (obs,) = build_results(STUDY, [NODULE], MODEL, tracking_uids=["2.25.9"], issued=when)
     assert DiagnosticReport.model_validate(report).issued is not None
     assert Observation.model_validate(obs).issued is not None
-    plain, (plain_obs,) = build_results(STUDY, [NODULE], MODEL)
+    plain, (plain_obs,) = build_results(STUDY, [NODULE], MODEL, tracking_uids=["2.25.9"])
     assert "issued" not in plain and "issued" not in plain_obs
 
 
@@ -193,3 +196,12 @@ def test_unknown_nodule_type_and_uid_count_mismatch_are_rejected() -> None:
 
 def test_the_study_repr_hides_the_patient() -> None:
     assert "PAT-0001" not in repr(STUDY)
+
+
+def test_the_report_identifier_is_pinned_so_a_namespace_change_fails() -> None:
+    """Reports already sit on FHIR servers: a changed identifier would start a second report."""
+    assert report_identifier("1.2.826.0.1.3680043.8.498.1") == {
+        "use": "official",
+        "system": "urn:noduleai:report",
+        "value": "f5bb3e56-84eb-532b-a4e2-023d14471223",
+    }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.infer import Finding
-from models.preprocessing import ISO_SPACING_MM
 from pipelines.findings import attenuation_type, axes_mm, describe
+from pipelines.preprocess import ISO_SPACING_MM
+from pipelines.refine import Finding
 
 
 def _ellipsoid(shape: int, radii_vox: tuple[float, float, float]) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 
 from models.evaluation import (
     FP_RATES,
-    Detection,
+    EvalDetection,
     Reference,
     ScanCase,
     dice,
@@ -22,8 +22,8 @@ def _ref(x: float, d: float = 10.0) -> Reference:
     return Reference((x, 0.0, 0.0), d)
 
 
-def _det(x: float, p: float) -> Detection:
-    return Detection((x, 0.0, 0.0), p)
+def _det(x: float, p: float) -> EvalDetection:
+    return EvalDetection((x, 0.0, 0.0), p)
 
 
 def test_detection_inside_the_radius_hits_and_outside_is_a_false_positive() -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.evaluate import evaluate_lidc
-from models.infer import NoduleDetector
+from models.evaluate import evaluate_lidc, evaluation_detector
 
 
 def _data_dir() -> Path | None:
@@ -24,7 +23,7 @@ def test_readers_nodule_is_found_with_at_most_two_false_positives_and_right_size
     data = _data_dir()
     if data is None or not (data / "lidc-idri-0001").exists():
         pytest.skip("real LIDC data not available (set NODULEAI_TEST_DATA)")
-    r = evaluate_lidc(NoduleDetector(threads=1), data)
+    r = evaluate_lidc(evaluation_detector(threads=1), data)
     assert r is not None
     print(r["findings_at_operating_point"])
     assert r["found"]

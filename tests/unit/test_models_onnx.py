@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.infer import WEIGHTS_DIR, sha256
+from pipelines.manifest import WEIGHTS_DIR, sha256
 
 TOLERANCE = 1e-4
 """Largest allowed absolute difference between onnxruntime and torch probabilities."""
@@ -91,7 +91,7 @@ def test_shipped_onnx_matches_its_manifest(name: str) -> None:
 def test_a_weight_file_that_differs_from_its_manifest_is_refused(tmp_path: Path) -> None:
     import shutil
 
-    from models.infer import load_manifest
+    from pipelines.manifest import load_manifest
 
     for f in WEIGHTS_DIR.glob("stage1_screen.*"):
         shutil.copy(f, tmp_path / f.name)

@@ -12,23 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.infer import NoduleDetector, sha256
+from models.evaluate import evaluation_detector
 from models.modelcards import render_cards
 from models.phantom import make_phantom
-from models.preprocessing import ISO_SPACING_MM
 from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
-from models.train import HARD_NEGATIVE_GAP_VOX, Volume, prepare, prepare_real, stage1_batch
+from models.train import HARD_NEGATIVE_GAP_VOX, TrainingVolume, prepare, prepare_real, stage1_batch
+from pipelines.manifest import sha256
+from pipelines.preprocess import ISO_SPACING_MM
 
 SHAPE = (40, 160, 160)
 SPACING = (2.5, 1.6, 1.6)
 
 
 @pytest.fixture(scope="module")
-def volume() -> Volume:
+def volume() -> TrainingVolume:
     return prepare(10003, (2, 3))
 
 
-def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule(volume: Volume) -> None:
+def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule(
+    volume: TrainingVolume,
+) -> None:
     v = volume
     assert len(v.hard) > 100
     gaps = np.linalg.norm(v.hard[:, None, :] - v.centres[None], axis=2) - v.radii[None]
@@ -37,7 +40,7 @@ def test_hard_negatives_are_dense_lung_voxels_away_from_every_nodule(volume: Vol
     assert np.all(v.allowed[tuple(v.hard.T)])
 
 
-def test_stage1_batches_hold_nodule_crops_and_background(volume: Volume) -> None:
+def test_stage1_batches_hold_nodule_crops_and_background(volume: TrainingVolume) -> None:
     x, t = stage1_batch([volume], np.random.default_rng(0), 16, 96)
     assert x.shape == (16, 5, 96, 96) and t.shape == (16, 1, 96, 96)
     peaks = t.reshape(16, -1).max(axis=1)
@@ -119,8 +122,8 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert len(m1["training"]["val_scans"]) == 1
     assert set(m1["training"]["environment"]) == {"python", "numpy", "scipy", "torch", "onnx"}
     ph = make_phantom(41, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
-    res = NoduleDetector(out, threads=1).detect(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
-    assert res.timings["stage1_s"] > 0
+    res = evaluation_detector(out, threads=1).run_stages(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
+    assert res.timings_ms["stage1"] > 0
     render_cards({}, m1, m2, tmp_path / "cards")
     card = (tmp_path / "cards" / "stage1_screen.md").read_text()
     assert "These weights: luna16: 2 training and 1 validation scans, real CT." in card

@@ -60,3 +60,27 @@ def test_every_object_and_nodule_gets_a_distinct_uid() -> None:
 def test_an_unknown_object_kind_is_refused() -> None:
     with pytest.raises(ValueError):
         ResultUIDs.create(SERIES, INSTANCES, "m").series_uid("rtstruct")
+
+
+def test_derived_uids_are_pinned_so_a_namespace_change_fails() -> None:
+    """Result UIDs already sit in PACSs: the namespace, the parts and their order are forever."""
+    uids = ResultUIDs.create(
+        "1.2.826.0.1.3680043.8.498.1",
+        ["1.2.3.2", "1.2.3.1"],
+        "NoduleAI lung nodule detector stage1_screen-1.3.0+stage2_refine-1.3.0",
+    )
+    assert derive_uid("a", "b") == "2.25.116694520647888482325817489136835004755"
+    assert [uids.series_uid(kind) for kind in ("seg", "sr", "gsps")] == [
+        "2.25.79675553795476958205873306721469560124",
+        "2.25.238518095432171760295420011825744671882",
+        "2.25.157801933357553727730905082829242474418",
+    ]
+    assert [uids.instance_uid(kind) for kind in ("seg", "sr", "gsps")] == [
+        "2.25.106606104411163622283841237430408567148",
+        "2.25.33978553976440705667252583313285371370",
+        "2.25.80903282797483643453838473041564812794",
+    ]
+    assert [uids.tracking_uid(i) for i in (0, 1)] == [
+        "2.25.103573866077312149494770724923019056066",
+        "2.25.17485710067237704761367884713878110751",
+    ]

@@ -18,7 +18,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.errors import StudyRejectedError
-from pipelines.volume import FILL_HU, SourceFrame, Volume, build_volume, read_hu
+from pipelines.geometry import FILL_HU
+from pipelines.pixels import read_hu
+from pipelines.volume import SourceFrame, Volume, build_volume
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"

@@ -1,6 +1,10 @@
 """FHIR R4 resources for a study's findings: one DiagnosticReport, one Observation per nodule.
 
-Pure resource building, no I/O: :mod:`dicom_node.fhir_client` sends what this module builds.
+Resource building, no network I/O (:func:`report_subject` reads two attributes of a spooled
+header): the worker builds a job's results with :func:`build_results`
+(stored with its result set, :mod:`dicom_node.results`), delivery builds the ``registered`` and
+``cancelled`` status reports with :func:`build_report`, and :mod:`dicom_node.fhir_client` sends
+them.
 
 Resources are validated with the ``fhir.resources.R4B`` pydantic models (the package has no R4
 module). R4B (4.3.0) left DiagnosticReport and Observation as they were in R4 (4.0.1): the
@@ -16,8 +20,7 @@ Identity (what makes retries and reruns idempotent):
   StudyInstanceUID, so every run for a study updates the same report;
 - each Observation is identified by ``urn:dicom:uid`` | ``urn:oid:<TrackingUID>`` of its nodule
   (the SR's ``(112040, DCM, "Tracking Unique Identifier")`` of the nodule, PS3.16 TID 1500;
-  :meth:`pipelines.uids.ResultUIDs.tracking_uid` derives it), or, when none is given, a UID
-  derived from the study and the nodule's index;
+  :meth:`pipelines.uids.ResultUIDs.tracking_uid` derives it once, for SR, SEG and FHIR alike);
 - the ImagingStudy is referenced *logically* by ``urn:dicom:uid`` | ``urn:oid:<StudyInstanceUID>``
   (FHIR R4 ImagingStudy.identifier, "DICOM Study Instance UID"), the patient by identifier; no
   Patient or ImagingStudy resource needs to exist on the server.
@@ -53,10 +56,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
+from pydicom import dcmread
+
+from dicom_node.results import ModelIdentity
 
 JSON = dict[str, Any]
 ReportStatus = Literal["registered", "preliminary", "final", "amended", "cancelled"]
@@ -103,7 +110,7 @@ OBSERVATION_STATUSES: Final = frozenset(
     }
 )
 
-#: Namespace of the UUIDv5 values this module derives (report identifiers, fallback nodule UIDs).
+#: Namespace of the UUIDv5 values this module derives (report identifiers).
 NAMESPACE: Final = uuid.UUID("5b0c7d0e-2f4a-5c55-9a51-6e6f64756c65")
 
 REPORT_CODE: Final[JSON] = {
@@ -173,7 +180,7 @@ _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
 @dataclass(frozen=True)
-class Study:
+class ReportSubject:
     """What the resources say about the study and its patient.
 
     Parameters
@@ -192,20 +199,21 @@ class Study:
     issuer_of_patient_id: str | None = None
 
     def __repr__(self) -> str:  # keep patient data out of logs and tracebacks
-        return f"Study(study_instance_uid={self.study_instance_uid!r}, patient=<hidden>)"
+        return f"ReportSubject(study_instance_uid={self.study_instance_uid!r}, patient=<hidden>)"
 
 
-@dataclass(frozen=True)
-class Model:
-    """The model that produced the findings (name and version as its manifest gives them)."""
+def report_subject(study_instance_uid: str, path: Path | None) -> ReportSubject:
+    """The report's subject: the study, and PatientID/IssuerOfPatientID read from ``path``.
 
-    name: str
-    version: str
-
-    @property
-    def display(self) -> str:
-        """``name version``, as the Observations' device and method show it."""
-        return f"{self.name} {self.version}"
+    ``path`` is one spooled instance of the study (only those two attributes are read); without
+    it the patient identifier is empty.
+    """
+    if path is None:
+        return ReportSubject(study_instance_uid, "")
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "IssuerOfPatientID"])
+    patient_id = str(ds.get("PatientID", "") or "")
+    issuer = str(ds.get("IssuerOfPatientID", "") or "") or None
+    return ReportSubject(study_instance_uid, patient_id, issuer)
 
 
 def dicom_uid_identifier(uid: str) -> JSON:
@@ -235,7 +243,7 @@ def patient_identifier_system(issuer_of_patient_id: str | None) -> str | None:
     return "urn:noduleai:issuer:" + issuer.replace("%", "%25").replace(" ", "%20")
 
 
-def patient_reference(study: Study) -> JSON:
+def patient_reference(study: ReportSubject) -> JSON:
     """Logical reference to the patient by identifier (FHIR R4 Reference.identifier)."""
     identifier: JSON = {"value": study.patient_id}
     system = patient_identifier_system(study.issuer_of_patient_id)
@@ -253,21 +261,16 @@ def imaging_study_reference(study_instance_uid: str) -> JSON:
     }
 
 
-def nodule_uid(study_instance_uid: str, index: int) -> str:
-    """A fallback tracking UID (``2.25.<uuid5>``, PS3.5 B.2) when the SR gives none."""
-    return f"2.25.{uuid.uuid5(NAMESPACE, f'nodule:{study_instance_uid}:{index}').int}"
-
-
 def laterality(center_mm: Sequence[float]) -> Literal["left", "right"]:
     """Left or right lung from the LPS x coordinate (+x points to the patient's left)."""
     return "left" if float(center_mm[0]) > 0 else "right"
 
 
 def build_observation(
-    study: Study,
+    study: ReportSubject,
     nodule: Mapping[str, Any],
     tracking_uid: str,
-    model: Model,
+    model: ModelIdentity,
     *,
     sr_uid: str | None = None,
     seg_uid: str | None = None,
@@ -278,13 +281,13 @@ def build_observation(
 
     Parameters
     ----------
-    study : Study
+    study : ReportSubject
         The study and its patient.
     nodule : mapping
-        As ``pipelines.findings.Nodule.to_json()`` gives it.
+        As :meth:`dicom_node.results.ReportedNodule.to_json` gives it.
     tracking_uid : str
         The nodule's tracking UID (TID 1500); the Observation's identifier.
-    model : Model
+    model : ModelIdentity
         Shown as ``device`` (display only) and ``method``.
     sr_uid, seg_uid : str, optional
         SOP Instance UIDs of the SR and SEG that hold the nodule, referenced from ``derivedFrom``
@@ -355,11 +358,11 @@ def build_observation(
 
 
 def build_report(
-    study: Study,
+    study: ReportSubject,
     status: ReportStatus,
     *,
     observations: Sequence[Mapping[str, Any]] = (),
-    model: Model | None = None,
+    model: ModelIdentity | None = None,
     conclusion: str | None = None,
     sr_uid: str | None = None,
     issued: datetime | None = None,
@@ -368,7 +371,7 @@ def build_report(
 
     Parameters
     ----------
-    study : Study
+    study : ReportSubject
         The study and its patient.
     status : {"registered", "preliminary", "final", "amended", "cancelled"}
         ``registered`` when the study is queued, ``preliminary`` with results, ``cancelled`` on
@@ -376,7 +379,7 @@ def build_report(
     observations : sequence of dict
         The Observations (from :func:`build_observation`) the report's ``result`` lists, by
         identifier; :mod:`dicom_node.fhir_client` makes the references literal.
-    model : Model, optional
+    model : ModelIdentity, optional
         Named in the default conclusion.
     conclusion : str, optional
         DiagnosticReport.conclusion; for ``cancelled`` the reason (required). For ``preliminary``
@@ -421,11 +424,11 @@ def build_report(
 
 
 def build_results(
-    study: Study,
+    study: ReportSubject,
     nodules: Sequence[Mapping[str, Any]],
-    model: Model,
+    model: ModelIdentity,
     *,
-    tracking_uids: Sequence[str] | None = None,
+    tracking_uids: Sequence[str],
     sr_uid: str | None = None,
     seg_uid: str | None = None,
     issued: datetime | None = None,
@@ -434,15 +437,14 @@ def build_results(
 
     Parameters
     ----------
-    study : Study
+    study : ReportSubject
         The study and its patient.
     nodules : sequence of mapping
-        ``Nodule.to_json()`` dicts, in the SR's order.
-    model : Model
+        :meth:`~dicom_node.results.ReportedNodule.to_json` dicts, in the SR's order.
+    model : ModelIdentity
         The model that found them.
-    tracking_uids : sequence of str, optional
-        The nodules' tracking UIDs as the SR gives them (same order); derived from the study and
-        the index when left out.
+    tracking_uids : sequence of str
+        The nodules' tracking UIDs as the SR gives them (same order).
     sr_uid, seg_uid : str, optional
         SOP Instance UIDs of the SR and SEG.
     issued : datetime, optional
@@ -453,8 +455,6 @@ def build_results(
     tuple
         ``(report, observations)``.
     """
-    if tracking_uids is None:
-        tracking_uids = [nodule_uid(study.study_instance_uid, i) for i in range(len(nodules))]
     if len(tracking_uids) != len(nodules):
         raise ValueError(f"{len(tracking_uids)} tracking UIDs for {len(nodules)} nodules")
     observations = [
@@ -467,7 +467,7 @@ def build_results(
     return report, observations
 
 
-def summary(observations: Sequence[Mapping[str, Any]], model: Model | None = None) -> str:
+def summary(observations: Sequence[Mapping[str, Any]], model: ModelIdentity | None = None) -> str:
     """A one-sentence conclusion: how many nodules, how many need review, by which model."""
     n = len(observations)
     review = sum(

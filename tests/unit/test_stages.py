@@ -1,20 +1,12 @@
-"""The torch-free detection glue: resampling, lung mask, candidates, mask measurement, merging."""
+"""The torch-free detection steps: resampling, lung mask, candidates, mask measurement, merging."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models.infer import (
-    Candidate,
-    Finding,
-    extract_candidates,
-    make_finding,
-    merge_findings,
-    screen_volume,
-)
 from models.phantom import make_phantom
-from models.preprocessing import (
+from pipelines.preprocess import (
     ISO_SPACING_MM,
     STAGE2_PATCH,
     iso_shape,
@@ -22,6 +14,14 @@ from models.preprocessing import (
     normalise_hu,
     resample_to_iso,
 )
+from pipelines.refine import (
+    Finding,
+    make_finding,
+    merge_findings,
+    recentre_findings,
+    refine_candidates,
+)
+from pipelines.screen import Candidate, extract_candidates, screen_volume
 
 
 def test_resampling_keeps_voxel_zero_and_places_samples_at_iso_spacing() -> None:
@@ -115,8 +115,6 @@ def test_overlapping_findings_merge_into_the_most_probable() -> None:
 
 
 def test_recentring_on_the_mask_recovers_a_large_nodule_cut_by_the_patch_border() -> None:
-    from models.infer import recentre_findings, refine_candidates
-
     iso = np.zeros((64, 64, 64), np.float32)
     zz, yy, xx = np.mgrid[:64, :64, :64]
     iso[((zz - 32) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2) <= 12**2] = 1.0  # 30 mm sphere

@@ -1,28 +1,30 @@
-"""Delivery: result objects back to the PACS (C-STORE SCU or STOW-RS), reports to FHIR.
+"""Delivery: stored result objects back to the PACS (C-STORE SCU or STOW-RS), reports to FHIR.
 
-Every result object has a delivery row per destination. The delivery loop sends what is due,
-grouped per job and destination (one association, proposing exactly the SOP classes and transfer
-syntaxes of the files sent), marks each object that the destination confirmed, and retries the
-rest with exponential backoff; after the configured attempts a delivery is ``failed`` and the
-job with it, reason recorded. Output UIDs are deterministic, so a resend is stored once.
+Every stored result artifact has a delivery row per destination (:mod:`dicom_node.lifecycle`
+creates them). The delivery loop sends what is due, grouped per job and destination (one
+association, proposing exactly the SOP classes and transfer syntaxes of the files sent), and
+records each row's outcome with the one retry policy (:mod:`dicom_node.retry`): confirmed, retried
+after a backoff (the destination was unavailable), or failed at once (the destination refused it,
+or the attempts ran out). Delivery ships only what the worker stored: the DICOM files and the FHIR
+resources of the job's result set. Output UIDs are deterministic, so a resend is stored once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 from pydicom import dcmread
 from pynetdicom import AE
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from dicom_node.config import (
     DicomWebDestination,
@@ -34,30 +36,40 @@ from dicom_node.config import (
 from dicom_node.db import (
     Database,
     Delivery,
+    DeliveryKind,
     DeliveryState,
     Instance,
     Job,
     JobState,
-    Result,
+    ReportStatus,
     Series,
     Study,
-    set_job_state,
     utcnow,
 )
-from dicom_node.errors import PermanentError, TransientError
+from dicom_node.errors import (
+    ConfigError,
+    DestinationRefusedError,
+    DestinationUnavailableError,
+    NoduleAIError,
+    PermanentError,
+)
+from dicom_node.fhir_client import FhirClient
+from dicom_node.fhir_resources import ReportSubject, build_report, report_subject
+from dicom_node.lifecycle import record_delivery, settle_deliveries
+from dicom_node.retry import RetryPolicy
 from dicom_node.spool import LocalSpool
 
 LOGGER = logging.getLogger(__name__)
 
-#: Sends files, returns per SOP Instance UID ``None`` (confirmed) or the reason it was not.
-Outcome = dict[str, str | None]
+#: Per SOP Instance UID: ``None`` (the destination confirmed it) or why it did not.
+SendOutcome = dict[str, NoduleAIError | None]
 
 
 class Sender(Protocol):
     """Sends DICOM files to one destination."""
 
-    def send(self, paths: Sequence[Path]) -> Outcome:
-        """Send ``paths``; raise :class:`TransientError` when nothing could be sent."""
+    def send(self, paths: Sequence[Path]) -> SendOutcome:
+        """Send ``paths``; raise :class:`DestinationUnavailableError` when nothing could be sent."""
 
 
 def _meta(path: Path) -> tuple[str, str, str]:
@@ -68,6 +80,22 @@ def _meta(path: Path) -> tuple[str, str, str]:
         str(meta.MediaStorageSOPInstanceUID),
         str(meta.TransferSyntaxUID),
     )
+
+
+def store_status_failure(code: int) -> NoduleAIError | None:
+    """What a C-STORE response status means for delivery (PS3.4 B.2.3, PS3.7 C).
+
+    Success and warnings (0xB000, 0xB007, 0xB006: stored, maybe coerced) are ``None``; 0xA7xx
+    (out of resources) is :class:`DestinationUnavailableError` (try again later); every other
+    failure (0xA9xx data set does not match, 0xCxxx cannot understand, 0x01xx, ...) is
+    :class:`DestinationRefusedError` (sending it again cannot help). The categories are
+    pynetdicom's (:func:`pynetdicom.status.code_to_category`).
+    """
+    if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
+        return None
+    if 0xA700 <= code <= 0xA7FF:
+        return DestinationUnavailableError(f"C-STORE status 0x{code:04X} (out of resources)")
+    return DestinationRefusedError(f"C-STORE status 0x{code:04X}")
 
 
 class DimseSender:
@@ -98,7 +126,7 @@ class DimseSender:
             context.load_cert_chain(tls.cert, tls.key)
         return context, self.destination.host
 
-    def send(self, paths: Sequence[Path]) -> Outcome:
+    def send(self, paths: Sequence[Path]) -> SendOutcome:
         """Store ``paths`` over one association proposing exactly what they need."""
         metas = {path: _meta(path) for path in paths}
         ae = AE(ae_title=self.calling_ae)
@@ -111,8 +139,10 @@ class DimseSender:
         d = self.destination
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self._ssl())
         if not assoc.is_established:
-            raise TransientError(f"association with {d.ae_title}@{d.host}:{d.port} not established")
-        outcome: Outcome = {}
+            raise DestinationUnavailableError(
+                f"association with {d.ae_title}@{d.host}:{d.port} not established"
+            )
+        outcome: SendOutcome = {}
         try:
             for path, (_sop_class, uid, _syntax) in metas.items():
                 outcome[uid] = self._store_one(assoc, path)
@@ -122,21 +152,19 @@ class DimseSender:
             if assoc.is_established:
                 assoc.release()
         for _sop_class, uid, _syntax in metas.values():
-            outcome.setdefault(uid, "association ended before it was sent")
+            if uid not in outcome:
+                outcome[uid] = DestinationUnavailableError("association ended before it was sent")
         return outcome
 
     @staticmethod
-    def _store_one(assoc: object, path: Path) -> str | None:
+    def _store_one(assoc: object, path: Path) -> NoduleAIError | None:
         try:
             status = assoc.send_c_store(path)  # type: ignore[attr-defined]
         except (OSError, RuntimeError, ValueError) as exc:
-            return f"C-STORE failed: {exc}"
-        code = int(status.Status) if "Status" in status else None
-        if code is None:
-            return "no C-STORE response (timeout or abort)"
-        if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-            return None
-        return f"C-STORE status 0x{code:04X}"
+            return DestinationUnavailableError(f"C-STORE failed: {exc}")
+        if "Status" not in status:
+            return DestinationUnavailableError("no C-STORE response (timeout or abort)")
+        return store_status_failure(int(status.Status))
 
 
 class StowSender:
@@ -155,7 +183,7 @@ class StowSender:
             return {}, (d.username, d.password.get_secret_value())
         return {}, None
 
-    def send(self, paths: Sequence[Path]) -> Outcome:
+    def send(self, paths: Sequence[Path]) -> SendOutcome:
         """POST the files as ``multipart/related; type="application/dicom"``."""
         boundary = "noduleai-stow-boundary"
         body = (
@@ -183,14 +211,16 @@ class StowSender:
                 url, content=body, headers=headers, timeout=self.timeout, auth=auth
             )
         except httpx.HTTPError as exc:
-            raise TransientError(f"STOW-RS to {url} failed: {exc}") from exc
+            raise DestinationUnavailableError(f"STOW-RS to {url} failed: {exc}") from exc
         if response.status_code >= 500 or response.status_code in (408, 429):
-            raise TransientError(f"STOW-RS to {url}: HTTP {response.status_code}")
+            raise DestinationUnavailableError(f"STOW-RS to {url}: HTTP {response.status_code}")
         failed = _stow_failures(response)
         uids = [_meta(path)[1] for path in paths]
         if response.status_code >= 400 and not failed:
-            return dict.fromkeys(uids, f"HTTP {response.status_code}")
-        return {uid: failed.get(uid) for uid in uids}
+            return {uid: DestinationRefusedError(f"HTTP {response.status_code}") for uid in uids}
+        return {
+            uid: DestinationRefusedError(failed[uid]) if uid in failed else None for uid in uids
+        }
 
 
 def _stow_failures(response: httpx.Response) -> dict[str, str]:
@@ -208,41 +238,8 @@ def _stow_failures(response: httpx.Response) -> dict[str, str]:
     return out
 
 
-FHIR_ORDER = ("registered", "preliminary", "cancelled")
-
-
-def delivery_rows(
-    config: NodeConfig,
-    calling_ae: str,
-    job_id: str,
-    objects: Sequence[dict[str, str]],
-    fhir_status: str | None,
-) -> list[Delivery]:
-    """The delivery rows of a job: each DICOM object to each DICOM destination of the calling
-    AE, and the FHIR report's new ``fhir_status`` to each FHIR destination."""
-    rows = []
-    for destination in config.destinations_for(calling_ae):
-        if isinstance(destination, FhirDestination):
-            if fhir_status is not None:
-                rows.append(_row(job_id, destination.name, "fhir", fhir_status, None))
-            continue
-        rows += [
-            _row(job_id, destination.name, "dicom", obj["sop_instance_uid"], obj["path"])
-            for obj in objects
-        ]
-    return rows
-
-
-def _row(job_id: str, destination: str, kind: str, uid: str, path: str | None) -> Delivery:
-    return Delivery(
-        job_id=job_id,
-        destination=destination,
-        kind=kind,
-        object_uid=uid,
-        path=path,
-        attempts=0,
-        state=DeliveryState.PENDING,
-    )
+#: The order in which a job's FHIR report statuses are published (a report never goes back).
+REPORT_ORDER = (ReportStatus.REGISTERED, ReportStatus.PRELIMINARY, ReportStatus.CANCELLED)
 
 
 class DeliveryLoop(threading.Thread):
@@ -266,6 +263,7 @@ class DeliveryLoop(threading.Thread):
         self.db = db
         self.destinations = {d.name: d for d in config.destinations}
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
+        self.policy = RetryPolicy(settings.delivery_max_attempts, settings.delivery_backoff_seconds)
         self.interval = interval
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -314,85 +312,70 @@ class DeliveryLoop(threading.Thread):
                     Delivery.state == DeliveryState.PENDING,
                 )
             ).all()
-            pending = {row.id: (row.kind, row.object_uid, row.path) for row in rows}
+            pending = list(rows)
         if not pending:
             return
         try:
-            outcome = self._send(job_id, name, list(pending.values()))
-        except (TransientError, PermanentError) as exc:
-            outcome = {uid: str(exc) for _kind, uid, _path in pending.values()}
-        self._record(job_id, name, pending, outcome)
+            outcome = self._send(job_id, name, pending)
+        except Exception as exc:  # classified by the retry policy, like any other failure
+            outcome = dict.fromkeys((row.id for row in pending), _as_error(exc))
+        self._record(job_id, name, outcome)
 
-    def _send(self, job_id: str, name: str, objects: list[tuple[str, str, str | None]]) -> Outcome:
+    def _send(
+        self, job_id: str, name: str, rows: Sequence[Delivery]
+    ) -> dict[int, NoduleAIError | None]:
+        """Send ``rows`` to destination ``name``; the outcome per row id."""
         destination = self.destinations.get(name)
         if destination is None:
-            raise PermanentError(f"destination {name!r} is no longer configured")
-        if isinstance(destination, DimseDestination | DicomWebDestination):
-            sender: Sender = (
-                DimseSender(destination, self.settings.ae_title)
-                if isinstance(destination, DimseDestination)
-                else StowSender(destination)
-            )
-            paths = [self.spool.path(path) for _kind, _uid, path in objects if path]
-            return sender.send(paths)
-        statuses = sorted((uid for _kind, uid, _path in objects), key=FHIR_ORDER.index)
-        return FhirReporter(self.db, self.spool, destination).send(job_id, statuses)
+            raise ConfigError(f"destination {name!r} is no longer configured")
+        if isinstance(destination, FhirDestination):
+            ordered = sorted(rows, key=lambda r: REPORT_ORDER.index(ReportStatus(r.report_status)))
+            return FhirReporter(self.db, self.spool, destination).send(job_id, ordered)
+        sender: Sender = (
+            DimseSender(destination, self.settings.ae_title)
+            if isinstance(destination, DimseDestination)
+            else StowSender(destination)
+        )
+        dicom = [row for row in rows if row.kind == DeliveryKind.DICOM and row.path]
+        sent = sender.send([self.spool.path(row.path) for row in dicom if row.path])
+        return {
+            row.id: sent.get(row.object_uid, DestinationUnavailableError("not sent"))
+            for row in dicom
+        }
 
-    def _record(
-        self,
-        job_id: str,
-        name: str,
-        pending: dict[int, tuple[str, str, str | None]],
-        outcome: Outcome,
-    ) -> None:
-        s = self.settings
+    def _record(self, job_id: str, name: str, outcome: dict[int, NoduleAIError | None]) -> None:
         with self.db.session() as session:
-            for row_id, (_kind, uid, _path) in pending.items():
+            for row_id, failure in outcome.items():
                 row = session.get(Delivery, row_id)
-                if row is None:
+                if row is None or row.state != DeliveryState.PENDING:
                     continue
-                row.attempts += 1
-                error = outcome.get(uid, "not sent")
-                if error is None:
-                    row.state, row.error = DeliveryState.DONE, None
-                    continue
-                row.error = error
-                if row.attempts >= s.delivery_max_attempts:
-                    row.state = DeliveryState.FAILED
-                else:
-                    delay = min(300.0, s.delivery_backoff_seconds * 2 ** (row.attempts - 1))
-                    row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                decision = (
+                    None if failure is None else self.policy.decide(failure, row.attempts + 1)
+                )
+                record_delivery(row, decision)
             session.flush()
-            sent = sum(1 for e in outcome.values() if e is None)
-            LOGGER.info("job %s to %s: %d of %d confirmed", job_id, name, sent, len(pending))
-            settle_job(session, job_id)
+            sent = sum(1 for failure in outcome.values() if failure is None)
+            LOGGER.info("job %s to %s: %d of %d confirmed", job_id, name, sent, len(outcome))
+            settle_deliveries(session, job_id)
 
 
-def settle_job(session: Session, job_id: str) -> None:
-    """Finish a delivering job: ``done`` when every delivery is, ``failed`` if one failed."""
-    job = session.get(Job, job_id)
-    if job is None or job.state != JobState.DELIVERING:
-        return
-    states = session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all()
-    if any(state == DeliveryState.PENDING for state in states):
-        return
-    failed = session.scalars(
-        select(Delivery).where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
-    ).all()
-    if failed:
-        reasons = sorted({f"{d.destination}: {d.error}" for d in failed})
-        set_job_state(session, job, JobState.FAILED, error="delivery failed: " + "; ".join(reasons))
-    else:
-        set_job_state(session, job, JobState.DONE)
+def _as_error(exc: Exception) -> NoduleAIError:
+    """``exc`` as one of ours (its code and detail); an unexpected one becomes internal."""
+    if isinstance(exc, NoduleAIError):
+        return exc
+    error = NoduleAIError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class FhirReporter:
-    """Publishes a job's DiagnosticReport (and Observations) to one FHIR server.
+    """Publishes a job's DiagnosticReport statuses (and Observations) to one FHIR server.
 
     ``registered`` is sent only while the job is still waiting or running (a later status has
-    already replaced it otherwise); ``preliminary`` carries the results; ``cancelled`` the reason
-    the study was rejected or failed. The patient is referenced by the PatientID (and issuer) read
-    from the spooled header at send time; it is never logged or stored in the database.
+    already replaced it otherwise); ``preliminary`` publishes the resources the worker stored with
+    the result set; ``cancelled`` carries the reason the study was rejected or failed. For the
+    status-only reports the patient is referenced by the PatientID (and issuer) read from the
+    spooled header at send time; it is never logged or stored in the database.
     """
 
     def __init__(self, db: Database, spool: LocalSpool, destination: FhirDestination) -> None:
@@ -400,61 +383,47 @@ class FhirReporter:
         self.spool = spool
         self.destination = destination
 
-    def send(self, job_id: str, statuses: Sequence[str]) -> Outcome:
-        """Publish each status in order; raise :class:`TransientError` if the server fails."""
-        from dicom_node.fhir_client import FhirClient
-        from pipelines.fhir import Model, build_report, build_results
-
-        job, study_uid, result, first_path = self._load(job_id)
-        study = self._study(study_uid, first_path)
-        outcome: Outcome = {}
+    def send(self, job_id: str, rows: Sequence[Delivery]) -> dict[int, NoduleAIError | None]:
+        """Publish each row's status in order; the first failure also stops the later ones."""
+        job, subject = self._load(job_id)
+        outcome: dict[int, NoduleAIError | None] = {}
         with FhirClient.from_destination(self.destination) as client:
-            for status in statuses:
-                if status == "registered" and job.state in (JobState.QUEUED, JobState.PROCESSING):
-                    client.publish(build_report(study, "registered"), [])
-                elif status == "preliminary" and result is not None:
-                    outputs = result.detail.get("outputs", {})
-                    report, observations = build_results(
-                        study,
-                        result.nodules,
-                        Model(**outputs["model"]),
-                        tracking_uids=outputs.get("tracking_uids"),
-                        sr_uid=outputs.get("sr_uid"),
-                        seg_uid=outputs.get("seg_uid"),
-                    )
-                    client.publish(report, observations)
-                elif status == "cancelled":
-                    reason = job.error or "the study could not be analysed"
-                    client.publish(build_report(study, "cancelled", conclusion=reason), [])
-                outcome[status] = None
+            for row in rows:
+                try:
+                    self._publish(client, job, subject, row)
+                except NoduleAIError as exc:
+                    outcome.update(dict.fromkeys((r.id for r in rows if r.id not in outcome), exc))
+                    break
+                outcome[row.id] = None
         return outcome
 
-    def _load(self, job_id: str) -> tuple[Job, str, Result | None, str | None]:
+    def _publish(self, client: FhirClient, job: Job, subject: ReportSubject, row: Delivery) -> None:
+        status = ReportStatus(row.report_status)
+        if status is ReportStatus.REGISTERED:
+            if job.state in (JobState.QUEUED, JobState.PROCESSING):
+                client.publish(build_report(subject, "registered"), [])
+        elif status is ReportStatus.PRELIMINARY:
+            if row.path is None:
+                raise PermanentError("the preliminary report's resources were not stored")
+            stored = json.loads(self.spool.path(row.path).read_text(encoding="utf-8"))
+            client.publish(stored["report"], stored["observations"])
+        else:
+            reason = job.error or "the study could not be analysed"
+            conclusion = f"{job.error_code}: {reason}" if job.error_code else reason
+            client.publish(build_report(subject, "cancelled", conclusion=conclusion), [])
+
+    def _load(self, job_id: str) -> tuple[Job, ReportSubject]:
         with self.db.session() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise PermanentError(f"job {job_id} is gone")
             study = session.get(Study, job.study_id)
             assert study is not None
-            result = session.scalar(select(Result).where(Result.job_id == job_id))
             first = session.scalar(
                 select(Instance.path)
                 .join(Series, Series.id == Instance.series_id)
                 .where(Series.study_id == study.id)
                 .limit(1)
             )
-            return job, study.study_instance_uid, result, first
-
-    def _study(self, study_uid: str, path: str | None) -> Any:
-        from pipelines.fhir import Study as FhirStudy
-
-        patient_id, issuer = "", None
-        if path is not None:
-            ds = dcmread(
-                self.spool.path(path),
-                stop_before_pixels=True,
-                specific_tags=["PatientID", "IssuerOfPatientID"],
-            )
-            patient_id = str(ds.get("PatientID", "") or "")
-            issuer = str(ds.get("IssuerOfPatientID", "") or "") or None
-        return FhirStudy(study_uid, patient_id, issuer)
+            path = self.spool.path(first) if first is not None else None
+            return job, report_subject(study.study_instance_uid, path)

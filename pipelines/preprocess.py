@@ -1,10 +1,15 @@
-"""Preprocessing shared by training and inference (numpy and scipy only, no torch).
+"""Preprocessing shared by the service, training and evaluation (numpy and scipy only).
 
 Both stages work on one resampled copy of the CT volume: isotropic voxels of
 :data:`ISO_SPACING_MM`, Hounsfield units clipped to :data:`HU_WINDOW` and scaled to [0, 1].
 Arrays are indexed ``[z, y, x]``; spacings are ``(dz, dy, dx)`` in millimetres; world positions
 are patient LPS ``(x, y, z)`` millimetres as DICOM ImagePositionPatient (axial slices, identity
 orientation).
+
+Resampling has bounded memory: interpolating one axis at a time over the whole volume would make
+temporaries of a few volumes' worth on a 300-slice 512 x 512 series, so each pass works in slabs
+along an axis it does not touch and its peak is the output plus one slab. Every output voxel is
+computed by the same float32 expression whatever the slab size, so results do not depend on it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ STAGE2_PATCH = 32
 
 LUNG_MARGIN_MM = 10.0
 """Candidates are kept when they lie within this distance of the air-filled lung mask."""
+
+SLAB_VOXELS = 16_000_000
+"""Voxels per slab of a linear resampling pass (about 64 MB of float32 per temporary)."""
 
 
 def normalise_hu(volume_hu: npt.NDArray[np.generic]) -> FloatArray:
@@ -64,8 +72,8 @@ def resample_to_iso(
 ) -> FloatArray:
     """Resample ``volume`` onto the :data:`ISO_SPACING_MM` grid (voxel 0 stays at voxel 0).
 
-    Separable linear interpolation (``order=1``) or nearest neighbour (``order=0``), one axis at
-    a time, so the cost is a few passes over the data.
+    Separable linear interpolation (``order=1``, in slabs of :data:`SLAB_VOXELS`) or nearest
+    neighbour (``order=0``), one axis at a time, so the cost is a few passes over the data.
 
     Parameters
     ----------
@@ -86,19 +94,35 @@ def resample_to_iso(
     for axis, (n_new, sp) in enumerate(
         zip(iso_shape(out.shape, spacing_mm), spacing_mm, strict=True)
     ):
-        pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / sp
         if order == 0:
+            pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / sp
             idx = np.clip(np.rint(pos).astype(np.intp), 0, out.shape[axis] - 1)
             out = np.take(out, idx, axis=axis)
             continue
-        i0 = np.clip(np.floor(pos).astype(np.intp), 0, out.shape[axis] - 1)
-        i1 = np.minimum(i0 + 1, out.shape[axis] - 1)
-        w = (pos - i0).astype(np.float32)
-        shape = [1] * out.ndim
-        shape[axis] = n_new
-        w = w.reshape(shape)
-        out = np.take(out, i0, axis=axis) * (1.0 - w) + np.take(out, i1, axis=axis) * w
+        out = _linear_pass(out, axis, n_new, sp)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _linear_pass(data: FloatArray, axis: int, n_new: int, spacing: float) -> FloatArray:
+    """Interpolate ``data`` along ``axis`` to ``n_new`` samples of the isotropic grid, in slabs."""
+    pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / spacing
+    i0 = np.clip(np.floor(pos).astype(np.intp), 0, data.shape[axis] - 1)
+    i1 = np.minimum(i0 + 1, data.shape[axis] - 1)
+    shape = [1] * data.ndim
+    shape[axis] = n_new
+    w = (pos - i0).astype(np.float32).reshape(shape)
+    new_shape = list(data.shape)
+    new_shape[axis] = n_new
+    out = np.empty(new_shape, dtype=np.float32)
+    other = max((a for a in range(data.ndim) if a != axis), key=lambda a: data.shape[a])
+    per_index = max(1, int(np.prod(new_shape)) // new_shape[other])
+    step = max(1, SLAB_VOXELS // per_index)
+    for start in range(0, data.shape[other], step):
+        part = [slice(None)] * data.ndim
+        part[other] = slice(start, start + step)
+        src = data[tuple(part)]
+        out[tuple(part)] = np.take(src, i0, axis=axis) * (1.0 - w) + np.take(src, i1, axis=axis) * w
+    return out
 
 
 def lung_mask(iso_hu: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:

@@ -1,0 +1,226 @@
+"""The typed result of one job: what the worker stored, what delivery ships, what the API shows.
+
+The worker (:mod:`pipelines.worker`) builds one :class:`ResultSet` per job from what the encoders
+actually wrote, persists its artifacts under the job's results folder in the spool
+(``results/<job>/``: the DICOM objects, ``fhir.json`` with the FHIR resources and
+``resultset.json``, this document) and stores the document in the ``results`` row. Delivery
+ships only the stored artifacts; the API and the dashboard read the nodules from here. The
+document carries no patient attributes (those are only in the DICOM and FHIR artifacts).
+
+The JSON form is versioned (:data:`SCHEMA`); :meth:`ResultSet.from_json` refuses other versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+#: Version of the JSON document (bump on any incompatible change).
+SCHEMA = "noduleai.resultset/1"
+
+
+class ObjectKind(StrEnum):
+    """The result objects the encoders write."""
+
+    SEG = "seg"
+    SR = "sr"
+    GSPS = "gsps"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model that produced the findings: name and version, as the manifests give them."""
+
+    name: str
+    version: str
+
+    @property
+    def display(self) -> str:
+        """``name version``, as result objects and FHIR resources show it."""
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class ReportedNodule:
+    """One nodule as every output reports it: the measurements and its identities.
+
+    ``number`` is 1-based in report order; ``tracking_id`` ("Nodule 1") and ``tracking_uid`` are
+    the SR's TID 1500 tracking identifier and UID, ``segment_number`` its SEG segment. The JSON
+    field names are the public API's (``center_mm``, ...).
+    """
+
+    number: int
+    tracking_id: str
+    tracking_uid: str
+    segment_number: int
+    center_mm: tuple[float, float, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_mm3: float
+    mean_hu: float
+    type: str
+    probability: float
+    needs_review: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The nodule as ``findings.json`` and ``GET /api/studies/{uid}/findings`` show it."""
+        return {
+            "number": self.number,
+            "tracking_id": self.tracking_id,
+            "tracking_uid": self.tracking_uid,
+            "segment_number": self.segment_number,
+            "center_mm": [round(float(v), 2) for v in self.center_mm],
+            "long_axis_mm": round(self.long_axis_mm, 2),
+            "short_axis_mm": round(self.short_axis_mm, 2),
+            "volume_mm3": round(self.volume_mm3, 1),
+            "mean_hu": round(self.mean_hu, 1),
+            "type": self.type,
+            "probability": round(self.probability, 4),
+            "needs_review": self.needs_review,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReportedNodule:
+        """Inverse of :meth:`to_json`."""
+        x, y, z = (float(v) for v in data["center_mm"])
+        return cls(
+            number=int(data["number"]),
+            tracking_id=str(data["tracking_id"]),
+            tracking_uid=str(data["tracking_uid"]),
+            segment_number=int(data["segment_number"]),
+            center_mm=(x, y, z),
+            long_axis_mm=float(data["long_axis_mm"]),
+            short_axis_mm=float(data["short_axis_mm"]),
+            volume_mm3=float(data["volume_mm3"]),
+            mean_hu=float(data["mean_hu"]),
+            type=str(data["type"]),
+            probability=float(data["probability"]),
+            needs_review=bool(data["needs_review"]),
+        )
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One stored DICOM result object; ``path`` is relative to the spool root."""
+
+    kind: ObjectKind
+    modality: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultObject:
+        """Inverse of :func:`dataclasses.asdict`."""
+        return cls(**{**data, "kind": ObjectKind(data["kind"])})
+
+
+@dataclass(frozen=True)
+class ResultSet:
+    """Everything one job produced.
+
+    Attributes
+    ----------
+    job_id, study_instance_uid, series_instance_uid : str
+        The job, its study and the series the nodules were found in.
+    model : ModelIdentity
+        Part of every derived UID.
+    nodules : tuple of ReportedNodule
+        The nodules actually encoded, in SR order: exactly those in the SR, the SEG and FHIR.
+    not_encoded : int
+        Detected nodules left out because no stored frame shows them (no outline to draw).
+    objects : tuple of ResultObject
+        SEG, SR, GSPS as stored (SR only when there are no nodules).
+    fhir_path : str
+        The stored FHIR resources (``{"report": ..., "observations": [...]}``), spool-relative.
+    candidates : int
+        Stage-1 candidates refined by stage 2.
+    timings_ms : dict of str to float
+        Per step, ``total`` included.
+    backend : str
+        The inference backends that ran.
+    model_versions : dict of str to str
+        Each stage's manifest version.
+    """
+
+    job_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    model: ModelIdentity
+    nodules: tuple[ReportedNodule, ...]
+    not_encoded: int
+    objects: tuple[ResultObject, ...]
+    fhir_path: str
+    candidates: int
+    backend: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model_versions: dict[str, str] = field(default_factory=dict)
+
+    def object(self, kind: ObjectKind) -> ResultObject | None:
+        """The stored object of ``kind``, if this result has one."""
+        return next((o for o in self.objects if o.kind is kind), None)
+
+    @property
+    def sr_uid(self) -> str | None:
+        """SOP Instance UID of the SR."""
+        sr = self.object(ObjectKind.SR)
+        return sr.sop_instance_uid if sr is not None else None
+
+    @property
+    def seg_uid(self) -> str | None:
+        """SOP Instance UID of the SEG (none without nodules)."""
+        seg = self.object(ObjectKind.SEG)
+        return seg.sop_instance_uid if seg is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The versioned document (``resultset.json`` and the ``results.detail`` column)."""
+        return {
+            "schema": SCHEMA,
+            "job_id": self.job_id,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "model": asdict(self.model),
+            "nodules": [n.to_json() for n in self.nodules],
+            "not_encoded": self.not_encoded,
+            "objects": [{**asdict(o), "kind": o.kind.value} for o in self.objects],
+            "fhir_path": self.fhir_path,
+            "candidates": self.candidates,
+            "backend": self.backend,
+            "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+            "models": dict(self.model_versions),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultSet:
+        """Read a stored document.
+
+        Raises
+        ------
+        ValueError
+            When the document is not of :data:`SCHEMA`.
+        """
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} document: schema {data.get('schema')!r}")
+        return cls(
+            job_id=str(data["job_id"]),
+            study_instance_uid=str(data["study_instance_uid"]),
+            series_instance_uid=str(data["series_instance_uid"]),
+            model=ModelIdentity(**data["model"]),
+            nodules=tuple(ReportedNodule.from_json(n) for n in data["nodules"]),
+            not_encoded=int(data["not_encoded"]),
+            objects=tuple(ResultObject.from_json(o) for o in data["objects"]),
+            fhir_path=str(data["fhir_path"]),
+            candidates=int(data["candidates"]),
+            backend=str(data["backend"]),
+            timings_ms={str(k): float(v) for k, v in data["timings_ms"].items()},
+            model_versions={str(k): str(v) for k, v in data["models"].items()},
+        )
+
+
+def nodules_json(nodules: Sequence[ReportedNodule]) -> list[dict[str, Any]]:
+    """The nodules as the ``results.nodules`` column and the API list them."""
+    return [n.to_json() for n in nodules]

@@ -1,0 +1,40 @@
+"""The shipped models' manifests: where the weights are, and reading a manifest with its hash check.
+
+Each network ships as ``<name>.onnx`` beside ``<name>.json`` (written by :mod:`models.export`):
+name, version, file, sha256, inputs and outputs, the preprocessing constants and the thresholds
+(``candidate_threshold`` for stage 1, ``operating_threshold`` for stage 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
+"""The shipped weights: ``models/weights`` beside the ``pipelines`` package (package data of
+``models``, installed alongside)."""
+
+STAGE1_NAME = "stage1_screen"
+STAGE2_NAME = "stage2_refine"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_manifest(name: str, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+    """Read ``<weights_dir>/<name>.json`` and check the ONNX file's sha256 against it.
+
+    Raises
+    ------
+    ValueError
+        When the ONNX file's hash differs from the manifest's.
+    """
+    data: dict[str, Any] = json.loads((weights_dir / f"{name}.json").read_text())
+    digest = sha256(weights_dir / data["file"])
+    if digest != data["sha256"]:
+        raise ValueError(f"{data['file']}: sha256 {digest} differs from the manifest")
+    return data

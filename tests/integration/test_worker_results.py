@@ -1,0 +1,250 @@
+"""The worker's typed result and its one retry policy, on a real database, spool and encoders.
+
+The detector is the only stand-in (:class:`FixedDetector`): it returns chosen nodules (the LIDC
+readers' nodule, and copies moved where no stored slice shows them) or raises, so that the
+worker's handling of what the encoders can and cannot encode, and of faults, is tested exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node.config import NodeConfig, Settings
+from dicom_node.db import Database, Job, JobState, Result, Study
+from dicom_node.errors import TransientError
+from dicom_node.ingest import Ingest
+from dicom_node.lifecycle import queue_job
+from dicom_node.migrate import upgrade
+from dicom_node.publisher import Publisher
+from dicom_node.queues import EmbeddedQueue, Received
+from dicom_node.results import ResultSet
+from dicom_node.spool import LocalSpool
+from pipelines.detect import Detection
+from pipelines.findings import Nodule
+from pipelines.volume import Volume, build_volume
+from pipelines.worker import Settle, Worker
+from tests.helpers import wait_for
+from tests.nodule_fixtures import lidc_nodules
+
+pytestmark = pytest.mark.integration
+
+TRACKING_UID = "112040"  # DCM "Tracking Unique Identifier" (TID 1500)
+
+
+class FixedDetector:
+    """Returns ``nodules`` for every volume; raises ``fail[series]`` once per listed series."""
+
+    backend = "fixed"
+
+    def __init__(self, nodules: list[Nodule], fail: dict[str, Exception] | None = None) -> None:
+        self.nodules = nodules
+        self.fail = dict(fail or {})
+        self.calls: list[str] = []
+
+    def run(self, volume: Volume) -> Detection:
+        self.calls.append(volume.series_instance_uid)
+        error = self.fail.pop(volume.series_instance_uid, None)
+        if error is not None:
+            raise error
+        return Detection(
+            series_instance_uid=volume.series_instance_uid,
+            nodules=list(self.nodules),
+            candidates=len(self.nodules),
+            timings_ms={"stage1": 1.0, "stage2": 1.0},
+            backend=self.backend,
+            model_versions={"stage1_screen": "0.0.0", "stage2_refine": "0.0.0"},
+        )
+
+
+def _off_frame(nodule: Nodule) -> Nodule:
+    """The same nodule moved 500 mm beyond the scan: no stored slice shows it."""
+    x, y, z = nodule.mask_origin_mm
+    cx, cy, cz = nodule.center_mm
+    return dataclasses.replace(
+        nodule, mask_origin_mm=(x, y, z - 500.0), center_mm=(cx, cy, cz - 500.0)
+    )
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        min_free_bytes=0,
+        min_slices=10,
+        max_attempts=3,
+        retry_backoff_seconds=3.0,
+        publish_retry_seconds=0.2,
+    )
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.database_url)
+    upgrade(db)
+    yield settings, db
+    db.dispose()
+
+
+def _lidc_files(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "lidc-small").rglob("*.dcm"))
+
+
+def _store_study(settings: Settings, db: Database, files: list[Path], new_uids: bool) -> str:
+    """Ingest ``files`` as one study (under fresh UIDs with ``new_uids``); queue its job."""
+    ingest = Ingest(db, LocalSpool(settings.spool_dir, 0))
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if new_uids:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = pydicom.filebase.DicomBytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        ingest.store(buffer.getvalue(), "ORTHANC")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with db.session() as session:
+        study = session.scalar(
+            select(Study).where(Study.study_instance_uid == (study_uid if new_uids else uid))
+        )
+        assert study is not None
+        return queue_job(session, study, NodeConfig()).id
+
+
+def _readers_nodule(shared_data: Path, files: list[Path]) -> Nodule:
+    volume = build_volume(files)
+    (xml,) = (shared_data / "lidc-small").rglob("*.xml")
+    return lidc_nodules(xml, volume)[0]
+
+
+def _job(db: Database, job_id: str) -> Job:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _sr_tracking_uids(ds: pydicom.Dataset) -> list[str]:
+    """Every TID 1500 Tracking Unique Identifier in the SR, in content order, once each."""
+    found: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = (
+                item.ConceptNameCodeSequence[0].CodeValue
+                if "ConceptNameCodeSequence" in item
+                else ""
+            )
+            if name == TRACKING_UID and item.UID not in found:
+                found.append(str(item.UID))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def test_a_nodule_that_cannot_be_outlined_is_in_none_of_sr_seg_and_fhir(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    settings, db = node
+    files = _lidc_files(shared_data)
+    readers = _readers_nodule(shared_data, files)
+    detector = FixedDetector([_off_frame(readers), readers])
+    job_id = _store_study(settings, db, files, new_uids=False)
+    worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+
+    assert worker.handle(Received({"job_id": job_id}, 1, False)) is Settle.ACK
+
+    assert _job(db, job_id).state == JobState.DONE
+    with db.session() as session:
+        row = session.scalar(select(Result).where(Result.job_id == job_id))
+        assert row is not None
+        result = ResultSet.from_json(row.detail)
+    spool = LocalSpool(settings.spool_dir, 0)
+    (nodule,) = result.nodules
+    assert (nodule.number, nodule.tracking_id, result.not_encoded) == (1, "Nodule 1", 1)
+    assert row.nodules == [nodule.to_json()]
+    paths = {o.modality: spool.path(o.path) for o in result.objects}
+    sr, seg = pydicom.dcmread(paths["SR"]), pydicom.dcmread(paths["SEG"])
+    fhir = json.loads(spool.path(result.fhir_path).read_text())
+    assert _sr_tracking_uids(sr) == [nodule.tracking_uid]
+    assert [s.TrackingUID for s in seg.SegmentSequence] == [nodule.tracking_uid]
+    assert [o["identifier"][0]["value"] for o in fhir["observations"]] == [
+        f"urn:oid:{nodule.tracking_uid}"
+    ]
+    assert [r["identifier"]["value"] for r in fhir["report"]["result"]] == [
+        f"urn:oid:{nodule.tracking_uid}"
+    ]
+    stored = json.loads(spool.path(f"results/{job_id}/resultset.json").read_text())
+    assert stored == row.detail
+
+
+def test_an_encoder_fault_fails_the_job_at_the_first_attempt_with_its_code(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    settings, db = node
+    files = _lidc_files(shared_data)
+    detector = FixedDetector([_off_frame(_readers_nodule(shared_data, files))])
+    job_id = _store_study(settings, db, files, new_uids=False)
+    worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+
+    assert worker.handle(Received({"job_id": job_id}, 1, False)) is Settle.DEAD_LETTER
+
+    job = _job(db, job_id)
+    assert (job.state, job.attempts, job.error_code) == (JobState.FAILED, 1, "encoding_failed")
+    assert "no nodule lies on a stored frame" in (job.error or "")
+    with db.session() as session:
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        assert (study.state, study.error_code) == ("failed", "encoding_failed")
+
+
+def test_a_transient_fault_is_retried_later_while_the_worker_takes_other_jobs(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    settings, db = node
+    files = _lidc_files(shared_data)
+    first = _store_study(settings, db, files, new_uids=True)
+    second = _store_study(settings, db, files, new_uids=True)
+    series_of_first = _series_uid(db, first)
+    detector = FixedDetector([], fail={series_of_first: TransientError("GPU busy")})
+    queue = EmbeddedQueue(db, settings.amqp_queue, settings.amqp_dead_letter_queue, 60)
+    publisher = Publisher(db, queue, retry_seconds=settings.publish_retry_seconds)
+    worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+    publisher.start()
+    publisher.wake()
+    running = threading.Thread(target=worker.run, args=(queue, 0.2), daemon=True)
+    running.start()
+    try:
+        wait_for(lambda: _job(db, first).state == JobState.DONE, timeout=60, interval=0.1)
+    finally:
+        worker.stop()
+        running.join(timeout=30)
+        publisher.stop()
+
+    a, b = _job(db, first), _job(db, second)
+    assert (a.state, a.attempts, a.error_code) == (JobState.DONE, 2, "transient")
+    assert (b.state, b.attempts) == (JobState.DONE, 1)
+    assert a.error == "attempt 1: GPU busy"
+    assert detector.calls[:2] == [series_of_first, _series_uid(db, second)]
+    assert b.done_at is not None and a.processing_at is not None and b.done_at < a.processing_at
+    assert a.queued_at is not None  # stamped again when the failed attempt went back
+    assert (a.processing_at - a.queued_at).total_seconds() >= settings.retry_backoff_seconds
+
+
+def _series_uid(db: Database, job_id: str) -> str:
+    from dicom_node.db import Series
+
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        series = session.scalar(select(Series).where(Series.study_id == job.study_id))
+        assert series is not None
+        return series.series_instance_uid
