@@ -2,7 +2,7 @@
 
 One synthetic CT series (``--slices`` slices of 512x512 int16, CT Image Storage, explicit VR
 little endian) is written to a temporary folder and sent with ``TCP_NODELAY=1 storescu`` over one
-association, first to the node (``dicom_node.service.Node`` in this process: SQLite, files fsync'd
+association, first to the node (``dicom_node.node.Node`` in this process: SQLite, files fsync'd
 and rows committed before each C-STORE success) and then to ``storescp -od TMPDIR`` with the same
 maximum PDU size. The time is the wall clock of the ``storescu`` process; every run checks that all
 instances arrived. Each side is run ``--runs`` times (alternating) and the median is reported::
@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
 
 from dicom_node import reactor  # noqa: E402
 from dicom_node.config import load_settings  # noqa: E402
-from dicom_node.service import Node  # noqa: E402
+from dicom_node.node import Node  # noqa: E402
 
 NODE_AET = "NODULEAI"
 STORESCP_AET = "STORESCP"

@@ -37,7 +37,7 @@ def _wait_for_signal() -> None:
 
 
 def _run_node(settings: Settings, workers: int) -> int:
-    from dicom_node.service import Node
+    from dicom_node.node import Node
     from pipelines.worker import Worker, run_worker
 
     node = Node(settings)
@@ -98,9 +98,13 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
         for ds, name in zip(encoded.datasets, names, strict=True):
             ds.save_as(out / name, enforce_file_format=True)
         report: dict[str, object] = {
-            **detection.to_json(),
+            "series_instance_uid": detection.series_instance_uid,
             "nodules": [n.to_json() for n in encoded.nodules],
             "not_encoded": encoded.not_encoded,
+            "candidates": detection.candidates,
+            "timings_ms": {k: round(v, 1) for k, v in detection.timings_ms.items()},
+            "backend": detection.backend,
+            "models": detection.model_versions,
             "objects": names,
         }
         LOGGER.info("%d nodule(s) found", len(encoded.nodules))

@@ -252,7 +252,7 @@ class AuditEntry(Base):
     detail: Mapped[str | None] = mapped_column(Text, default=None)
 
 
-class Worker(Base):
+class WorkerHeartbeat(Base):
     """A worker process and its last heartbeat (upserted by :mod:`dicom_node.workers`)."""
 
     __tablename__ = "workers"

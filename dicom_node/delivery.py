@@ -336,11 +336,15 @@ class DeliveryLoop(threading.Thread):
             if isinstance(destination, DimseDestination)
             else StowSender(destination)
         )
-        dicom = [row for row in rows if row.kind == DeliveryKind.DICOM and row.path]
-        sent = sender.send([self.spool.path(row.path) for row in dicom if row.path])
+        stored = {row.id: row.path for row in rows if row.kind == DeliveryKind.DICOM and row.path}
+        sent = sender.send([self.spool.path(path) for path in stored.values()]) if stored else {}
         return {
-            row.id: sent.get(row.object_uid, DestinationUnavailableError("not sent"))
-            for row in dicom
+            row.id: (
+                sent.get(row.object_uid, DestinationUnavailableError("not sent"))
+                if row.id in stored
+                else PermanentError("a DICOM delivery without a stored file")
+            )
+            for row in rows
         }
 
     def _record(self, job_id: str, name: str, outcome: dict[int, NoduleAIError | None]) -> None:

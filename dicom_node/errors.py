@@ -152,19 +152,13 @@ class StudyRejectedError(PermanentError):
 
     Parameters
     ----------
-    rejection : RejectionCode or str
-        Machine-readable reason (becomes :attr:`code`); a string must be a :class:`RejectionCode`
-        value.
+    rejection : RejectionCode
+        Machine-readable reason (becomes :attr:`code`).
     detail : str
         A sentence for people.
-
-    Raises
-    ------
-    ValueError
-        For a string that is no :class:`RejectionCode`.
     """
 
-    def __init__(self, rejection: RejectionCode | str, detail: str) -> None:
-        self.code = RejectionCode(rejection)
+    def __init__(self, rejection: RejectionCode, detail: str) -> None:
+        self.code = rejection
         super().__init__(f"{self.code}: {detail}")
         self.detail = detail

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from dicom_node.db import Database, Worker, utcnow
+from dicom_node.db import Database, WorkerHeartbeat, utcnow
 
 #: A worker whose last heartbeat is older than this is shown as stale.
 STALE_AFTER = timedelta(seconds=60)
@@ -41,9 +41,11 @@ def record_heartbeat(
     """
     now = utcnow()
     with db.session() as session:
-        worker = session.scalar(select(Worker).where(Worker.id == worker_id).with_for_update())
+        worker = session.scalar(
+            select(WorkerHeartbeat).where(WorkerHeartbeat.id == worker_id).with_for_update()
+        )
         if worker is None:
-            worker = Worker(id=worker_id, host=host, started_at=now)
+            worker = WorkerHeartbeat(id=worker_id, host=host, started_at=now)
             session.add(worker)
         worker.host = host
         worker.backend = backend
@@ -51,12 +53,14 @@ def record_heartbeat(
         worker.last_heartbeat = now
 
 
-def list_workers(db: Database) -> list[Worker]:
+def list_workers(db: Database) -> list[WorkerHeartbeat]:
     """Every worker row, most recent heartbeat first."""
     with db.session() as session:
-        return list(session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc())))
+        return list(
+            session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.last_heartbeat.desc()))
+        )
 
 
-def is_alive(worker: Worker, now: datetime | None = None) -> bool:
+def is_alive(worker: WorkerHeartbeat, now: datetime | None = None) -> bool:
     """Whether ``worker`` sent a heartbeat within :data:`STALE_AFTER`."""
     return (now or utcnow()) - worker.last_heartbeat <= STALE_AFTER

@@ -13,7 +13,7 @@ import sys
 from sqlalchemy import select
 
 from dicom_node.config import load_settings
-from dicom_node.db import Database, Worker
+from dicom_node.db import Database, WorkerHeartbeat
 from dicom_node.workers import is_alive
 
 
@@ -24,7 +24,9 @@ def main() -> int:
         db = Database(load_settings().database_url)
         try:
             with db.session() as session:
-                workers = list(session.scalars(select(Worker).where(Worker.host == host)))
+                workers = list(
+                    session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.host == host))
+                )
                 alive = [w.id for w in workers if is_alive(w)]
         finally:
             db.dispose()

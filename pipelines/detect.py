@@ -70,17 +70,6 @@ class Detection:
             f"{name}-{version}" for name, version in sorted(self.model_versions.items())
         )
 
-    def to_json(self) -> dict[str, Any]:
-        """``findings.json``: the series, the nodules, timings per stage, the backend."""
-        return {
-            "series_instance_uid": self.series_instance_uid,
-            "nodules": [n.to_json() for n in self.nodules],
-            "candidates": self.candidates,
-            "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
-            "backend": self.backend,
-            "models": self.model_versions,
-        }
-
 
 @dataclass
 class StageResult:

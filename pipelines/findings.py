@@ -40,19 +40,6 @@ class Nodule:
     mask_origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     mask_spacing_mm: float = ISO_SPACING_MM
 
-    def to_json(self) -> dict[str, Any]:
-        """The nodule as ``findings.json`` reports it (mask left out)."""
-        return {
-            "center_mm": [round(float(v), 2) for v in self.center_mm],
-            "long_axis_mm": round(self.long_axis_mm, 2),
-            "short_axis_mm": round(self.short_axis_mm, 2),
-            "volume_mm3": round(self.volume_mm3, 1),
-            "mean_hu": round(self.mean_hu, 1),
-            "type": self.type,
-            "probability": round(self.probability, 4),
-            "needs_review": self.needs_review,
-        }
-
 
 def describe(
     finding: Finding,

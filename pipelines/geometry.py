@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from dicom_node.errors import StudyRejectedError
+from dicom_node.errors import RejectionCode, StudyRejectedError
 from pipelines.headers import FrameHeader
 
 FloatArray = npt.NDArray[np.float32]
@@ -63,22 +63,27 @@ def check_consistent(frames: Sequence[FrameHeader]) -> None:
     first = frames[0]
     for frame in frames[1:]:
         if (frame.rows, frame.columns) != (first.rows, first.columns):
-            raise StudyRejectedError("inconsistent_geometry", "rows/columns differ between slices")
+            raise StudyRejectedError(
+                RejectionCode.INCONSISTENT_GEOMETRY, "rows/columns differ between slices"
+            )
         if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-3):
-            raise StudyRejectedError("inconsistent_geometry", "PixelSpacing differs between slices")
+            raise StudyRejectedError(
+                RejectionCode.INCONSISTENT_GEOMETRY, "PixelSpacing differs between slices"
+            )
         if not np.allclose(frame.orientation, first.orientation, atol=1e-3):
             raise StudyRejectedError(
-                "inconsistent_geometry", "ImageOrientationPatient differs between slices"
+                RejectionCode.INCONSISTENT_GEOMETRY,
+                "ImageOrientationPatient differs between slices",
             )
     if first.rows <= 0 or first.columns <= 0:
-        raise StudyRejectedError("inconsistent_geometry", "Rows/Columns missing")
+        raise StudyRejectedError(RejectionCode.INCONSISTENT_GEOMETRY, "Rows/Columns missing")
     norm = np.linalg.norm(np.asarray(first.orientation).reshape(2, 3), axis=1)
     if (
         not np.allclose(norm, 1.0, atol=1e-2)
         or float(np.linalg.norm(slice_normal(first.orientation))) < 0.99
     ):
         raise StudyRejectedError(
-            "inconsistent_geometry", "ImageOrientationPatient is not two unit vectors"
+            RejectionCode.INCONSISTENT_GEOMETRY, "ImageOrientationPatient is not two unit vectors"
         )
 
 
@@ -121,7 +126,7 @@ def plan_spacing(
     if steps[worst] > max_gap_factor * median:
         if not resample_gaps:
             raise StudyRejectedError(
-                "missing_slices",
+                RejectionCode.MISSING_SLICES,
                 f"a {steps[worst]:.2f} mm gap between slices at "
                 f"{heights[worst]:.2f} and {heights[worst + 1]:.2f} mm (median "
                 f"spacing {median:.2f} mm): slices are missing",
@@ -129,7 +134,7 @@ def plan_spacing(
         return SpacingPlan(median, True, "resampled_missing_slices")
     if float(deviation.max()) > uneven_tolerance * median:
         raise StudyRejectedError(
-            "uneven_spacing",
+            RejectionCode.UNEVEN_SPACING,
             f"slice spacing varies from {steps.min():.2f} to {steps.max():.2f} mm "
             f"(median {median:.2f} mm)",
         )
@@ -230,7 +235,7 @@ def fit_drift(
     )
     if residual > DRIFT_RESIDUAL_PX:
         raise StudyRejectedError(
-            "inconsistent_geometry",
+            RejectionCode.INCONSISTENT_GEOMETRY,
             f"slice positions wander in-plane by up to {residual:.1f} pixels off a straight stack",
         )
     return Drift(heights, along_row, along_col, per_mm)
@@ -261,10 +266,13 @@ def check_tilt(
     oblique = axial_angle_deg(head.orientation)
     if tilt > max_tilt_deg:
         raise StudyRejectedError(
-            "gantry_tilt", f"gantry tilt of {tilt:.1f} degrees exceeds {max_tilt_deg:.0f} degrees"
+            RejectionCode.GANTRY_TILT,
+            f"gantry tilt of {tilt:.1f} degrees exceeds {max_tilt_deg:.0f} degrees",
         )
     if oblique > max_tilt_deg:
-        raise StudyRejectedError("not_axial", f"image plane is {oblique:.1f} degrees from axial")
+        raise StudyRejectedError(
+            RejectionCode.NOT_AXIAL, f"image plane is {oblique:.1f} degrees from axial"
+        )
     if abs(header_tilt) > 0.5 and max(tilt, oblique) < 0.5:
         corrections.append(f"gantry_tilt_attribute_only:{header_tilt:.2f}deg")
 

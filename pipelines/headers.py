@@ -16,7 +16,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.errors import StudyRejectedError
+from dicom_node.errors import RejectionCode, StudyRejectedError
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -122,7 +122,7 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
     """
     name = path.name
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise StudyRejectedError("no_pixel_data", f"{name} has no Pixel Data")
+        raise StudyRejectedError(RejectionCode.NO_PIXEL_DATA, f"{name} has no Pixel Data")
     multi = is_multiframe(ds)
     indices: list[int | None] = list(range(number_of_frames(ds))) if multi else [None]
     return [_frame_header(ds, path, index) for index in indices]
@@ -132,14 +132,16 @@ def _frame_header(ds: Dataset, path: Path, index: int | None) -> FrameHeader:
     name = path.name if index is None else f"{path.name} frame {index + 1}"
     spacing = _floats(frame_attr(ds, index, "PixelMeasuresSequence", "PixelSpacing"), 2)
     if spacing is None or min(spacing) <= 0:
-        raise StudyRejectedError("no_pixel_spacing", f"{name} has no usable PixelSpacing")
+        raise StudyRejectedError(
+            RejectionCode.NO_PIXEL_SPACING, f"{name} has no usable PixelSpacing"
+        )
     position = _floats(frame_attr(ds, index, "PlanePositionSequence", "ImagePositionPatient"), 3)
     orientation = _floats(
         frame_attr(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
     )
     if position is None or orientation is None:
         raise StudyRejectedError(
-            "no_image_plane", f"{name} lacks ImagePositionPatient/OrientationPatient"
+            RejectionCode.NO_IMAGE_PLANE, f"{name} lacks ImagePositionPatient/OrientationPatient"
         )
     thickness = frame_attr(ds, index, "PixelMeasuresSequence", "SliceThickness")
     slope = frame_attr(ds, index, "PixelValueTransformationSequence", "RescaleSlope")
@@ -183,7 +185,9 @@ def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset, boo
         try:
             ds = dcmread(path, defer_size="2 KB")
         except (InvalidDicomError, OSError) as exc:
-            raise StudyRejectedError("unreadable_instance", f"{Path(path).name}: {exc}") from exc
+            raise StudyRejectedError(
+                RejectionCode.UNREADABLE_INSTANCE, f"{Path(path).name}: {exc}"
+            ) from exc
         first = ds if first is None else first
         frames.extend(frame_headers(ds, Path(path)))
         lossy = lossy or str(ds.get("LossyImageCompression", "")) == "01"
@@ -191,10 +195,11 @@ def read_headers(paths: Sequence[Path]) -> tuple[list[FrameHeader], Dataset, boo
             (str(ds.get("SeriesInstanceUID", "")), str(ds.get("FrameOfReferenceUID", "")))
         )
     if first is None:
-        raise StudyRejectedError("too_few_slices", "the series has no instances")
+        raise StudyRejectedError(RejectionCode.TOO_FEW_SLICES, "the series has no instances")
     if len(identities) > 1:
         raise StudyRejectedError(
-            "mixed_series", "the instances belong to several series or frames of reference"
+            RejectionCode.MIXED_SERIES,
+            "the instances belong to several series or frames of reference",
         )
     return frames, first, lossy
 

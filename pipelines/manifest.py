@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dicom_node.errors import ConfigError, InferenceError
+
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 """The shipped weights: ``models/weights`` beside the ``pipelines`` package (package data of
 ``models``, installed alongside)."""
@@ -30,11 +32,18 @@ def load_manifest(name: str, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
 
     Raises
     ------
-    ValueError
-        When the ONNX file's hash differs from the manifest's.
+    InferenceError
+        When the manifest or the ONNX file cannot be read (a transient fault: a volume not mounted
+        yet, say; retried).
+    ConfigError
+        When the ONNX file's hash differs from the manifest's (permanent: the installation is
+        inconsistent).
     """
-    data: dict[str, Any] = json.loads((weights_dir / f"{name}.json").read_text())
-    digest = sha256(weights_dir / data["file"])
+    try:
+        data: dict[str, Any] = json.loads((weights_dir / f"{name}.json").read_text())
+        digest = sha256(weights_dir / data["file"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InferenceError(f"cannot read model {name} in {weights_dir}: {exc}") from exc
     if digest != data["sha256"]:
-        raise ValueError(f"{data['file']}: sha256 {digest} differs from the manifest")
+        raise ConfigError(f"{data['file']}: sha256 {digest} differs from the manifest")
     return data

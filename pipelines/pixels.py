@@ -21,7 +21,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.utils import iter_pixels, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicom_node.errors import StudyRejectedError
+from dicom_node.errors import RejectionCode, StudyRejectedError
 from pipelines.headers import FrameHeader
 
 FloatArray = npt.NDArray[np.float32]
@@ -56,7 +56,9 @@ def read_hu(
     try:
         stored = pixel_array(_decoder_source(path), index=frame_index)
     except DECODE_ERRORS as exc:
-        raise StudyRejectedError("undecodable_pixel_data", f"{path.name}: {exc}") from exc
+        raise StudyRejectedError(
+            RejectionCode.UNDECODABLE_PIXEL_DATA, f"{path.name}: {exc}"
+        ) from exc
     return _rescale(stored, slope, intercept, out, path.name)
 
 
@@ -90,12 +92,14 @@ def _rescale(
 ) -> FloatArray:
     """``stored * slope + intercept`` as float32, written into ``out`` (PS3.3 C.11.1.1.2)."""
     if stored.ndim != 2:
-        raise StudyRejectedError("unsupported_pixel_data", f"{name}: not a single-sample image")
+        raise StudyRejectedError(
+            RejectionCode.UNSUPPORTED_PIXEL_DATA, f"{name}: not a single-sample image"
+        )
     if out is None:
         out = np.empty(stored.shape, dtype=np.float32)
     elif out.shape != stored.shape:
         raise StudyRejectedError(
-            "inconsistent_geometry", f"{name}: pixel matrix is not Rows x Columns"
+            RejectionCode.INCONSISTENT_GEOMETRY, f"{name}: pixel matrix is not Rows x Columns"
         )
     np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
     out += np.float32(intercept)
@@ -132,4 +136,6 @@ def _load_multiframe(path: Path, slots: list[tuple[int, FrameHeader]], stack: Fl
             k, frame = by_index[index]
             _rescale(stored, frame.slope, frame.intercept, stack[k], path.name)
     except DECODE_ERRORS as exc:
-        raise StudyRejectedError("undecodable_pixel_data", f"{path.name}: {exc}") from exc
+        raise StudyRejectedError(
+            RejectionCode.UNDECODABLE_PIXEL_DATA, f"{path.name}: {exc}"
+        ) from exc

@@ -46,7 +46,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.errors import StudyRejectedError
+from dicom_node.errors import RejectionCode, StudyRejectedError
 from pipelines.geometry import SAME_POSITION_MM, SPACING_NOISE_MM, axial_angle_deg, slice_normal
 from pipelines.headers import (
     CT_IMAGE,
@@ -112,7 +112,7 @@ class NoEligibleSeriesError(StudyRejectedError):
             f"series {key}: {'; '.join(reasons)}" for key, reasons in reasons_by_series.items()
         ]
         detail = "no series qualifies: " + (" | ".join(parts) if parts else "no DICOM images")
-        super().__init__("no_eligible_series", detail + ".")
+        super().__init__(RejectionCode.NO_ELIGIBLE_SERIES, detail + ".")
         self.reasons_by_series = reasons_by_series
 
     def to_json(self) -> str:

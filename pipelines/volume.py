@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
-from dicom_node.errors import StudyRejectedError
+from dicom_node.errors import RejectionCode, StudyRejectedError
 from pipelines.geometry import (
     SAME_POSITION_MM,
     Canonical,
@@ -194,7 +194,7 @@ def build_volume(
     for_uid = str(first.get("FrameOfReferenceUID", "") or "")
     if not for_uid:
         raise StudyRejectedError(
-            "no_frame_of_reference",
+            RejectionCode.NO_FRAME_OF_REFERENCE,
             "no FrameOfReferenceUID: positions are not anchored to the patient (PS3.3 C.7.4.1)",
         )
     check_consistent(frames)
@@ -203,7 +203,7 @@ def build_volume(
     frames = _drop_duplicates(sort_frames(frames, normal), normal, corrections)
     if len(frames) < max(1, min_slices):
         raise StudyRejectedError(
-            "too_few_slices",
+            RejectionCode.TOO_FEW_SLICES,
             f"{len(frames)} distinct slice positions, at least {min_slices} needed",
         )
     heights = np.array([np.dot(f.position, normal) for f in frames])
@@ -263,7 +263,7 @@ def _drop_duplicates(
         if not _same_pixels(previous, frame):
             z = float(np.dot(frame.position, normal))
             raise StudyRejectedError(
-                "duplicate_positions",
+                RejectionCode.DUPLICATE_POSITIONS,
                 f"two different slices at the same position ({z:.2f} mm along the "
                 f"normal): {previous.sop_instance_uid} and {frame.sop_instance_uid}",
             )

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.service import Node
+from dicom_node.node import Node
 from tests.helpers import system_program
 
 REPO = Path(__file__).resolve().parents[1]

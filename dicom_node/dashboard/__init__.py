@@ -12,12 +12,12 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.dashboard.api import action_router, read_router
 from dicom_node.dashboard.auth import credentials_from
 from dicom_node.dashboard.context import Dashboard
 from dicom_node.dashboard.metrics import make_registry
 from dicom_node.dashboard.pages import page_router
 from dicom_node.dashboard.queue_stats import QueueInspector, make_inspector
+from dicom_node.dashboard.routes import action_router, read_router
 from dicom_node.db import Database
 
 STATIC = Path(__file__).with_name("static")

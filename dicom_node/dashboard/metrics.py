@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from dicom_node.dashboard.queries import counts_by, job_durations, jobs_with_received
 from dicom_node.dashboard.queue_stats import QueueInspector
-from dicom_node.db import Database, Delivery, Instance, Job, Study, Worker
+from dicom_node.db import Database, Delivery, Instance, Job, Study, WorkerHeartbeat
 from dicom_node.workers import is_alive
 
 #: Histogram buckets of stage durations, in seconds.
@@ -66,7 +66,7 @@ class NodeCollector(Collector):
             for job, received in jobs_with_received(session):
                 for stage, ms in job_durations(job, received).items():
                     stages.setdefault(stage, []).append(ms / 1000.0)
-            workers = list(session.scalars(select(Worker)))
+            workers = list(session.scalars(select(WorkerHeartbeat)))
         yield CounterMetricFamily(
             "noduleai_instances_received", "DICOM instances stored", value=instances
         )
@@ -101,7 +101,7 @@ def _state_gauge(name: str, doc: str, counts: dict[str, int]) -> GaugeMetricFami
     return family
 
 
-def _worker_metrics(workers: list[Worker]) -> Iterable[Metric]:
+def _worker_metrics(workers: list[WorkerHeartbeat]) -> Iterable[Metric]:
     alive = GaugeMetricFamily("noduleai_workers_alive", "Workers with a recent heartbeat")
     alive.add_metric([], sum(is_alive(w) for w in workers))
     last = GaugeMetricFamily(

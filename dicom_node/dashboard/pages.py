@@ -15,10 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from dicom_node import __version__
-from dicom_node.dashboard import service
-from dicom_node.dashboard.api import reader
+from dicom_node.dashboard import operations
 from dicom_node.dashboard.context import Dashboard
 from dicom_node.dashboard.queries import search_studies
+from dicom_node.dashboard.routes import reader
 from dicom_node.db import StudyState
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -56,7 +56,7 @@ def page_router(dash: Dashboard) -> APIRouter:
 
     @router.get("/dashboard", response_class=HTMLResponse)
     def overview(request: Request, window: Annotated[int, Query(ge=1, le=10080)] = 60) -> Response:
-        data = service.overview(dash, timedelta(minutes=window))
+        data = operations.overview(dash, timedelta(minutes=window))
         return _render(request, "overview", "Overview", data=data, window=window)
 
     @router.get("/dashboard/studies", response_class=HTMLResponse)
@@ -72,18 +72,18 @@ def page_router(dash: Dashboard) -> APIRouter:
 
     @router.get("/dashboard/studies/{study_uid}", response_class=HTMLResponse)
     def study(request: Request, study_uid: str) -> Response:
-        detail = service.study_detail(dash, study_uid)
+        detail = operations.study_detail(dash, study_uid)
         if detail is None:
             raise HTTPException(404, "no such study")
         return _render(request, "study", "Study", d=detail)
 
     @router.get("/dashboard/failures", response_class=HTMLResponse)
     def failures(request: Request, include_history: bool = False) -> Response:
-        data = service.failures_out(dash, include_history, 200)
+        data = operations.failures_out(dash, include_history, 200)
         return _render(request, "failures", "Failures", data=data, include_history=include_history)
 
     @router.get("/dashboard/config", response_class=HTMLResponse)
     def config(request: Request) -> Response:
-        return _render(request, "config", "Configuration", cfg=service.config_out(dash))
+        return _render(request, "config", "Configuration", cfg=operations.config_out(dash))
 
     return router

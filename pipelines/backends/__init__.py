@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from dicom_node.errors import TransientError
+from dicom_node.errors import InferenceError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class InferenceBackend(Protocol):
         """Run the network on ``batch`` (first axis: batch)."""
 
 
-class BackendUnavailableError(TransientError):
+class BackendUnavailableError(InferenceError):
     """A backend cannot load here (no GPU, no TensorRT, no such provider)."""
 
 

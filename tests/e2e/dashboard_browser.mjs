@@ -64,6 +64,7 @@ async function failures(page) {
   const row = `tr[data-uid="${failedUid}"]`;
   const before = await page.$$eval("table[data-testid=failures] tr[data-job]", (trs) =>
     trs.map((tr) => ({ job: tr.dataset.job, uid: tr.dataset.uid,
+      code: tr.querySelector("[data-col=code]").textContent.trim(),
       reason: tr.querySelector("[data-col=reason]").textContent.trim(),
       attempts: Number(tr.querySelector("[data-col=attempts]").textContent) })));
   await page.screenshot({ path: `${out}/failures.png`, fullPage: true });

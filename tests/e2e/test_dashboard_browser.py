@@ -223,7 +223,13 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
 
     failures = seen["failures"]
     assert failures["before"] == [
-        {"job": failed_job, "uid": failed_uid, "reason": REASON, "attempts": 3}
+        {
+            "job": failed_job,
+            "uid": failed_uid,
+            "code": "internal_error",
+            "reason": REASON,
+            "attempts": 3,
+        }
     ]
     assert "401" in failures["refused"]
     assert "retry done" in failures["accepted"]

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from sqlalchemy import func, select
 
 from dicom_node.db import Instance
-from dicom_node.service import Node
+from dicom_node.node import Node
 from dicom_node.status import Status
 from tests.helpers import echoscu, storescu
 

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from dicom_node.db import Instance
-from dicom_node.service import Node
+from dicom_node.node import Node
 from dicom_node.status import Status
 from tests.helpers import wait_for
 

@@ -15,8 +15,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.db import Job
+from dicom_node.node import Node
 from dicom_node.queues import declare_topology
-from dicom_node.service import Node
 from tests.conftest import AMQP_URL
 from tests.helpers import storescu, wait_for
 

@@ -17,8 +17,8 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import AuditEntry, Job, Study
 from dicom_node.errors import ErrorCode
 from dicom_node.lifecycle import settle_failure
+from dicom_node.node import Node
 from dicom_node.retry import Decision, Verdict
-from dicom_node.service import Node
 from dicom_node.workers import record_heartbeat
 from tests.helpers import storescu, wait_for
 

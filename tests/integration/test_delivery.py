@@ -12,7 +12,7 @@ import pydicom
 from sqlalchemy import select
 
 from dicom_node.db import Delivery, DeliveryKind, DeliveryState, Job, JobState, Study, StudyState
-from dicom_node.service import Node
+from dicom_node.node import Node
 from tests.helpers import free_port, wait_for
 from tests.peers import Orthanc
 

@@ -14,7 +14,7 @@ import pytest
 
 from dicom_node import demo
 from dicom_node.config import Settings, load_settings
-from dicom_node.service import Node
+from dicom_node.node import Node
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "models" / "weights"

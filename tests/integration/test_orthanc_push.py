@@ -23,8 +23,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy import func, select
 
 from dicom_node.db import Instance, Job, Series, Study, StudyState
+from dicom_node.node import Node
 from dicom_node.queues import declare_topology
-from dicom_node.service import Node
 from dicom_node.spool import study_path
 from tests.conftest import AMQP_URL
 from tests.helpers import wait_for

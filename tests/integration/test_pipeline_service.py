@@ -171,10 +171,12 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_another_that_completes_it_onc
     assert storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-idri-0001").returncode == 0
 
     def busy_worker() -> int | None:
-        from dicom_node.db import Worker
+        from dicom_node.db import WorkerHeartbeat
 
         with db.session() as session:
-            row = session.scalars(select(Worker).where(Worker.current_job_id.is_not(None))).first()
+            row = session.scalars(
+                select(WorkerHeartbeat).where(WorkerHeartbeat.current_job_id.is_not(None))
+            ).first()
         return int(row.id.split(":")[1]) if row is not None else None
 
     victim = wait_for(busy_worker, timeout=120, interval=0.2)
@@ -208,7 +210,7 @@ def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_rea
     (study,) = wait_for(lambda: _finished(env), timeout=120, interval=0.5)
     assert study["state"] == "failed"
     assert study["attempts"] == 2
-    assert study["error_code"] == "internal_error"
+    assert study["error_code"] == "inference_failed"
     assert "no-models-here" in study["error"] and "gave up after 2 attempts" in study["error"]
 
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from dicom_node import reactor
 from dicom_node.db import Instance
-from dicom_node.service import Node
+from dicom_node.node import Node
 from tests.helpers import echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.integration

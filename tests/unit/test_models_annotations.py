@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,10 @@ from models.annotations import (
 )
 
 
-def _data_dir() -> Path | None:
-    env = os.environ.get("NODULEAI_TEST_DATA")
-    if env:
-        return Path(env)
-    p = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return p if p.exists() else None
-
-
 @pytest.fixture(scope="module")
-def lidc_small() -> Path:
-    data = _data_dir()
-    hits = sorted(data.glob("lidc-small/LIDC-IDRI-0001/*/*/069.xml")) if data else []
-    if not hits:
-        pytest.skip("real LIDC data not available (set NODULEAI_TEST_DATA)")
-    return hits[0].parent
+def lidc_small(shared_data: Path) -> Path:
+    (xml,) = sorted(shared_data.glob("lidc-small/LIDC-IDRI-0001/*/*/069.xml"))
+    return xml.parent
 
 
 def test_lidc_xml_reads_four_readers_and_their_marks(lidc_small: Path) -> None:

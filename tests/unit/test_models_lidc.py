@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,20 +9,11 @@ import pytest
 from models.evaluate import evaluate_lidc, evaluation_detector
 
 
-def _data_dir() -> Path | None:
-    env = os.environ.get("NODULEAI_TEST_DATA")
-    if env:
-        return Path(env)
-    p = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return p if p.exists() else None
-
-
 @pytest.mark.slow
-def test_readers_nodule_is_found_with_at_most_two_false_positives_and_right_size() -> None:
-    data = _data_dir()
-    if data is None or not (data / "lidc-idri-0001").exists():
-        pytest.skip("real LIDC data not available (set NODULEAI_TEST_DATA)")
-    r = evaluate_lidc(evaluation_detector(threads=1), data)
+def test_readers_nodule_is_found_with_at_most_two_false_positives_and_right_size(
+    shared_data: Path,
+) -> None:
+    r = evaluate_lidc(evaluation_detector(threads=1), shared_data)
     assert r is not None
     print(r["findings_at_operating_point"])
     assert r["found"]

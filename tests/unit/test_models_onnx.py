@@ -91,6 +91,7 @@ def test_shipped_onnx_matches_its_manifest(name: str) -> None:
 def test_a_weight_file_that_differs_from_its_manifest_is_refused(tmp_path: Path) -> None:
     import shutil
 
+    from dicom_node.errors import ConfigError
     from pipelines.manifest import load_manifest
 
     for f in WEIGHTS_DIR.glob("stage1_screen.*"):
@@ -98,5 +99,5 @@ def test_a_weight_file_that_differs_from_its_manifest_is_refused(tmp_path: Path)
     load_manifest("stage1_screen", tmp_path)
     with open(tmp_path / "stage1_screen.onnx", "ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ConfigError, match="sha256"):
         load_manifest("stage1_screen", tmp_path)

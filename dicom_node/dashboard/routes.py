@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from dicom_node.dashboard import service
+from dicom_node.dashboard import operations
 from dicom_node.dashboard.actions import ActionError
 from dicom_node.dashboard.auth import authenticate, refuse
 from dicom_node.dashboard.context import Dashboard
@@ -62,7 +62,7 @@ def actor(dash: Dashboard, action: str) -> Callable[[Request], str]:
 
 def _run(dash: Dashboard, who: str, action: str, target: str) -> ActionOut:
     try:
-        outcome = service.act(dash, who, action, target)
+        outcome = operations.act(dash, who, action, target)
     except ActionError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     return ActionOut(
@@ -81,7 +81,7 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
     @router.get("/api/overview", response_model=OverviewOut, tags=["dashboard"])
     def overview(window: Window = 60) -> OverviewOut:
         """Queues, outbox, state counts, workers, last-hour totals and stage percentiles."""
-        return service.overview(dash, timedelta(minutes=window))
+        return operations.overview(dash, timedelta(minutes=window))
 
     @router.get("/api/throughput", response_model=list[ThroughputPoint], tags=["dashboard"])
     def throughput(window: Window = 60, buckets: Buckets = 30) -> list[ThroughputPoint]:
@@ -96,12 +96,12 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
     @router.get("/api/queues", response_model=list[QueueOut], tags=["dashboard"])
     def queues() -> list[QueueOut]:
         """Depth and consumers of the work queue and the dead-letter queue."""
-        return service.queues_out(dash)
+        return operations.queues_out(dash)
 
     @router.get("/api/workers", response_model=list[WorkerOut], tags=["dashboard"])
     def workers() -> list[WorkerOut]:
         """Workers and their last heartbeat."""
-        return service.workers_out(dash)
+        return operations.workers_out(dash)
 
     @router.get("/api/dashboard/studies", response_model=StudyPage, tags=["dashboard"])
     def studies(
@@ -117,7 +117,7 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
     @router.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["dashboard"])
     def study(study_uid: str) -> StudyDetail:
         """One study: series, jobs with stage timings, deliveries and its audit trail."""
-        detail = service.study_detail(dash, study_uid)
+        detail = operations.study_detail(dash, study_uid)
         if detail is None:
             raise HTTPException(404, "no such study")
         return detail
@@ -130,17 +130,17 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
 
         ``include_history`` adds failed jobs already retried (superseded) or discarded.
         """
-        return service.failures_out(dash, include_history, limit)
+        return operations.failures_out(dash, include_history, limit)
 
     @router.get("/api/config", response_model=ConfigOut, tags=["dashboard"])
     def config() -> ConfigOut:
         """Effective settings, AE policies and destinations, secrets masked."""
-        return service.config_out(dash)
+        return operations.config_out(dash)
 
     @router.get("/api/audit", response_model=list[AuditOut], tags=["dashboard"])
     def audit_log(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
         """The newest audit-log entries."""
-        return service.audit_log(dash, limit)
+        return operations.audit_log(dash, limit)
 
     @router.get("/metrics", tags=["metrics"])
     def metrics() -> Response:
