@@ -24,8 +24,9 @@ def _configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # Libraries log per-dataset details (pynetdicom and highdicom name source image UIDs).
+    for library in ("pynetdicom", "pika", "highdicom", "pydicom"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def _wait_for_signal() -> None:

@@ -69,11 +69,12 @@ class JobState(StrEnum):
 
 
 class DeliveryState(StrEnum):
-    """Where a delivery is."""
+    """Where a delivery is; ``cancelled``: its job was superseded before it was sent."""
 
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class DeliveryKind(StrEnum):
@@ -278,6 +279,26 @@ class QueueMessage(Base):
     available_at: Mapped[datetime] = mapped_column(default=utcnow)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     acked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ReturnedResult(Base):
+    """One of our own result objects that a PACS sent back (with a study it forwards, say).
+
+    Stored once, so the sender sees success, but never study input: it neither reopens a study
+    nor counts among its instances. ``path`` is relative to the spool.
+    """
+
+    __tablename__ = "returned_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(400))
+    size: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Result(Base):

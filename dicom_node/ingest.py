@@ -2,6 +2,12 @@
 
 The order is the node's durability contract (DESIGN.md): free-space check, header check, the file
 fsync'd and renamed into place, the row committed, and only then success is answered.
+
+Our own result objects coming back (a PACS forwarding a study with its results, PS3.4 B.5 SOP
+classes with our Manufacturer) are stored the same way but recorded apart
+(:class:`~dicom_node.db.ReturnedResult`): they never reopen a study nor count as its input. An
+instance received again under a known SOP Instance UID is a duplicate: stored once, reopening
+nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import Database, Instance, Series, Study, StudyState, utcnow
+from dicom_node.db import Database, Instance, ReturnedResult, Series, Study, StudyState, utcnow
 from dicom_node.errors import DatasetMismatchError, UndecodableDatasetError
 from dicom_node.lifecycle import reopen_study
+from dicom_node.results import is_own_result
 from dicom_node.spool import Spool, instance_path
 
 LOGGER = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ class InstanceHeader:
     modality: str | None
     #: Keywords of attributes the IOD requires that the dataset lacks (stored with a warning).
     missing: tuple[str, ...] = ()
+    #: Manufacturer (0008,0070), to recognise our own result objects.
+    manufacturer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class Stored:
     header: InstanceHeader
     duplicate: bool
     reopened: bool
+    #: One of our own result objects, sent back: stored, not study input.
+    own_result: bool = False
 
 
 def read_header(data: bytes) -> InstanceHeader:
@@ -90,6 +101,7 @@ def read_header(data: bytes) -> InstanceHeader:
         _check_whole(ds)
         values = {kw: str(ds.get(kw, "") or "").strip(" \x00") for kw in _REQUIRED}
         modality = str(ds.get("Modality", "") or "").strip() or None
+        manufacturer = str(ds.get("Manufacturer", "") or "").strip() or None
         absent = tuple(
             kw for kw in _EXPECTED if kw not in ds or (kw == "Modality" and not modality)
         )
@@ -109,6 +121,7 @@ def read_header(data: bytes) -> InstanceHeader:
         transfer_syntax_uid=transfer_syntax,
         modality=modality,
         missing=absent,
+        manufacturer=manufacturer,
     )
 
 
@@ -150,6 +163,8 @@ class Ingest:
         """
         self.spool.ensure_space(len(data))
         header = read_header(data)
+        if is_own_result(header.manufacturer, header.sop_class_uid):
+            return self._store_returned(header, data, calling_ae)
         if self._known(header.sop_instance_uid):
             return Stored(header, duplicate=True, reopened=False)
         relpath = instance_path(
@@ -169,6 +184,37 @@ class Ingest:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _store_returned(self, header: InstanceHeader, data: bytes, calling_ae: str) -> Stored:
+        """Keep one of our own result objects once, apart from the study's input."""
+        with self.db.session() as session:
+            known = session.scalar(
+                select(ReturnedResult.id).where(
+                    ReturnedResult.sop_instance_uid == header.sop_instance_uid
+                )
+            )
+        if known is not None:
+            return Stored(header, duplicate=True, reopened=False, own_result=True)
+        relpath = "returned/" + instance_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        self.spool.write(relpath, data)
+        try:
+            with self.db.session() as session:
+                session.add(
+                    ReturnedResult(
+                        sop_instance_uid=header.sop_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        study_instance_uid=header.study_instance_uid,
+                        series_instance_uid=header.series_instance_uid,
+                        path=relpath,
+                        size=len(data),
+                        calling_ae=calling_ae,
+                    )
+                )
+        except IntegrityError:  # the same object from another association at the same moment
+            return Stored(header, duplicate=True, reopened=False, own_result=True)
+        return Stored(header, duplicate=False, reopened=False, own_result=True)
 
     def _known(self, sop_instance_uid: str) -> bool:
         with self.db.session() as session:

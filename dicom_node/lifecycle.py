@@ -9,7 +9,8 @@ A job moves as :data:`TRANSITIONS` allows (DESIGN.md's data flow)::
     queued | processing | delivering ──▶ superseded (a newer job of the same study)
 
 Any other change raises :class:`IllegalTransition`. Each change stamps ``<state>_at`` and, while
-the job is its study's current job, mirrors the state (and the failure) on the study. Failures
+the job is its study's current job, mirrors the state (and the failure) on the study. A superseded
+job's unsent deliveries are cancelled: its results are never delivered. Failures
 are recorded as ``(error_code, error)``. This module also creates the delivery rows: the result
 objects to each DICOM destination, the FHIR report's status to each FHIR destination.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import FhirDestination, NodeConfig
@@ -136,11 +137,27 @@ def queue_job(session: Session, study: Study, config: NodeConfig) -> Job:
     session.add(job)
     if previous is not None and previous.state in UNFINISHED:
         _move(session, previous, JobState.SUPERSEDED)
+        _cancel_deliveries(session, previous.id)
     study.current_job_id = job.id
     session.flush()
     _enter(session, job, JobState.QUEUED)  # TRANSITIONS[None]: a new job starts queued
     session.add_all(delivery_rows(config, study.calling_ae, job.id, (), ReportStatus.REGISTERED))
     return job
+
+
+def _cancel_deliveries(session: Session, job_id: str) -> None:
+    """The superseded job's pending deliveries will not be sent."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.CANCELLED, updated_at=utcnow())
+    )
+
+
+def is_current(session: Session, job_id: str) -> bool:
+    """Whether the job is still being processed (not superseded, cancelled or finished)."""
+    state = session.scalar(select(Job.state).where(Job.id == job_id))
+    return state == JobState.PROCESSING
 
 
 # ---------------------------------------------------------------------------------- jobs

@@ -19,6 +19,22 @@ from typing import Any
 
 #: Version of the JSON document (bump on any incompatible change).
 SCHEMA = "noduleai.resultset/1"
+#: Manufacturer (0008,0070) of every object the encoders write.
+MANUFACTURER = "NoduleAI"
+#: SOP classes of the result objects: Segmentation, Comprehensive 3D SR, Grayscale Softcopy
+#: Presentation State (PS3.4 B.5).
+RESULT_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "1.2.840.10008.5.1.4.1.1.88.34",
+        "1.2.840.10008.5.1.4.1.1.11.1",
+    }
+)
+
+
+def is_own_result(manufacturer: str | None, sop_class_uid: str) -> bool:
+    """Whether a received instance is one of our result objects (a PACS sending them back)."""
+    return manufacturer == MANUFACTURER and sop_class_uid in RESULT_SOP_CLASSES
 
 
 class ObjectKind(StrEnum):

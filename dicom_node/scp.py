@@ -265,6 +265,9 @@ class StorageSCP:
             log.outcomes[status.name] += 1
             LOGGER.exception("C-STORE of %s from %s failed", sop_class, log.calling_ae)
             return int(status)
+        if stored.own_result:  # our own result object sent back: stored, not study input
+            log.outcomes["OWN_RESULT"] += 1
+            return int(Status.SUCCESS)
         log.studies.add(stored.header.study_instance_uid)
         if stored.header.missing:
             log.outcomes[Status.DATASET_MISMATCH_WARNING.name] += 1

@@ -24,11 +24,18 @@ class Analysis:
     detection: Detection
 
 
-def analyse(paths: Iterable[Path], detector: Callable[[], Detector], min_slices: int) -> Analysis:
+def analyse(
+    paths: Iterable[Path],
+    detector: Callable[[], Detector],
+    min_slices: int,
+    checkpoint: Callable[[], None] = lambda: None,
+) -> Analysis:
     """Analyse the files of one study.
 
     ``detector`` is called only once the study proved analysable, so a rejection never waits
-    for (or depends on) loading the models.
+    for (or depends on) loading the models. ``checkpoint`` is called between the steps (after the
+    volume is built, after detection); it raises to abandon the analysis (the worker's job was
+    superseded meanwhile).
 
     Raises
     ------
@@ -39,7 +46,9 @@ def analyse(paths: Iterable[Path], detector: Callable[[], Detector], min_slices:
     selected = select_series(paths, min_slices=min_slices)
     volume = build_volume(selected.paths)
     loaded = (time.perf_counter() - start) * 1000.0
+    checkpoint()
     detection = detector().run(volume)
+    checkpoint()
     detection.timings_ms = {"load": loaded, **detection.timings_ms}
     detection.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
     return Analysis(list(selected.paths), volume, detection)

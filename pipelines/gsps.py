@@ -18,12 +18,12 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
+from dicom_node.results import MANUFACTURER
 from pipelines.findings import Nodule
 from pipelines.masks import Outline
 from pipelines.uids import ResultUIDs
 
 GSPS_SERIES_NUMBER = 9703
-MANUFACTURER = "NoduleAI"
 DEVICE_SERIAL_NUMBER = "noduleai"
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width (HU)
 LAYER = "NODULES"

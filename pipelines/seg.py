@@ -38,13 +38,13 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node.results import MANUFACTURER
 from pipelines.masks import PlaneMask
 from pipelines.uids import ResultUIDs
 
 #: Beyond this many frames (slices x segments), empty frames are omitted.
 MAX_FULL_FRAMES = 1000
 SEG_SERIES_NUMBER = 9701
-MANUFACTURER = "NoduleAI"
 DEVICE_SERIAL_NUMBER = "noduleai"
 #: Display colours (sRGB) of segments 1, 2, ... (cycled): saturated, distinct, visible on grey CT.
 SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (

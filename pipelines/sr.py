@@ -45,12 +45,12 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
+from dicom_node.results import MANUFACTURER
 from pipelines.findings import Nodule
 from pipelines.masks import Outline
 from pipelines.uids import ResultUIDs, derive_uid
 
 SR_SERIES_NUMBER = 9702
-MANUFACTURER = "NoduleAI"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -2,7 +2,9 @@
 
 At-least-once delivery, idempotent processing (DESIGN.md):
 
-- a job already finished (or superseded) when its message arrives is acknowledged and skipped;
+- a job already finished (or superseded) when its message arrives is acknowledged and skipped; a
+  job superseded while it runs is abandoned at the next step (volume built, detection done,
+  results encoded) without a result;
 - the result set (:class:`dicom_node.results.ResultSet`) is written under the job's results
   folder, then its row, its delivery rows and the job's state change are committed in one
   transaction (:func:`dicom_node.lifecycle.store_result`); the ``results`` row is unique per job,
@@ -23,6 +25,7 @@ heartbeats.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,6 +47,7 @@ from dicom_node.fhir_resources import build_results, report_subject
 from dicom_node.lifecycle import (
     FINISHED,
     begin_attempt,
+    is_current,
     settle_failure,
     store_result,
 )
@@ -59,6 +63,10 @@ from pipelines.outputs import KIND_BY_MODALITY, encode_results
 LOGGER = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+
+
+class JobAbandonedError(Exception):
+    """The job was superseded (or otherwise left ``processing``) while the worker ran it."""
 
 
 class Settle(Enum):
@@ -139,8 +147,12 @@ class Worker:
         self.current_job = job_id
         self.heartbeat()
         try:
-            analysis = analyse(paths, lambda: self.detector, self.settings.min_slices)
+            checkpoint = functools.partial(self._checkpoint, job_id)
+            analysis = analyse(paths, lambda: self.detector, self.settings.min_slices, checkpoint)
             result = self._persist(job_id, study_uid, analysis)
+        except JobAbandonedError:
+            LOGGER.info("job %s superseded while it ran; abandoned", job_id)
+            return Settle.ACK
         except Exception as exc:
             return self._failed(job_id, self.policy.decide(exc, attempt))
         finally:
@@ -183,6 +195,12 @@ class Worker:
             ).all()
             LOGGER.info("job %s processing (attempt %d)", job_id, job.attempts)
             return [self.spool.path(p) for p in relpaths], study.study_instance_uid, job.attempts
+
+    def _checkpoint(self, job_id: str) -> None:
+        """Raise :class:`JobAbandonedError` when the job is no longer this worker's to finish."""
+        with self.db.session() as session:
+            if not is_current(session, job_id):
+                raise JobAbandonedError(job_id)
 
     def _persist(self, job_id: str, study_uid: str, analysis: Analysis) -> ResultSet:
         """Encode the findings and write every artifact under ``results/<job>/``."""

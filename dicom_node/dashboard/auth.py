@@ -1,8 +1,8 @@
 """Who may act: a bearer token or basic-auth users; every action and every refusal is audited.
 
 With neither ``NODULEAI_DASHBOARD_TOKEN`` nor ``NODULEAI_DASHBOARD_USERS`` configured, a random
-token is generated at first start, written to ``DATA_DIR/dashboard-token`` (mode 0600) and logged
-once; later starts read it back without logging it.
+token is generated at first start and written to ``DATA_DIR/dashboard-token`` (mode 0600); the log
+names the file, never the token; later starts read it back.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def parse_users(value: str) -> dict[str, str]:
 
 
 def load_or_create_token(data_dir: Path) -> str:
-    """Read ``DATA_DIR/dashboard-token``, or create it (0600) and log the new token once."""
+    """Read ``DATA_DIR/dashboard-token``, or create it (0600) and log where it is."""
     path = data_dir / TOKEN_FILE
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
@@ -56,7 +56,7 @@ def load_or_create_token(data_dir: Path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(token + "\n")
-    LOGGER.warning("dashboard token generated (stored in %s, shown once): %s", path, token)
+    LOGGER.warning("dashboard token generated: read it from %s (mode 0600)", path)
     return token
 
 

@@ -214,7 +214,7 @@ def test_without_configured_credentials_a_token_is_generated_once_and_kept_priva
     token_file = node.settings.data_dir / "dashboard-token"
     token = token_file.read_text().strip()
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert token in caplog.text
+    assert token not in caplog.text and str(token_file) in caplog.text
     with _client(node) as http:
         response = http.post("/api/jobs/none/discard", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 404

@@ -14,11 +14,15 @@ import pydicom
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from dicom_node.db import Instance, Job, Study
+from dicom_node.db import Instance, Job, ReturnedResult, Study
 from dicom_node.node import Node
 from dicom_node.queues import declare_topology
+from dicom_node.results import ModelIdentity
+from pipelines.outputs import encode_results
+from pipelines.volume import build_volume
 from tests.conftest import AMQP_URL
 from tests.helpers import storescu, system_program, wait_for
+from tests.nodule_fixtures import lidc_nodules
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -199,3 +203,43 @@ def test_concurrent_associations_each_storing_a_study_all_succeed(
     with node.db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 4 * len(slices)
         assert sorted(session.scalars(select(Study.instances))) == [len(slices)] * 4
+
+
+def test_our_own_results_sent_back_with_a_re_push_neither_reopen_the_study_nor_count_as_input(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    """A PACS forwarding a study sends its CT again with our SEG, SR and GSPS: all are stored
+    (success for the sender), the study stays as it was, no second job."""
+    node = make_node(quiet_seconds=0.5)
+    small = sorted((shared_data / "lidc-small").rglob("*.dcm"))
+    assert storescu(node.scp.port, *small).returncode == 0
+
+    def jobs() -> list[Job]:
+        with node.db.session() as session:
+            return list(session.scalars(select(Job)))
+
+    (job,) = wait_for(jobs)
+    volume = build_volume(small)
+    (xml,) = (shared_data / "lidc-small").rglob("*.xml")
+    model = ModelIdentity("NoduleAI lung nodule detector", "test")
+    encoded = encode_results(small, volume, lidc_nodules(xml, volume), model)
+    outputs = []
+    for ds in encoded.datasets:
+        outputs.append(tmp_path / f"{ds.Modality}.dcm")
+        ds.save_as(outputs[-1], enforce_file_format=True)
+
+    for _ in range(2):  # the re-push, and once more
+        sent = storescu(node.scp.port, *small, *outputs, extra=("-R",))
+        assert sent.returncode == 0, sent.stderr
+    time.sleep(2.0)  # longer than the quiet period: a reopened study would have a new job now
+
+    assert [j.id for j in jobs()] == [job.id]
+    with node.db.session() as session:
+        study = session.scalars(select(Study)).one()
+        returned = session.scalars(select(ReturnedResult)).all()
+        instances = session.scalar(select(func.count()).select_from(Instance))
+    assert (study.state, study.instances, instances) == ("queued", 16, 16)
+    assert sorted(r.sop_class_uid for r in returned) == sorted(
+        str(ds.SOPClassUID) for ds in encoded.datasets
+    )
+    assert all(node.spool.path(r.path).is_file() for r in returned)

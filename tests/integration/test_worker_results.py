@@ -248,3 +248,36 @@ def _series_uid(db: Database, job_id: str) -> str:
         series = session.scalar(select(Series).where(Series.study_id == job.study_id))
         assert series is not None
         return series.series_instance_uid
+
+
+class SupersedingDetector(FixedDetector):
+    """While it runs, the study receives a new job (late instances, a rerun): the old one is
+    superseded mid-run."""
+
+    def __init__(self, db: Database, nodules: list[Nodule]) -> None:
+        super().__init__(nodules)
+        self.db = db
+
+    def run(self, volume: Volume) -> Detection:
+        with self.db.session() as session:
+            study = session.scalar(select(Study))
+            assert study is not None
+            queue_job(session, study, NodeConfig())
+        return super().run(volume)
+
+
+def test_a_job_superseded_while_it_runs_is_abandoned_without_a_result(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    settings, db = node
+    files = _lidc_files(shared_data)
+    detector = SupersedingDetector(db, [_readers_nodule(shared_data, files)])
+    job_id = _store_study(settings, db, files, new_uids=False)
+    worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+
+    assert worker.handle(Received({"job_id": job_id}, 1, False)) is Settle.ACK
+
+    assert _job(db, job_id).state == JobState.SUPERSEDED
+    with db.session() as session:
+        assert session.scalar(select(Result).where(Result.job_id == job_id)) is None
+    assert not LocalSpool(settings.spool_dir, 0).path(f"results/{job_id}").exists()

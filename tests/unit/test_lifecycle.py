@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
-from dicom_node.db import Database, Job, JobState, Study, StudyState
+from dicom_node.db import Database, DeliveryState, Job, JobState, Study, StudyState
 from dicom_node.errors import ErrorCode
 from dicom_node.lifecycle import (
     FINISHED,
@@ -18,11 +18,13 @@ from dicom_node.lifecycle import (
     IllegalTransition,
     _move,
     begin_attempt,
+    delivery_rows,
     queue_job,
     reopen_study,
     settle_failure,
 )
 from dicom_node.migrate import upgrade
+from dicom_node.results import ObjectKind, ResultObject
 from dicom_node.retry import Decision, Verdict
 
 
@@ -42,6 +44,10 @@ def _job(session: Session, state: JobState) -> Job:
     job = queue_job(session, study, NodeConfig())
     job.state = state
     return job
+
+
+def _object(uid: str) -> ResultObject:
+    return ResultObject(ObjectKind.SEG, "SEG", "1.2.840.10008.5.1.4.1.1.66.4", uid, "2", "1", uid)
 
 
 @pytest.mark.parametrize("source", list(JobState))
@@ -99,3 +105,25 @@ def test_a_newer_job_supersedes_an_unfinished_one_and_the_study_follows_the_newe
     second = queue_job(session, study, NodeConfig())
     assert first.state == JobState.SUPERSEDED and second.supersedes == first.id
     assert study.current_job_id == second.id and study.state == StudyState.QUEUED
+
+
+def test_a_superseded_job_delivers_nothing_more(session: Session) -> None:
+    config = NodeConfig.model_validate(
+        {
+            "destinations": [
+                {"name": "pacs", "type": "dimse", "ae_title": "CT", "host": "h", "port": 4}
+            ]
+        }
+    )
+    first = _job(session, JobState.DELIVERING)
+    rows = delivery_rows(config, "CT", first.id, [_object("1.2.1"), _object("1.2.2")], None)
+    session.add_all(rows)
+    session.flush()
+    rows[0].state = DeliveryState.DONE
+    study = session.get(Study, first.study_id)
+    assert study is not None
+    queue_job(session, study, config)
+    session.flush()
+    for row in rows:
+        session.refresh(row)
+    assert [r.state for r in rows] == [DeliveryState.DONE, DeliveryState.CANCELLED]
