@@ -10,7 +10,11 @@ A job moves as :data:`TRANSITIONS` allows (DESIGN.md's data flow)::
 
 Any other change raises :class:`IllegalTransition`. Each change stamps ``<state>_at`` and, while
 the job is its study's current job, mirrors the state (and the failure) on the study. A superseded
-job's unsent deliveries are cancelled: its results are never delivered. Failures
+job's unsent deliveries are cancelled: its results are never delivered.
+
+The FHIR report never goes backwards: ``registered`` (a job queued) and ``cancelled`` (a job
+rejected or failed) are published only while the study has no results yet; once it has, the
+report keeps them until a newer job's results replace them. Failures
 are recorded as ``(error_code, error)``. This module also creates the delivery rows: the result
 objects to each DICOM destination, the FHIR report's status to each FHIR destination.
 """
@@ -123,7 +127,7 @@ def queue_job(session: Session, study: Study, config: NodeConfig) -> Job:
     """Create the study's new ``queued`` job (the outbox row the publisher sends); return it.
 
     It supersedes the study's previous job if that one is unfinished, and the FHIR report goes
-    ``registered`` at the FHIR destinations.
+    ``registered`` at the FHIR destinations, unless an earlier job already gave it results.
     """
     previous = session.get(Job, study.current_job_id) if study.current_job_id else None
     job = Job(
@@ -141,8 +145,19 @@ def queue_job(session: Session, study: Study, config: NodeConfig) -> Job:
     study.current_job_id = job.id
     session.flush()
     _enter(session, job, JobState.QUEUED)  # TRANSITIONS[None]: a new job starts queued
-    session.add_all(delivery_rows(config, study.calling_ae, job.id, (), ReportStatus.REGISTERED))
+    if not _has_results(session, study.id):
+        session.add_all(
+            delivery_rows(config, study.calling_ae, job.id, (), ReportStatus.REGISTERED)
+        )
     return job
+
+
+def _has_results(session: Session, study_id: int) -> bool:
+    """Whether a job of the study stored results (its FHIR report carries them, or will)."""
+    found = session.scalar(
+        select(Result.id).join(Job, Job.id == Result.job_id).where(Job.study_id == study_id)
+    )
+    return found is not None
 
 
 def _cancel_deliveries(session: Session, job_id: str) -> None:
@@ -203,7 +218,7 @@ def settle_failure(session: Session, job: Job, decision: Decision, config: NodeC
 
     A retried job goes back to the outbox: unpublished, with ``retry_at`` after the decided
     delay (the publisher sends it then). A rejected or failed job's FHIR report goes
-    ``cancelled`` with the reason.
+    ``cancelled`` with the reason, unless the study has results from an earlier job.
     """
     failure = (decision.code, decision.detail)
     if decision.verdict is Verdict.RETRY:
@@ -216,8 +231,8 @@ def settle_failure(session: Session, job: Job, decision: Decision, config: NodeC
     state = JobState.REJECTED if decision.verdict is Verdict.REJECT else JobState.FAILED
     _move(session, job, state, failure)
     study = session.get(Study, job.study_id)
-    calling_ae = study.calling_ae if study is not None else ""
-    session.add_all(delivery_rows(config, calling_ae, job.id, (), ReportStatus.CANCELLED))
+    if study is not None and not _has_results(session, study.id):
+        session.add_all(delivery_rows(config, study.calling_ae, job.id, (), ReportStatus.CANCELLED))
 
 
 def settle_deliveries(session: Session, job_id: str) -> None:

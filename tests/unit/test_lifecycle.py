@@ -7,10 +7,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
-from dicom_node.db import Database, DeliveryState, Job, JobState, Study, StudyState
+from dicom_node.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Result,
+    Study,
+    StudyState,
+)
 from dicom_node.errors import ErrorCode
 from dicom_node.lifecycle import (
     FINISHED,
@@ -127,3 +137,37 @@ def test_a_superseded_job_delivers_nothing_more(session: Session) -> None:
     for row in rows:
         session.refresh(row)
     assert [r.state for r in rows] == [DeliveryState.DONE, DeliveryState.CANCELLED]
+
+
+FHIR = NodeConfig.model_validate(
+    {"destinations": [{"name": "ehr", "type": "fhir", "url": "http://ehr.example/fhir"}]}
+)
+
+
+def _report_statuses(session: Session, job: Job) -> list[str]:
+    rows = session.scalars(select(Delivery).where(Delivery.job_id == job.id)).all()
+    return [r.report_status for r in rows]
+
+
+def test_the_fhir_report_never_goes_back_once_the_study_has_results(session: Session) -> None:
+    study = Study(study_instance_uid=f"2.25.{uuid.uuid4().int}", calling_ae="CT", instances=1)
+    session.add(study)
+    session.flush()
+    first = queue_job(session, study, FHIR)
+    begin_attempt(session, first)
+    fail = Decision(Verdict.DEAD_LETTER, ErrorCode.INTERNAL, "crashed")
+    settle_failure(session, first, fail, FHIR)
+    session.flush()
+    assert _report_statuses(session, first) == ["registered", "cancelled"]
+
+    second = queue_job(session, study, FHIR)  # a retry: still no results, so registered again
+    begin_attempt(session, second)
+    session.add(Result(job_id=second.id, series_instance_uid="1.2", nodules=[], detail={}))
+    session.flush()
+    assert _report_statuses(session, second) == ["registered"]
+
+    rerun = queue_job(session, study, FHIR)  # the study has results now
+    begin_attempt(session, rerun)
+    settle_failure(session, rerun, fail, FHIR)
+    session.flush()
+    assert _report_statuses(session, rerun) == []
