@@ -138,6 +138,7 @@ def encode_gsps(
         device_serial_number=DEVICE_SERIAL_NUMBER,
         content_label="NODULES",
         content_description="Lung nodules (automatic detection)",
+        series_description="NoduleAI nodule outlines",
         graphic_annotations=annotations,
         graphic_layers=[layer],
         voi_lut_transformations=[

@@ -5,9 +5,10 @@ structure" (SCT 49755003), type "Nodule" (SCT 27925004), anatomic region "Lung" 
 algorithm type AUTOMATIC with the model's name and version (Algorithm Identification, C.8.20.2,
 family "Artificial Intelligence" from CID 7162), and the nodule's tracking identifier and UID
 (the same UID as the nodule's SR measurement groups), and a Recommended Display CIELab Value
-(C.8.20.2; from :data:`SEGMENT_COLORS_RGB`) so that viewers draw every nodule in a colour we chose
-instead of substituting a default (OHIF 3 warns "RecommendedDisplayCIELabValue not found for one
-or more segments. The default color was used instead." without it).
+(C.8.20.2; :func:`segment_color`, distinct for every segment) so that viewers draw every nodule
+in a colour we chose instead of substituting a default (OHIF 3 warns
+"RecommendedDisplayCIELabValue not found for one or more segments. The default color was used
+instead." without it).
 
 Frame layout (the decision, for viewers)
 ----------------------------------------
@@ -30,6 +31,7 @@ match frames to images by position ("frames out of plane") or by reference agree
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +48,7 @@ from pipelines.uids import ResultUIDs
 MAX_FULL_FRAMES = 1000
 SEG_SERIES_NUMBER = 9701
 DEVICE_SERIAL_NUMBER = "noduleai"
-#: Display colours (sRGB) of segments 1, 2, ... (cycled): saturated, distinct, visible on grey CT.
+#: Display colours (sRGB) of segments 1 to 5: saturated, distinct, visible on grey CT.
 SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
     (230, 80, 40),
     (60, 180, 255),
@@ -54,6 +56,17 @@ SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
     (170, 90, 255),
     (255, 105, 180),
 )
+#: Hue step for segments beyond those: the golden angle, so no two segments share a colour.
+GOLDEN_ANGLE = 137.50776405
+
+
+def segment_color(number: int) -> tuple[int, int, int]:
+    """The sRGB display colour of segment ``number`` (1-based): distinct for every segment."""
+    if number <= len(SEGMENT_COLORS_RGB):
+        return SEGMENT_COLORS_RGB[number - 1]
+    hue = ((number - len(SEGMENT_COLORS_RGB)) * GOLDEN_ANGLE % 360.0) / 360.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
+    return round(red * 255), round(green * 255), round(blue * 255)
 
 
 @dataclass(frozen=True)
@@ -91,9 +104,7 @@ def segment_description(
         tracking_uid=segment.tracking_uid,
         tracking_id=segment.tracking_id,
         anatomic_regions=[codes.SCT.Lung],
-        display_color=hd.color.CIELabColor.from_rgb(
-            *SEGMENT_COLORS_RGB[(number - 1) % len(SEGMENT_COLORS_RGB)]
-        ),
+        display_color=hd.color.CIELabColor.from_rgb(*segment_color(number)),
     )
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -56,6 +57,12 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 #: Private coding scheme for concepts no standard code covers (PS3.3 8.2: 99 prefix).
 PRIVATE_SCHEME = "99NODULEAI"
+#: Its declaration in the SR (Coding Scheme Identification Sequence, PS3.3 C.12.1.1.1).
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="NoduleAI lung nodule concepts",
+    responsible_organization="NoduleAI",
+)
 #: Qualitative evaluation "attenuation type" (no standard concept name for it).
 TYPE_CONCEPT = hd.sr.CodedConcept("NAI-0001", PRIVATE_SCHEME, "Nodule attenuation type")
 #: Qualitative evaluation "radiologist review recommended" (uncertain detection).
@@ -361,6 +368,7 @@ def encode_sr(
         is_final=False,
         is_verified=False,
         series_description="NoduleAI nodule report",
+        coding_schemes=[PRIVATE_SCHEME_ITEM],
     )
     if predecessor is not None:
         sr.PredecessorDocumentsSequence = predecessor_sequence(predecessor)

@@ -307,3 +307,17 @@ def test_enhanced_ct_frames_are_referenced_by_number_and_flips_are_undone(
     x_lo = volume.origin_mm[0] + 299.5 * volume.spacing_mm[2]
     x_hi = volume.origin_mm[0] + 329.5 * volume.spacing_mm[2]
     assert world_x.min() >= x_lo - 1.0 and world_x.max() <= x_hi + 1.0
+
+
+def test_every_object_describes_its_series_and_the_sr_declares_its_private_scheme(
+    lidc: Study,
+) -> None:
+    seg, sr, pr = (dcmread(lidc.files[m]) for m in ("SEG", "SR", "PR"))
+    assert [ds.SeriesDescription for ds in (seg, sr, pr)] == [
+        "NoduleAI nodule segmentation",
+        "NoduleAI nodule report",
+        "NoduleAI nodule outlines",
+    ]
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == "99NODULEAI"
+    assert scheme.CodingSchemeResponsibleOrganization == "NoduleAI"

@@ -107,6 +107,17 @@ def test_lidc_pushed_by_storescu_into_serve_with_rabbitmq_completes_with_the_rea
     distances = [float(np.linalg.norm(c - READERS_NODULE_MM)) for c in centres]
     assert min(distances) < 10.0, result_row.nodules
 
+    # The job's log at INFO names jobs, AE titles, SOP classes and counts: no source image UID
+    # (the libraries that would log them run at WARNING) and no secret.
+    log = serve.output()
+    assert "job " in log and " done: " in log
+    sources = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in (shared_data / "lidc-idri-0001").rglob("*.dcm")
+    }
+    assert not [uid for uid in sources if uid in log]
+    assert "guest:guest" not in log
+
 
 def _series(folder: Path, slices: list[pydicom.Dataset]) -> Path:
     folder.mkdir(parents=True)
