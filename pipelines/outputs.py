@@ -12,7 +12,11 @@ Observations are built from those same nodules, so SR, SEG and FHIR always list 
 * GSPS (PS3.3 C.11.10, :mod:`pipelines.gsps`): only when there are nodules.
 
 Every UID is derived here, once (:mod:`pipelines.uids`), from the source series, its instance set
-and the model version: encoding the same input again returns objects with the same UIDs.
+and the model version: encoding the same input again returns objects with the same UIDs, and
+with the same bytes: every date and time highdicom would take from the clock (instance creation,
+content, presentation creation, its contributing-equipment entry) is the ``created`` time the
+caller gives (the worker: when the last instance of the set was received), and the SEG's
+Dimension Organization UID is derived too.
 
 Encoder faults are deterministic (the same input fails the same way), so they leave this module as
 :class:`~dicom_node.errors.EncodingError`, a permanent error: the job fails at once, unretried.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -33,7 +38,7 @@ from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.masks import nodule_outline, project_mask, source_planes
 from pipelines.seg import SegmentInput, encode_segmentation
 from pipelines.sr import NoduleReport, Predecessor, encode_sr
-from pipelines.uids import ResultUIDs
+from pipelines.uids import ResultUIDs, derive_uid
 from pipelines.volume import Volume
 
 
@@ -66,6 +71,7 @@ def encode_results(
     nodules: Sequence[Nodule],
     model: ModelIdentity,
     predecessor: Predecessor | None = None,
+    created: datetime | None = None,
 ) -> EncodedResults:
     """Encode the findings of one series as SEG, SR (TID 1500) and GSPS.
 
@@ -84,6 +90,9 @@ def encode_results(
     predecessor : pydicom.Dataset or (str, str, str), optional
         The SR of an earlier run on this series (a different instance set); the new SR lists it in
         PredecessorDocumentsSequence. Ignored when it is the SR this call produces (same UIDs).
+    created : datetime, optional
+        The objects' creation time (a function of the input, so that a redelivered job writes the
+        same bytes); the clock when not given.
 
     Returns
     -------
@@ -100,7 +109,10 @@ def encode_results(
         would be false. Also when highdicom refuses the content.
     """
     try:
-        return _encode(source_datasets_or_paths, volume, nodules, model, predecessor)
+        encoded = _encode(source_datasets_or_paths, volume, nodules, model, predecessor)
+        for ds in encoded.datasets:
+            _pin_clock(ds, created or datetime.now(UTC))
+        return encoded
     except _ENCODER_ERRORS as exc:
         raise EncodingError(f"result objects could not be encoded: {exc}") from exc
 
@@ -155,6 +167,30 @@ def _encode(
         version,
     )
     return EncodedResults([seg, sr, gsps], encoded, not_encoded)
+
+
+#: The Manufacturer highdicom gives its own Contributing Equipment item.
+_HIGHDICOM = "Highdicom open-source contributors"
+
+
+def _pin_clock(ds: Dataset, created: datetime) -> None:
+    """Replace what highdicom took from the clock (or drew at random) by values of the input."""
+    local = created.astimezone()
+    date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
+    for prefix in ("InstanceCreation", "Content", "PresentationCreation", "Series"):
+        if f"{prefix}Date" in ds:
+            setattr(ds, f"{prefix}Date", date)
+        if f"{prefix}Time" in ds:
+            setattr(ds, f"{prefix}Time", time)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") == _HIGHDICOM and "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
+    if "DimensionOrganizationSequence" in ds:
+        uid = derive_uid("dimension-organization", str(ds.SOPInstanceUID))
+        for name in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+            for item in ds.get(name, []):
+                if "DimensionOrganizationUID" in item:
+                    item.DimensionOrganizationUID = uid
 
 
 def _reported(report: NoduleReport) -> ReportedNodule:

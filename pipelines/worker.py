@@ -32,16 +32,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
+from datetime import datetime
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study
+from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study, utcnow
 from dicom_node.errors import ErrorCode, QueueUnavailableError
 from dicom_node.fhir_resources import build_results, report_subject
 from dicom_node.lifecycle import (
@@ -213,6 +215,7 @@ class Worker:
             detection.nodules,
             model,
             predecessor=self._predecessor(job_id),
+            created=self._input_time(analysis.volume.sop_instance_uids),
         )
         folder = results_path(job_id)
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
@@ -248,6 +251,17 @@ class Worker:
         document = json.dumps(result.to_json(), indent=1).encode()
         self.spool.write(f"{folder}/resultset.json", document)
         return result
+
+    def _input_time(self, sop_instance_uids: Sequence[str]) -> datetime:
+        """When the last of these instances was received: the time the input was complete, and
+        the result objects' creation time (a redelivered job writes byte-identical files)."""
+        with self.db.session() as session:
+            latest = session.scalar(
+                select(func.max(Instance.received_at)).where(
+                    Instance.sop_instance_uid.in_(list(sop_instance_uids))
+                )
+            )
+        return latest if latest is not None else utcnow()
 
     def _write_object(self, folder: str, ds: Dataset) -> ResultObject:
         relpath = f"{folder}/{ds.Modality}-{safe_uid(ds.SOPInstanceUID)}.dcm"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dicom_node.publisher import Publisher
 from dicom_node.queues import EmbeddedQueue, Received
 from dicom_node.results import ResultSet
 from dicom_node.spool import LocalSpool
+from pipelines.analysis import analyse
 from pipelines.detect import Detection
 from pipelines.findings import Nodule
 from pipelines.volume import Volume, build_volume
@@ -281,3 +283,33 @@ def test_a_job_superseded_while_it_runs_is_abandoned_without_a_result(
     with db.session() as session:
         assert session.scalar(select(Result).where(Result.job_id == job_id)) is None
     assert not LocalSpool(settings.spool_dir, 0).path(f"results/{job_id}").exists()
+
+
+def test_a_redelivered_job_writes_byte_identical_objects(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    """The worker dies after encoding, before its result is saved; the job is delivered again
+    (later: a clock would differ) and writes the same bytes under the same UIDs."""
+    settings, db = node
+    files = _lidc_files(shared_data)
+    detector = FixedDetector([_readers_nodule(shared_data, files)])
+    job_id = _store_study(settings, db, files, new_uids=False)
+    worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+    started = worker._start(job_id)
+    assert not isinstance(started, Settle)
+    paths, study_uid, _attempt = started
+    first = worker._persist(job_id, study_uid, analyse(paths, lambda: detector, 10))  # type: ignore[arg-type, return-value]
+    spool = LocalSpool(settings.spool_dir, 0)
+    before = {o.path: spool.path(o.path).read_bytes() for o in first.objects}
+    time.sleep(1.1)
+
+    assert worker.handle(Received({"job_id": job_id}, 2, True)) is Settle.ACK
+
+    job = _job(db, job_id)
+    assert (job.state, job.attempts) == (JobState.DONE, 2)
+    with db.session() as session:
+        row = session.scalar(select(Result).where(Result.job_id == job_id))
+        assert row is not None
+        stored = ResultSet.from_json(row.detail)
+    assert [o.path for o in stored.objects] == list(before)
+    assert {o.path: spool.path(o.path).read_bytes() for o in stored.objects} == before
