@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,8 @@ from dicom_node import __version__
 from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database, Job, Result, Study, StudyState
 from dicom_node.results import ResultSet
+
+LOGGER = logging.getLogger(__name__)
 
 
 class StudyOut(BaseModel):
@@ -77,12 +80,13 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        """Liveness and database reachability."""
+        """Liveness and database reachability: healthy or not, no internals (no host, no error)."""
         try:
             with db.session() as session:
                 session.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            return JSONResponse({"status": "error", "database": str(exc)}, status_code=503)
+            LOGGER.warning("health check: database unavailable (%s)", type(exc).__name__)
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ok", "version": __version__})
 
     @app.get("/readyz")

@@ -117,6 +117,12 @@ class DatasetMismatchError(PermanentError):
     code = ErrorCode.DATASET_MISMATCH
 
 
+class DatabaseUnavailableError(TransientError):
+    """The database cannot be reached or refused the transaction right now."""
+
+    code = ErrorCode.DATABASE_UNAVAILABLE
+
+
 class QueueUnavailableError(TransientError):
     """The job queue (RabbitMQ or the embedded one) cannot take or give messages right now."""
 

@@ -21,11 +21,15 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import Database, Instance, ReturnedResult, Series, Study, StudyState, utcnow
-from dicom_node.errors import DatasetMismatchError, UndecodableDatasetError
+from dicom_node.errors import (
+    DatabaseUnavailableError,
+    DatasetMismatchError,
+    UndecodableDatasetError,
+)
 from dicom_node.lifecycle import reopen_study
 from dicom_node.results import is_own_result
 from dicom_node.spool import Spool, instance_path
@@ -108,7 +112,15 @@ def read_header(data: bytes) -> InstanceHeader:
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except UndecodableDatasetError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        OSError,
+        NotImplementedError,  # pydicom: "Unknown Value Representation"
+    ) as exc:
         raise UndecodableDatasetError(f"cannot decode dataset: {exc}") from exc
     missing = [kw for kw, value in values.items() if not value]
     if missing:
@@ -158,23 +170,40 @@ class Ingest:
 
         Raises
         ------
-        StorageFullError, UndecodableDatasetError, DatasetMismatchError
-            Mapped to DIMSE statuses by :func:`dicom_node.status.status_for`.
+        StorageFullError, DatabaseUnavailableError, UndecodableDatasetError, DatasetMismatchError
+            Mapped to DIMSE statuses by :func:`dicom_node.status.status_for` (the first two:
+            0xA700, try again later; no file is kept without its row).
         """
         self.spool.ensure_space(len(data))
         header = read_header(data)
-        if is_own_result(header.manufacturer, header.sop_class_uid):
-            return self._store_returned(header, data, calling_ae)
+        try:
+            if is_own_result(header.manufacturer, header.sop_class_uid):
+                return self._store_returned(header, data, calling_ae)
+            return self._store_instance(header, data, calling_ae)
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailableError(
+                f"instance not recorded (database unavailable: {type(exc).__name__})"
+            ) from exc
+
+    def _store_instance(self, header: InstanceHeader, data: bytes, calling_ae: str) -> Stored:
+        """Spool the file, commit its row; without the row, the file is removed again."""
         if self._known(header.sop_instance_uid):
             return Stored(header, duplicate=True, reopened=False)
         relpath = instance_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
         self.spool.write(relpath, data)
+        try:
+            return self._record(header, relpath, len(data), calling_ae)
+        except SQLAlchemyError:
+            self.spool.remove(relpath)
+            raise
+
+    def _record(self, header: InstanceHeader, relpath: str, size: int, calling_ae: str) -> Stored:
         for attempt in (1, 2):
             try:
                 with self.db.session() as session:
-                    reopened = record_instance(session, header, relpath, len(data), calling_ae)
+                    reopened = record_instance(session, header, relpath, size, calling_ae)
                 return Stored(header, duplicate=False, reopened=reopened)
             except IntegrityError:
                 # Another association stored the same instance at the same moment (stored once),

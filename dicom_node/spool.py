@@ -67,6 +67,9 @@ class Spool(Protocol):
     def path(self, relpath: str) -> Path:
         """The local path of a stored object."""
 
+    def remove(self, relpath: str) -> None:
+        """Delete a stored object (one whose record could not be committed)."""
+
 
 class LocalSpool:
     """A spool in a local (or mounted shared) directory.
@@ -120,6 +123,13 @@ class LocalSpool:
         if not path.is_relative_to(self.root):
             raise ValueError(f"path outside the spool: {relpath!r}")
         return path
+
+    def remove(self, relpath: str) -> None:
+        """Delete ``relpath`` if it exists, durably (the directory is fsync'd)."""
+        target = self.path(relpath)
+        if target.exists():
+            target.unlink()
+            _fsync_dir(target.parent)
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

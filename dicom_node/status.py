@@ -9,7 +9,7 @@ from enum import IntEnum
 
 from dicom_node.errors import (
     DatasetMismatchError,
-    StorageFullError,
+    TransientError,
     UndecodableDatasetError,
 )
 
@@ -41,11 +41,12 @@ def status_for(exc: BaseException) -> Status:
     Returns
     -------
     Status
-        ``OUT_OF_RESOURCES`` for a full spool, ``CANNOT_UNDERSTAND`` for an undecodable dataset,
+        ``OUT_OF_RESOURCES`` for what should pass (a full spool, the database unavailable: the
+        sender is to try again later), ``CANNOT_UNDERSTAND`` for an undecodable dataset,
         ``DATASET_MISMATCH`` for a dataset missing required identifiers, and
         ``PROCESSING_FAILURE`` for anything else.
     """
-    if isinstance(exc, StorageFullError):
+    if isinstance(exc, TransientError):
         return Status.OUT_OF_RESOURCES
     if isinstance(exc, UndecodableDatasetError):
         return Status.CANNOT_UNDERSTAND

@@ -12,6 +12,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicom_node.config import Completeness, NodeConfig, load_settings
 from dicom_node.errors import (
     ConfigError,
+    DatabaseUnavailableError,
     DatasetMismatchError,
     StorageFullError,
     UndecodableDatasetError,
@@ -115,8 +116,18 @@ def test_a_dataset_missing_an_identifier_or_cut_short_is_refused() -> None:
         read_header(b"\x00" * 50 + b"not dicom at all")
 
 
+def test_a_dataset_with_an_unknown_value_representation_cannot_be_understood() -> None:
+    data = _encoded(**IDS, Modality="CT")
+    at = data.find(b"\x08\x00\x60\x00CS")  # (0008,0060) Modality, explicit VR "CS"
+    assert at > 0
+    with pytest.raises(UndecodableDatasetError, match="Unknown Value Representation") as refused:
+        read_header(data[: at + 4] + b"ZZ" + data[at + 6 :])
+    assert status_for(refused.value) is Status.CANNOT_UNDERSTAND
+
+
 def test_errors_map_to_one_status_each() -> None:
     assert status_for(StorageFullError()) is Status.OUT_OF_RESOURCES
+    assert status_for(DatabaseUnavailableError()) is Status.OUT_OF_RESOURCES
     assert status_for(UndecodableDatasetError()) is Status.CANNOT_UNDERSTAND
     assert status_for(DatasetMismatchError()) is Status.DATASET_MISMATCH
     assert status_for(RuntimeError()) is Status.PROCESSING_FAILURE
