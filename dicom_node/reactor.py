@@ -47,7 +47,9 @@ handler itself, whose fsyncs dominate on a shared disk.
 
 Robustness
 ----------
-The loop bodies are copies of pynetdicom 3.0.4's. With any other version, with
+The loop bodies are copies of pynetdicom 3.0.4's, with one addition: an exception while the DUL
+state machine handles an event (a malformed PDU from the peer) aborts the association instead of
+killing the thread. With any other version, with
 ``pynetdicom._config.PASS_CONTEXTVARS`` set, or for a requestor association, :func:`install`
 logs a warning (once) and leaves the association as it is: stock behaviour, just slower.
 """
@@ -271,6 +273,25 @@ class EventDrivenDUL(DULServiceProvider):
             except (BlockingIOError, InterruptedError):
                 pass
 
+    def _abort_on_error(self) -> None:
+        """Send an A-ABORT (service provider, reason not specified), close, end both reactors."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        if self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.send(abort_pdu.encode())
+            with contextlib.suppress(OSError):
+                self.socket.close()
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        # An acceptor still waiting for its A-ASSOCIATE-RQ takes ``None`` as the end of its ACSE
+        # wait (pynetdicom 3.0.4 Association.run_reactor): it ends now, not after acse_timeout,
+        # and its slot is free again.
+        self.to_user_queue.put(None)  # type: ignore[arg-type]
+
     def _user_has_work(self) -> bool:
         return bool(self.assoc.dimse.msg_queue.queue or self.to_user_queue.queue)
 
@@ -300,15 +321,7 @@ class EventDrivenDUL(DULServiceProvider):
             except Exception as exc:
                 LOGGER.error("Exception in DUL.run(), aborting association")
                 LOGGER.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                if self.socket is not None:
-                    self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._abort_on_error()
                 return
 
             try:
@@ -317,7 +330,19 @@ class EventDrivenDUL(DULServiceProvider):
                 wait = True
                 continue
 
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:
+                # Not in pynetdicom 3.0.4, whose thread dies here (a peer's malformed PDU, such
+                # as an even presentation context ID, raises while the state machine handles it)
+                # and leaves the peer unanswered and the slot held: abort and close instead.
+                LOGGER.warning(
+                    "malformed request from the peer (%s: %s); association aborted",
+                    type(exc).__name__,
+                    exc,
+                )
+                self._abort_on_error()
+                return
             wait = False
             if self._user_has_work():
                 self._activity.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import selectors
+import socket
 import ssl
 import subprocess
 import sys
@@ -301,3 +302,48 @@ def test_large_instances_over_tls_are_not_held_up_by_the_socket_wait(
     assert statuses == [0x0000] * 5
     assert _rows(node) == 5
     assert elapsed / 5 < 0.25, f"{elapsed / 5:.2f} s per instance"
+
+
+def _pdu_item(kind: int, payload: bytes) -> bytes:
+    return bytes([kind, 0]) + len(payload).to_bytes(2, "big") + payload
+
+
+def _associate_rq(context_id: int) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing Verification under ``context_id``."""
+    context = _pdu_item(
+        0x20,
+        bytes([context_id, 0, 0, 0])
+        + _pdu_item(0x30, b"1.2.840.10008.1.1")
+        + _pdu_item(0x40, b"1.2.840.10008.1.2"),
+    )
+    body = (
+        (1).to_bytes(2, "big")
+        + b"\0\0"
+        + b"NODULEAI".ljust(16)
+        + b"FUZZ".ljust(16)
+        + b"\0" * 32
+        + _pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + _pdu_item(0x50, _pdu_item(0x51, (16384).to_bytes(4, "big")))
+    )
+    return bytes([0x01, 0]) + len(body).to_bytes(4, "big") + body
+
+
+def test_a_malformed_associate_request_is_aborted_at_once_and_kills_no_thread(
+    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An even presentation context ID (PS3.8 9.3.2.2 wants odd ones) made pynetdicom's DUL
+    thread die: no answer, the slot held. More requests than the association cap, one at a time:
+    each is answered with an A-ABORT within seconds, no thread dies, and echo still works."""
+    crashes: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(repr(args.exc_value)))
+    node = make_node(max_associations=4)
+    for _ in range(6):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+            started = time.monotonic()
+            peer.sendall(_associate_rq(context_id=2))
+            answer = peer.recv(1)
+            assert answer == b"\x07"  # A-ABORT
+            assert time.monotonic() - started < 5
+    assert crashes == []
+    assert echoscu(node.scp.port, "MODALITY").returncode == 0
