@@ -199,6 +199,8 @@ class Settings(BaseSettings):
     max_associations: int = Field(default=16, ge=1)
     max_pdu_size: int = Field(default=65536, ge=0)
     acse_timeout: float = Field(default=30.0, gt=0)
+    association_request_timeout: float = Field(default=5.0, gt=0)
+    max_pending_per_peer: int = Field(default=8, ge=1)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     tls_cert: Path | None = None

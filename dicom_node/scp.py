@@ -6,7 +6,12 @@ does so. Association policy (PS3.8 7.1.1.9 reject reasons): an unknown calling A
 from an address not its own, gets A-ASSOCIATE-RJ *rejected-permanent, service-user, calling AE
 title not recognized*; a wrong called AE gets *called AE title not recognized*; too many
 concurrent associations get *rejected-transient, service-provider (presentation), local limit
-exceeded*.
+exceeded* (logged).
+
+Admission that a few sockets cannot exhaust (:class:`Admission`): a new connection has
+``association_request_timeout`` seconds to send its A-ASSOCIATE-RQ (instead of the ACSE timeout),
+and one peer address may hold at most ``max_pending_per_peer`` connections that have not sent one
+yet; further connections from it are closed at once (logged).
 """
 
 from __future__ import annotations
@@ -93,18 +98,79 @@ class _AssociationLog:
     sop_classes: Counter[str] = field(default_factory=Counter)
 
 
-class _PolicyACSE(ACSE):
-    """ACSE that also checks the calling AE's source address before the standard negotiation."""
+class Admission:
+    """Connections that have not sent their A-ASSOCIATE-RQ yet, per peer address.
 
-    def __init__(self, assoc: Association, policy: AssociationPolicy) -> None:
+    Parameters
+    ----------
+    max_pending_per_peer : int
+        The most such connections one address may hold.
+    """
+
+    def __init__(self, max_pending_per_peer: int) -> None:
+        self.max_pending_per_peer = max_pending_per_peer
+        self._pending: dict[int, tuple[str, Association]] = {}
+        self._lock = threading.Lock()
+
+    def allows(self, address: str) -> bool:
+        """Whether ``address`` may open one more connection (it holds fewer than the limit)."""
+        with self._lock:
+            # An association that ended (its thread started and finished) waits no longer.
+            ended = [k for k, (_a, assoc) in self._pending.items() if _ended(assoc)]
+            for key in ended:
+                del self._pending[key]
+            held = sum(1 for a, _assoc in self._pending.values() if a == address)
+            return held < self.max_pending_per_peer
+
+    def add(self, assoc: Association, address: str) -> None:
+        """A new connection from ``address``, waiting for its request."""
+        with self._lock:
+            self._pending[id(assoc)] = (address, assoc)
+
+    def settle(self, assoc: Association) -> None:
+        """The connection sent its request, or closed."""
+        with self._lock:
+            self._pending.pop(id(assoc), None)
+
+
+def _ended(assoc: Association) -> bool:
+    return assoc.ident is not None and not assoc.is_alive()
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that also checks the calling AE's source address before the standard negotiation,
+    and gives the association its full ACSE timeout once the request has arrived."""
+
+    def __init__(
+        self,
+        assoc: Association,
+        policy: AssociationPolicy,
+        admission: Admission,
+        acse_timeout: float,
+    ) -> None:
         super().__init__(assoc)
         self._policy = policy
+        self._admission = admission
+        self._acse_timeout = acse_timeout
 
     def _negotiate_as_acceptor(self) -> None:
+        self._admission.settle(self.assoc)
+        self.assoc.acse_timeout = self._acse_timeout
+        self.assoc.dul.artim_timer.timeout = self._acse_timeout
         primitive = self.requestor.primitive
         calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
 
         address = self.assoc.requestor.address
+        # pynetdicom's own check below (acse.py: acceptors beyond maximum_associations) answers
+        # "local limit exceeded"; say so in our log, which pynetdicom's WARNING level would not.
+        acceptors = [a for a in self.assoc.ae.active_associations if a.is_acceptor]
+        if len(acceptors) > self.assoc.ae.maximum_associations:
+            LOGGER.warning(
+                "association from AE %s at %s refused: local limit (%d associations active)",
+                calling_ae,
+                address,
+                len(acceptors) - 1,
+            )
         if not self._policy.allows(calling_ae, address):
             LOGGER.warning(
                 "association from AE %s at %s rejected: not allowed", calling_ae, address
@@ -116,15 +182,35 @@ class _PolicyACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
-def _request_handler(policy: AssociationPolicy) -> type[RequestHandler]:
+def _request_handler(
+    policy: AssociationPolicy, admission: Admission, settings: Settings
+) -> type[RequestHandler]:
     class PolicyRequestHandler(RequestHandler):
-        """Sets TCP_NODELAY, installs the event-driven reactors and the policy ACSE."""
+        """Admits the connection, sets TCP_NODELAY, installs the event-driven reactors, the
+        request deadline and the policy ACSE."""
+
+        def handle(self) -> None:
+            address = str(self.client_address[0])
+            if not admission.allows(address):
+                LOGGER.warning(
+                    "connection from %s closed: %d connections from it have sent no association "
+                    "request yet",
+                    address,
+                    admission.max_pending_per_peer,
+                )
+                self.server.shutdown_request(self.request)
+                return
+            super().handle()
 
         def _create_association(self) -> Association:
             sock = self.request
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             assoc = reactor.install(super()._create_association())
-            assoc.acse = _PolicyACSE(assoc, policy)
+            admission.add(assoc, str(self.client_address[0]))
+            assoc.acse = _PolicyACSE(assoc, policy, admission, settings.acse_timeout)
+            # Until its A-ASSOCIATE-RQ arrives, a connection has the request deadline only.
+            assoc.acse_timeout = settings.association_request_timeout
+            assoc.dul.artim_timer.timeout = settings.association_request_timeout
             return assoc
 
     return PolicyRequestHandler
@@ -160,6 +246,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self.admission = Admission(settings.max_pending_per_peer)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -206,6 +293,7 @@ class StorageSCP:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         server = self.ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),
@@ -213,7 +301,7 @@ class StorageSCP:
             ssl_context=self._ssl_context(),
             evt_handlers=handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=_request_handler(self.policy),
+            request_handler=_request_handler(self.policy, self.admission, self.settings),
         )
         self._server = server
         # As AE.start_server does: AE.shutdown() then stops the server and its associations.
@@ -233,6 +321,9 @@ class StorageSCP:
         self.ae.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def _on_conn_close(self, event: Event) -> None:
+        self.admission.settle(event.assoc)
 
     def _on_echo(self, event: Event) -> int:
         return int(Status.SUCCESS)

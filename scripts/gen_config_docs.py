@@ -47,6 +47,10 @@ MEANINGS: dict[str, str] = {
     "max_associations": "concurrent associations; beyond, A-ASSOCIATE-RJ (transient)",
     "max_pdu_size": "largest PDU we receive",
     "acse_timeout": "association negotiation timeout (s)",
+    "association_request_timeout": "seconds a new connection has to send its A-ASSOCIATE-RQ "
+    "before it is closed (a few idle sockets cannot hold the association slots)",
+    "max_pending_per_peer": "connections one peer address may hold that have not sent their "
+    "A-ASSOCIATE-RQ yet; more are closed at once (logged)",
     "dimse_timeout": "DIMSE message timeout (s)",
     "network_timeout": "network idle timeout (s)",
     "tls_cert": "server certificate: DICOM over TLS (with `TLS_KEY`)",

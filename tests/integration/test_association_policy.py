@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,3 +191,45 @@ def test_tls_with_a_client_certificate_check_admits_only_certified_clients(
     assert not anonymous.is_established
     plain = _associate(node.scp.port, "MODALITY")
     assert not plain.is_established
+
+
+def _idle_from(address: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` TCP connections from ``address`` that never send an A-ASSOCIATE-RQ."""
+    peers = []
+    for _ in range(count):
+        peer = socket.socket()
+        peer.bind((address, 0))
+        peer.settimeout(10)
+        peer.connect(("127.0.0.1", port))
+        peers.append(peer)
+    return peers
+
+
+def _closed(peer: socket.socket, within: float) -> bool:
+    """Whether the node closes ``peer`` within ``within`` seconds (EOF or reset)."""
+    peer.settimeout(within)
+    try:
+        return peer.recv(64) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_cannot_lock_a_pacs_out(make_node: Callable[..., Node]) -> None:
+    """16 idle sockets from one address (then 16 more): the node keeps 4 of them waiting at
+    most, closes the others at once and those 4 after the request deadline; an echo from another
+    address is answered within 5 s throughout."""
+    node = make_node(association_request_timeout=1.0, max_pending_per_peer=4)
+    for _round in range(2):
+        started = time.monotonic()
+        peers = _idle_from("127.0.0.2", node.scp.port, 16)
+        try:
+            echo = echoscu(node.scp.port, "MODALITY")
+            assert echo.returncode == 0, echo.stderr
+            assert time.monotonic() - started < 5
+            assert sum(_closed(peer, within=0.5) for peer in peers) >= 12
+            assert all(_closed(peer, within=5.0) for peer in peers)  # the rest: at the deadline
+        finally:
+            for peer in peers:
+                peer.close()
