@@ -190,6 +190,9 @@ class Job(Base):
     published_at: Mapped[datetime | None] = mapped_column(default=None)
     #: A retried job is published again (by the outbox) no earlier than this.
     retry_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The worker running the job, and until when its lease holds (renewed while it runs).
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
     processing_at: Mapped[datetime | None] = mapped_column(default=None)
     delivering_at: Mapped[datetime | None] = mapped_column(default=None)
     done_at: Mapped[datetime | None] = mapped_column(default=None)

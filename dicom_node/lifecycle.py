@@ -169,19 +169,51 @@ def _cancel_deliveries(session: Session, job_id: str) -> None:
     )
 
 
-def is_current(session: Session, job_id: str) -> bool:
-    """Whether the job is still being processed (not superseded, cancelled or finished)."""
-    state = session.scalar(select(Job.state).where(Job.id == job_id))
-    return state == JobState.PROCESSING
+def is_current(session: Session, job_id: str, owner: str) -> bool:
+    """Whether ``owner`` still runs the job: it is ``processing`` under ``owner``'s lease (not
+    superseded, finished, or taken over after the lease ran out)."""
+    row = session.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).first()
+    return row is not None and row.state == JobState.PROCESSING and row.lease_owner == owner
+
+
+def leased_elsewhere(job: Job, owner: str) -> bool:
+    """Whether another worker's live lease holds the job (it is running it now)."""
+    return (
+        job.state == JobState.PROCESSING
+        and job.lease_owner not in (None, owner)
+        and job.lease_until is not None
+        and job.lease_until > utcnow()
+    )
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
+    """Extend ``owner``'s lease of a job it is running; ``False`` when it no longer holds it."""
+    job = session.scalar(
+        select(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.PROCESSING)
+        .with_for_update()
+    )
+    if job is None:
+        return False
+    job.lease_until = utcnow() + timedelta(seconds=lease_seconds)
+    return True
 
 
 # ---------------------------------------------------------------------------------- jobs
 
 
-def begin_attempt(session: Session, job: Job) -> None:
-    """A worker took the job: count the attempt, move it to ``processing``."""
+def begin_attempt(session: Session, job: Job, owner: str, lease_seconds: float) -> None:
+    """Worker ``owner`` took the job: count the attempt, lease it, move it to ``processing``.
+
+    The lease (renewed by :func:`renew_lease` while the worker runs the job) is what owns the
+    job, not the queue connection that delivered it: a redelivered message finds the job leased
+    (:func:`leased_elsewhere`) and waits, and only after the lease ran out may another worker
+    take it over.
+    """
     job.attempts += 1
     job.retry_at = None
+    job.lease_owner = owner
+    job.lease_until = utcnow() + timedelta(seconds=lease_seconds)
     _move(session, job, JobState.PROCESSING)
 
 

@@ -2,7 +2,7 @@
 
 The worker (:mod:`pipelines.worker`) builds one :class:`ResultSet` per job from what the encoders
 actually wrote, persists its artifacts under the job's results folder in the spool
-(``results/<job>/``: the DICOM objects, ``fhir.json`` with the FHIR resources and
+(``results/<job>/<attempt>/``: the DICOM objects, ``fhir.json`` with the FHIR resources and
 ``resultset.json``, this document) and stores the document in the ``results`` row. Delivery
 ships only the stored artifacts; the API and the dashboard read the nodules from here. The
 document carries no patient attributes (those are only in the DICOM and FHIR artifacts).

@@ -5,6 +5,11 @@ At-least-once delivery, idempotent processing (DESIGN.md):
 - a job already finished (or superseded) when its message arrives is acknowledged and skipped; a
   job superseded while it runs is abandoned at the next step (volume built, detection done,
   results encoded) without a result;
+- a worker owns a job by a lease (:func:`dicom_node.lifecycle.begin_attempt`), renewed with its
+  heartbeat, not by the queue connection: a message redelivered while another worker's lease is
+  live (a dropped broker connection) goes back to the queue untouched, and only after a lease ran
+  out (its worker died) may another worker take the job over; a run that lost its lease writes
+  nothing that counts (each attempt writes its own folder, only the lease holder commits);
 - the result set (:class:`dicom_node.results.ResultSet`) is written under the job's results
   folder, then its row, its delivery rows and the job's state change are committed in one
   transaction (:func:`dicom_node.lifecycle.store_result`); the ``results`` row is unique per job,
@@ -43,13 +48,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.db import Database, Instance, Job, JobState, Result, Series, Study, utcnow
+from dicom_node.db import Database, Instance, Job, Result, Series, Study, utcnow
 from dicom_node.errors import ErrorCode, QueueUnavailableError
 from dicom_node.fhir_resources import build_results, report_subject
 from dicom_node.lifecycle import (
     FINISHED,
     begin_attempt,
     is_current,
+    leased_elsewhere,
+    renew_lease,
     settle_failure,
     store_result,
 )
@@ -65,6 +72,8 @@ from pipelines.outputs import KIND_BY_MODALITY, encode_results
 LOGGER = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+#: How long a job's lease holds without renewal (renewed with every heartbeat).
+LEASE_SECONDS = 3 * HEARTBEAT_SECONDS
 
 
 class JobAbandonedError(Exception):
@@ -151,7 +160,7 @@ class Worker:
         try:
             checkpoint = functools.partial(self._checkpoint, job_id)
             analysis = analyse(paths, lambda: self.detector, self.settings.min_slices, checkpoint)
-            result = self._persist(job_id, study_uid, analysis)
+            result = self._persist(job_id, study_uid, attempt, analysis)
         except JobAbandonedError:
             LOGGER.info("job %s superseded while it ran; abandoned", job_id)
             return Settle.ACK
@@ -178,6 +187,9 @@ class Worker:
             if job is None or job.state in FINISHED:
                 LOGGER.info("job %s skipped: %s", job_id, job.state if job else "unknown job")
                 return Settle.ACK
+            if leased_elsewhere(job, self.worker_id):
+                LOGGER.info("job %s is running on another worker; message given back", job_id)
+                return Settle.REQUEUE
             if job.attempts >= self.policy.max_attempts:  # earlier attempts died with the worker
                 decision = Decision(
                     Verdict.DEAD_LETTER,
@@ -187,7 +199,7 @@ class Worker:
                 settle_failure(session, job, decision, self.config)
                 LOGGER.error("job %s failed: %s", job_id, decision.code)
                 return Settle.DEAD_LETTER
-            begin_attempt(session, job)
+            begin_attempt(session, job, self.worker_id, LEASE_SECONDS)
             study = session.get(Study, job.study_id)
             assert study is not None
             relpaths = session.scalars(
@@ -201,11 +213,11 @@ class Worker:
     def _checkpoint(self, job_id: str) -> None:
         """Raise :class:`JobAbandonedError` when the job is no longer this worker's to finish."""
         with self.db.session() as session:
-            if not is_current(session, job_id):
+            if not is_current(session, job_id, self.worker_id):
                 raise JobAbandonedError(job_id)
 
-    def _persist(self, job_id: str, study_uid: str, analysis: Analysis) -> ResultSet:
-        """Encode the findings and write every artifact under ``results/<job>/``."""
+    def _persist(self, job_id: str, study_uid: str, attempt: int, analysis: Analysis) -> ResultSet:
+        """Encode the findings and write every artifact under ``results/<job>/<attempt>/``."""
         start = time.perf_counter()
         detection = analysis.detection
         model = ModelIdentity(detection.model_name, detection.model_version)
@@ -217,7 +229,7 @@ class Worker:
             predecessor=self._predecessor(job_id),
             created=self._input_time(analysis.volume.sop_instance_uids),
         )
-        folder = results_path(job_id)
+        folder = f"{results_path(job_id)}/{attempt}"
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
         sr = next(o for o in objects if o.kind is ObjectKind.SR)
         seg = next((o for o in objects if o.kind is ObjectKind.SEG), None)
@@ -302,8 +314,8 @@ class Worker:
         """Persist the result set, its deliveries and the job's move, in one transaction."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.state != JobState.PROCESSING:
-                LOGGER.info("job %s no longer processing; result discarded", job_id)
+            if job is None or not is_current(session, job_id, self.worker_id):
+                LOGGER.info("job %s no longer this worker's; result discarded", job_id)
                 return
             store_result(session, job, result, self.config)
 
@@ -311,8 +323,8 @@ class Worker:
         """Record a failed attempt as the retry policy decided; say how to settle the message."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.state != JobState.PROCESSING:
-                LOGGER.info("job %s no longer processing; failure not recorded", job_id)
+            if job is None or not is_current(session, job_id, self.worker_id):
+                LOGGER.info("job %s no longer this worker's; failure not recorded", job_id)
                 return Settle.ACK
             settle_failure(session, job, decision, self.config)
         if decision.verdict is Verdict.RETRY:
@@ -378,8 +390,20 @@ class Worker:
     def _beat(self) -> None:
         while True:
             self.heartbeat()
+            self._renew_lease()
             if self._stop.wait(HEARTBEAT_SECONDS):
                 return
+
+    def _renew_lease(self) -> None:
+        job_id = self.current_job
+        if job_id is None:
+            return
+        try:
+            with self.db.session() as session:
+                if not renew_lease(session, job_id, self.worker_id, LEASE_SECONDS):
+                    LOGGER.warning("job %s: lease lost (taken over or superseded)", job_id)
+        except SQLAlchemyError:
+            LOGGER.warning("job %s: lease not renewed: database unavailable", job_id)
 
 
 def run_worker(settings: Settings, db: Database, worker: Worker) -> Worker:

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.db import Database, Job, JobState, Result, Study
+from dicom_node.db import Database, Job, JobState, Result, Study, utcnow
 from dicom_node.errors import TransientError
 from dicom_node.ingest import Ingest
 from dicom_node.lifecycle import queue_job
@@ -184,7 +185,7 @@ def test_a_nodule_that_cannot_be_outlined_is_in_none_of_sr_seg_and_fhir(
     assert [r["identifier"]["value"] for r in fhir["report"]["result"]] == [
         f"urn:oid:{nodule.tracking_uid}"
     ]
-    stored = json.loads(spool.path(f"results/{job_id}/resultset.json").read_text())
+    stored = json.loads(spool.path(f"results/{job_id}/1/resultset.json").read_text())
     assert stored == row.detail
 
 
@@ -297,10 +298,11 @@ def test_a_redelivered_job_writes_byte_identical_objects(
     worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
     started = worker._start(job_id)
     assert not isinstance(started, Settle)
-    paths, study_uid, _attempt = started
-    first = worker._persist(job_id, study_uid, analyse(paths, lambda: detector, 10))  # type: ignore[arg-type, return-value]
+    paths, study_uid, attempt = started
+    analysis = analyse(paths, lambda: detector, 10)  # type: ignore[arg-type, return-value]
+    first = worker._persist(job_id, study_uid, attempt, analysis)
     spool = LocalSpool(settings.spool_dir, 0)
-    before = {o.path: spool.path(o.path).read_bytes() for o in first.objects}
+    before = {Path(o.path).name: spool.path(o.path).read_bytes() for o in first.objects}
     time.sleep(1.1)
 
     assert worker.handle(Received({"job_id": job_id}, 2, True)) is Settle.ACK
@@ -311,5 +313,41 @@ def test_a_redelivered_job_writes_byte_identical_objects(
         row = session.scalar(select(Result).where(Result.job_id == job_id))
         assert row is not None
         stored = ResultSet.from_json(row.detail)
-    assert [o.path for o in stored.objects] == list(before)
-    assert {o.path: spool.path(o.path).read_bytes() for o in stored.objects} == before
+    assert {Path(o.path).name: spool.path(o.path).read_bytes() for o in stored.objects} == before
+
+
+def test_a_job_leased_by_a_live_worker_is_not_run_twice_and_is_taken_over_after_its_lease(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    """Worker A runs a job; its broker connection drops and the message reaches worker B. While
+    A's lease is live, B gives the message back; once the lease ran out (A died), B runs the job
+    and commits; A's late result changes nothing and its files are apart from B's."""
+    settings, db = node
+    files = _lidc_files(shared_data)
+    detector = FixedDetector([_readers_nodule(shared_data, files)])
+    job_id = _store_study(settings, db, files, new_uids=False)
+    a = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+    b = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
+    message = Received({"job_id": job_id}, 1, True)
+    started = a._start(job_id)
+    assert not isinstance(started, Settle)
+    paths, study_uid, attempt = started
+    late = a._persist(job_id, study_uid, attempt, analyse(paths, lambda: detector, 10))  # type: ignore[arg-type, return-value]
+
+    assert b.handle(message) is Settle.REQUEUE
+    assert (_job(db, job_id).attempts, _job(db, job_id).lease_owner) == (1, a.worker_id)
+
+    with db.session() as session:  # A died: its lease is not renewed and runs out
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_until = utcnow() - timedelta(seconds=1)
+    assert b.handle(message) is Settle.ACK
+    job = _job(db, job_id)
+    assert (job.state, job.attempts, job.lease_owner) == (JobState.DONE, 2, b.worker_id)
+
+    a._save(job_id, late)  # A's late result: discarded
+    with db.session() as session:
+        (row,) = session.scalars(select(Result).where(Result.job_id == job_id)).all()
+        committed = ResultSet.from_json(row.detail)
+    assert all("/2/" in o.path for o in committed.objects)
+    assert all("/1/" in o.path for o in late.objects)

@@ -83,7 +83,7 @@ def test_the_study_mirrors_its_current_job_and_its_failure(session: Session) -> 
     job = _job(session, JobState.QUEUED)
     study = session.get(Study, job.study_id)
     assert study is not None and study.state == StudyState.QUEUED
-    begin_attempt(session, job)
+    begin_attempt(session, job, "w1", 30.0)
     assert (job.attempts, study.state) == (1, StudyState.PROCESSING)
     retry = Decision(Verdict.RETRY, ErrorCode.TRANSIENT, "GPU busy", 5.0)
     settle_failure(session, job, retry, NodeConfig())
@@ -93,7 +93,7 @@ def test_the_study_mirrors_its_current_job_and_its_failure(session: Session) -> 
         "attempt 1: GPU busy",
     )
     assert job.retry_at is not None and study.error_code == "transient"
-    begin_attempt(session, job)
+    begin_attempt(session, job, "w1", 30.0)
     settle_failure(
         session, job, Decision(Verdict.DEAD_LETTER, ErrorCode.ENCODING_FAILED, "no"), NodeConfig()
     )
@@ -109,7 +109,7 @@ def test_a_newer_job_supersedes_an_unfinished_one_and_the_study_follows_the_newe
     session: Session,
 ) -> None:
     first = _job(session, JobState.QUEUED)
-    begin_attempt(session, first)
+    begin_attempt(session, first, "w1", 30.0)
     study = session.get(Study, first.study_id)
     assert study is not None
     second = queue_job(session, study, NodeConfig())
@@ -154,20 +154,20 @@ def test_the_fhir_report_never_goes_back_once_the_study_has_results(session: Ses
     session.add(study)
     session.flush()
     first = queue_job(session, study, FHIR)
-    begin_attempt(session, first)
+    begin_attempt(session, first, "w1", 30.0)
     fail = Decision(Verdict.DEAD_LETTER, ErrorCode.INTERNAL, "crashed")
     settle_failure(session, first, fail, FHIR)
     session.flush()
     assert _report_statuses(session, first) == ["registered", "cancelled"]
 
     second = queue_job(session, study, FHIR)  # a retry: still no results, so registered again
-    begin_attempt(session, second)
+    begin_attempt(session, second, "w1", 30.0)
     session.add(Result(job_id=second.id, series_instance_uid="1.2", nodules=[], detail={}))
     session.flush()
     assert _report_statuses(session, second) == ["registered"]
 
     rerun = queue_job(session, study, FHIR)  # the study has results now
-    begin_attempt(session, rerun)
+    begin_attempt(session, rerun, "w1", 30.0)
     settle_failure(session, rerun, fail, FHIR)
     session.flush()
     assert _report_statuses(session, rerun) == []
