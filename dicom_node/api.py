@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -72,6 +72,7 @@ def create_app(
         Called after a dashboard action committed a new job (wakes the publisher).
     """
     app = FastAPI(title="NoduleAI", version=__version__)
+    app.middleware("http")(_security_headers)
     dashboard = None
     if settings is not None:
         from dicom_node.dashboard import mount_dashboard
@@ -143,6 +144,30 @@ def create_app(
             )
 
     return app
+
+
+#: Headers every answer carries (OWASP secure headers): no framing, no type sniffing, no referrer.
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+#: The dashboard's pages load only the node's own scripts, styles and data (its assets are
+#: served by the node; nothing comes from a CDN) and may not be framed.
+DASHBOARD_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+
+
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    response.headers.update(SECURITY_HEADERS)
+    if request.url.path.startswith("/dashboard"):
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+    return response
 
 
 def _study_out(study: Study, job: Job | None) -> StudyOut:

@@ -101,6 +101,10 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   const errors = [];
   page.on("pageerror", (err) => errors.push(String(err)));
+  // A Content-Security-Policy violation is a console error, not a page error.
+  page.on("console", (msg) => {
+    if (msg.type() === "error" && /Content Security Policy/i.test(msg.text())) errors.push(msg.text());
+  });
   const result = {
     overview: await overview(page),
     studies: await studies(page),

@@ -47,3 +47,28 @@ def test_every_readme_configuration_renders_on_the_api_and_the_page(
         assert secret not in api.text and secret not in page.text
     for destination in config.destinations:
         assert destination.name in page.text
+
+
+def test_every_answer_carries_the_security_headers_and_the_pages_a_strict_csp(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path, dashboard_token="t0ken-t0ken-t0ken")
+    db = Database(settings.database_url)
+    upgrade(db)
+    try:
+        with TestClient(create_app(db, settings, NodeConfig())) as http:
+            page, api, health = (
+                http.get("/dashboard"),
+                http.get("/api/studies"),
+                http.get("/healthz"),
+            )
+    finally:
+        db.dispose()
+    for response in (page, api, health):
+        assert response.status_code == 200
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp

@@ -114,6 +114,11 @@
   var pct = document.getElementById("percentile");
   if (pct) pct.addEventListener("change", drawCharts);
 
+  // Filters that apply when changed (no inline handlers: the pages' CSP allows none).
+  document.querySelectorAll("[data-autosubmit]").forEach(function (el) {
+    el.addEventListener("change", function () { el.form.submit(); });
+  });
+
   showSignedIn();
   drawCharts();
   setInterval(refresh, Number(live.dataset.refresh || 3000));
