@@ -243,6 +243,9 @@ class Ingest:
                 )
         except IntegrityError:  # the same object from another association at the same moment
             return Stored(header, duplicate=True, reopened=False, own_result=True)
+        except SQLAlchemyError:
+            self.spool.remove(relpath)  # no file without its row
+            raise
         return Stored(header, duplicate=False, reopened=False, own_result=True)
 
     def _known(self, sop_instance_uid: str) -> bool:

@@ -218,10 +218,11 @@ def _deliveries(node: Node, job_id: str) -> list[Delivery]:
         return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
 
 
-def test_a_pacs_out_of_resources_is_retried_until_it_stores(
-    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
-) -> None:
-    pacs = _StatusSCP([0xA700, 0xA700, 0x0000])
+def _deliver_to(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path, statuses: list[int]
+) -> tuple[_StatusSCP, Node, str, JobState]:
+    """One object delivered to a PACS answering ``statuses``; wait for the job to end."""
+    pacs = _StatusSCP(statuses)
     try:
         node = make_node(
             config=pacs.config(tmp_path), delivery_backoff_seconds=0.2, delivery_max_attempts=5
@@ -229,9 +230,20 @@ def test_a_pacs_out_of_resources_is_retried_until_it_stores(
         files = sorted((shared_data / "lidc-small").rglob("*.dcm"))[:1]
         job_id = _job_with_deliveries(node, files, "pacs")
         node.delivery.wake()
-        wait_for(lambda: _job_state(node, job_id) == JobState.DONE, timeout=60, interval=0.2)
+        ended = (JobState.DONE, JobState.FAILED)
+        wait_for(lambda: _job_state(node, job_id) in ended, timeout=60, interval=0.2)
     finally:
         pacs.stop()
+    return pacs, node, job_id, JobState(_job_state(node, job_id))
+
+
+def test_a_pacs_out_of_resources_is_retried_until_it_stores(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    pacs, node, job_id, state = _deliver_to(
+        make_node, shared_data, tmp_path, [0xA700, 0xA700, 0x0000]
+    )
+    assert state == JobState.DONE
     assert pacs.answered == [0xA700, 0xA700, 0x0000]
     (row,) = _deliveries(node, job_id)
     assert (row.state, row.attempts, row.error_code) == (DeliveryState.DONE, 3, None)
@@ -240,17 +252,8 @@ def test_a_pacs_out_of_resources_is_retried_until_it_stores(
 def test_a_pacs_refusing_a_dataset_fails_the_delivery_at_once(
     make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
 ) -> None:
-    pacs = _StatusSCP([0xA900])
-    try:
-        node = make_node(
-            config=pacs.config(tmp_path), delivery_backoff_seconds=0.2, delivery_max_attempts=5
-        )
-        files = sorted((shared_data / "lidc-small").rglob("*.dcm"))[:1]
-        job_id = _job_with_deliveries(node, files, "pacs")
-        node.delivery.wake()
-        wait_for(lambda: _job_state(node, job_id) == JobState.FAILED, timeout=60, interval=0.2)
-    finally:
-        pacs.stop()
+    pacs, node, job_id, state = _deliver_to(make_node, shared_data, tmp_path, [0xA900])
+    assert state == JobState.FAILED
     assert pacs.answered == [0xA900]
     (row,) = _deliveries(node, job_id)
     assert (row.state, row.attempts, row.error_code) == (DeliveryState.FAILED, 1, "refused")
