@@ -25,8 +25,11 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Libraries log per-dataset details (pynetdicom and highdicom name source image UIDs).
-    for library in ("pynetdicom", "pika", "highdicom", "pydicom"):
+    for library in ("pynetdicom", "highdicom", "pydicom"):
         logging.getLogger(library).setLevel(logging.WARNING)
+    # pika logs every failed connection attempt at ERROR with a traceback; the node logs one
+    # warning per attempt itself (publisher, consumer), naming the error.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def _wait_for_signal() -> None:

@@ -178,10 +178,28 @@ class PatientOut(BaseModel):
     PatientBirthDate: str | None
 
 
+class NoduleOut(BaseModel):
+    """One nodule of the current job's result, as SR, SEG and FHIR report it."""
+
+    number: int
+    tracking_uid: str
+    center_mm: tuple[float, float, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    volume_mm3: float
+    mean_hu: float
+    type: str
+    probability: float
+    needs_review: bool
+
+
 class StudyDetail(BaseModel):
     """The study page's data."""
 
     study: StudyRow
+    nodules: list[NoduleOut]
+    #: The model that found them (``name version``), once the current job has a result.
+    model: str | None
     series: list[SeriesOut]
     jobs: list[JobOut]
     deliveries: list[DeliveryOut]

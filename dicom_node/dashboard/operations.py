@@ -14,6 +14,7 @@ from dicom_node.dashboard.models import (
     ConfigOut,
     DeadLetterOut,
     FailuresOut,
+    NoduleOut,
     OverviewOut,
     QueueOut,
     StudyDetail,
@@ -22,6 +23,7 @@ from dicom_node.dashboard.models import (
 from dicom_node.dashboard.patient import read_patient
 from dicom_node.dashboard.queries import (
     counts_by,
+    current_result,
     failures,
     job_durations,
     jobs_with_received,
@@ -105,10 +107,16 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             .limit(100)
         ).all()
         current = session.get(Job, study.current_job_id) if study.current_job_id else None
+        result = current_result(session, study)
         show = dash.settings.show_patient_data
         patient = read_patient(session, study, dash.settings.spool_dir) if show else None
         return StudyDetail(
             study=study_row(study, current, len(series)),
+            nodules=[
+                NoduleOut.model_validate(n.to_json(), from_attributes=False)
+                for n in (result.nodules if result else ())
+            ],
+            model=result.model.display if result else None,
             series=series,
             jobs=jobs,
             deliveries=deliveries,

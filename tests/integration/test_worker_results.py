@@ -351,3 +351,31 @@ def test_a_job_leased_by_a_live_worker_is_not_run_twice_and_is_taken_over_after_
         committed = ResultSet.from_json(row.detail)
     assert all("/2/" in o.path for o in committed.objects)
     assert all("/1/" in o.path for o in late.objects)
+
+
+def test_the_study_page_and_its_api_list_the_nodules_of_the_current_result(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.api import create_app
+
+    settings, db = node
+    files = _lidc_files(shared_data)
+    readers = _readers_nodule(shared_data, files)
+    job_id = _store_study(settings, db, files, new_uids=False)
+    worker = Worker(settings, db, NodeConfig(), detector=FixedDetector([readers]))  # type: ignore[arg-type]
+    assert worker.handle(Received({"job_id": job_id}, 1, False)) is Settle.ACK
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+    with TestClient(create_app(db, settings, NodeConfig())) as http:
+        detail = http.get(f"/api/studies/{uid}").json()
+        page = http.get(f"/dashboard/studies/{uid}").text
+    (nodule,) = detail["nodules"]
+    assert nodule["number"] == 1 and nodule["type"] == readers.type
+    assert abs(nodule["long_axis_mm"] - readers.long_axis_mm) < 0.01
+    assert (
+        detail["model"] == "NoduleAI lung nodule detector stage1_screen-0.0.0+stage2_refine-0.0.0"
+    )
+    assert 'data-nodule="1"' in page and f"{readers.long_axis_mm:.1f} mm" in page
+    assert "not for clinical use" in page
