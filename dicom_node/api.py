@@ -49,6 +49,8 @@ class FindingsOut(BaseModel):
     series_instance_uid: str | None
     nodules: list[dict[str, Any]]
     models: dict[str, str] | None
+    #: Lung-RADS v2022 category of the study (baseline rules; not for clinical use).
+    lung_rads: str | None
 
 
 def create_app(
@@ -141,6 +143,7 @@ def create_app(
                 series_instance_uid=result.series_instance_uid if result else None,
                 nodules=[n.to_json() for n in result.nodules] if result else [],
                 models=result.model_versions if result else None,
+                lung_rads=(result.lung_rads or None) if result else None,
             )
 
     return app

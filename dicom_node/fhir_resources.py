@@ -41,7 +41,8 @@ the same concepts the TID 1500 SR uses, so the two outputs say the same thing):
 - components: ``SCT#103339001`` "Long axis" and ``SCT#103340004`` "Short axis" (UCUM ``mm``),
   ``SCT#118565006`` "Volume" (UCUM ``mm3``), ``DCM#112031`` "Attenuation Coefficient" as the
   mean over the nodule (UCUM ``[hnsf'U]``), attenuation type, detection probability (UCUM ``1``)
-  and the needs-review flag. The last three have no standard code we could verify (SNOMED CT's
+  and the needs-review flag, and the nodule's Lung-RADS v2022 category (baseline rules,
+  :mod:`pipelines.lungrads`). The last four have no standard code we could verify (SNOMED CT's
   solid / part-solid / ground-glass *nodule* concepts were not checkable offline; ``DCM#111047``
   means probability of *cancer*, not of detection), so they use the local code system
   :data:`COMPONENT_SYSTEM`, with ``DCM#112120`` "Ground glass opacity" added to the ground-glass
@@ -154,6 +155,11 @@ NEEDS_REVIEW: Final[JSON] = {
     "system": COMPONENT_SYSTEM,
     "code": "needs-review",
     "display": "Needs review (probability in the uncertainty band)",
+}
+LUNG_RADS: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "lung-rads-v2022",
+    "display": "Lung-RADS v2022 category (baseline screening rules)",
 }
 #: Attenuation types (Fleischner Society glossary) as ``pipelines.findings`` names them.
 NODULE_TYPES: Final[dict[str, JSON]] = {
@@ -326,6 +332,7 @@ def build_observation(
         {"code": {"coding": [NODULE_TYPE]}, "valueCodeableConcept": NODULE_TYPES[kind]},
         _quantity(PROBABILITY, nodule["probability"], "probability", "1"),
         {"code": {"coding": [NEEDS_REVIEW]}, "valueBoolean": bool(nodule["needs_review"])},
+        _lung_rads(nodule.get("lung_rads")),
     ]
     x, y, z = (float(v) for v in nodule["center_mm"])
     resource: JSON = {
@@ -432,8 +439,11 @@ def build_results(
     sr_uid: str | None = None,
     seg_uid: str | None = None,
     issued: datetime | None = None,
+    lung_rads: str | None = None,
 ) -> tuple[JSON, list[JSON]]:
     """The ``preliminary`` report with one Observation per nodule.
+
+    ``lung_rads``, the study's Lung-RADS v2022 category, is stated in the conclusion.
 
     Parameters
     ----------
@@ -461,10 +471,36 @@ def build_results(
         build_observation(study, nodule, uid, model, sr_uid=sr_uid, seg_uid=seg_uid, issued=issued)
         for nodule, uid in zip(nodules, tracking_uids, strict=True)
     ]
+    conclusion = summary(observations, model)
+    if lung_rads:
+        conclusion += (
+            f" Lung-RADS v2022 category {lung_rads} (baseline screening rules; not for clinical"
+            " use)."
+        )
     report = build_report(
-        study, "preliminary", observations=observations, model=model, sr_uid=sr_uid, issued=issued
+        study,
+        "preliminary",
+        observations=observations,
+        model=model,
+        conclusion=conclusion,
+        sr_uid=sr_uid,
+        issued=issued,
     )
     return report, observations
+
+
+def _lung_rads(category: Any) -> JSON | None:
+    """The Lung-RADS component; ``None`` for a nodule not assessed."""
+    if not category:
+        return None
+    text = f"Lung-RADS v2022 category {category}"
+    return {
+        "code": {"coding": [LUNG_RADS]},
+        "valueCodeableConcept": {
+            "coding": [{"system": COMPONENT_SYSTEM, "code": f"lung-rads-{category}"}],
+            "text": text,
+        },
+    }
 
 
 def summary(observations: Sequence[Mapping[str, Any]], model: ModelIdentity | None = None) -> str:

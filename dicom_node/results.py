@@ -79,6 +79,11 @@ class ReportedNodule:
     type: str
     probability: float
     needs_review: bool
+    #: Lung-RADS mean diameter (mean of long and short axis, one decimal) and its solid part's.
+    mean_diameter_mm: float = 0.0
+    solid_mean_diameter_mm: float = 0.0
+    #: Lung-RADS v2022 category, baseline rules (``pipelines.lungrads``); "" if not assessed.
+    lung_rads: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The nodule as ``findings.json`` and ``GET /api/studies/{uid}/findings`` show it."""
@@ -95,6 +100,9 @@ class ReportedNodule:
             "type": self.type,
             "probability": round(self.probability, 4),
             "needs_review": self.needs_review,
+            "mean_diameter_mm": self.mean_diameter_mm,
+            "solid_mean_diameter_mm": self.solid_mean_diameter_mm,
+            "lung_rads": self.lung_rads,
         }
 
     @classmethod
@@ -114,6 +122,9 @@ class ReportedNodule:
             type=str(data["type"]),
             probability=float(data["probability"]),
             needs_review=bool(data["needs_review"]),
+            mean_diameter_mm=float(data.get("mean_diameter_mm", 0.0)),
+            solid_mean_diameter_mm=float(data.get("solid_mean_diameter_mm", 0.0)),
+            lung_rads=str(data.get("lung_rads", "")),
         )
 
 
@@ -161,6 +172,9 @@ class ResultSet:
         The inference backends that ran.
     model_versions : dict of str to str
         Each stage's manifest version.
+    lung_rads : str
+        The study's Lung-RADS v2022 category (baseline rules); "" in documents written before
+        it was assessed (fields added later are optional in version 1 of the document).
     """
 
     job_id: str
@@ -175,6 +189,8 @@ class ResultSet:
     backend: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)
+    #: The study's Lung-RADS v2022 category (its most suspicious nodule's; "1" without nodules).
+    lung_rads: str = ""
 
     def object(self, kind: ObjectKind) -> ResultObject | None:
         """The stored object of ``kind``, if this result has one."""
@@ -208,6 +224,7 @@ class ResultSet:
             "backend": self.backend,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
             "models": dict(self.model_versions),
+            "lung_rads": self.lung_rads,
         }
 
     @classmethod
@@ -234,6 +251,7 @@ class ResultSet:
             backend=str(data["backend"]),
             timings_ms={str(k): float(v) for k, v in data["timings_ms"].items()},
             model_versions={str(k): str(v) for k, v in data["models"].items()},
+            lung_rads=str(data.get("lung_rads", "")),
         )
 
 

@@ -1,8 +1,10 @@
 """Post-processing: stage-2 findings into nodules a radiologist reads.
 
 Per nodule: centre (LPS, mm), long- and short-axis diameters on the axial slice of largest extent
-(as RECIST and Lung-RADS measure), volume, mean HU, attenuation type and probability, with a
-"needs review" flag inside the uncertainty band above the operating point.
+(as RECIST and Lung-RADS measure), the same diameters of its solid component (the largest
+connected part above :data:`SOLID_HU`; what Lung-RADS grades a part-solid nodule by), volume,
+mean HU, attenuation type and probability, with a "needs review" flag inside the uncertainty band
+above the operating point.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Nodule:
     mask: npt.NDArray[np.bool_] = field(repr=False)
     mask_origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     mask_spacing_mm: float = ISO_SPACING_MM
+    #: Long and short axis of the solid component (0 when it has none).
+    solid_long_axis_mm: float = 0.0
+    solid_short_axis_mm: float = 0.0
 
 
 def describe(
@@ -52,6 +57,7 @@ def describe(
     mask = finding.mask
     hu = _masked_hu(mask, finding.mask_origin_xyz_mm, iso_hu, origin_mm)
     long_axis, short_axis = axes_mm(mask) if mask.any() else (finding.diameter_mm, 0.0)
+    solid_long, solid_short = solid_axes_mm(mask, hu)
     return Nodule(
         center_mm=finding.centre_xyz_mm,
         long_axis_mm=long_axis,
@@ -63,7 +69,29 @@ def describe(
         needs_review=finding.probability < threshold + review_band,
         mask=mask,
         mask_origin_mm=finding.mask_origin_xyz_mm,
+        solid_long_axis_mm=solid_long,
+        solid_short_axis_mm=solid_short,
     )
+
+
+def solid_axes_mm(
+    mask: npt.NDArray[np.bool_], hu: npt.NDArray[np.floating[Any]]
+) -> tuple[float, float]:
+    """Long and short axis of the largest connected solid part (HU above :data:`SOLID_HU`).
+
+    ``hu`` holds the values under ``mask`` in mask order; a mask partly outside the volume
+    (fewer values than voxels) has no measurable solid component: ``(0, 0)``.
+    """
+    if hu.size == 0 or hu.size != int(mask.sum()):
+        return 0.0, 0.0
+    solid = np.zeros_like(mask)
+    solid[mask] = hu > SOLID_HU
+    labels, count = ndimage.label(solid)
+    if count == 0:
+        return 0.0, 0.0
+    sizes = ndimage.sum_labels(solid, labels, index=range(1, count + 1))
+    largest = labels == int(np.argmax(sizes)) + 1
+    return axes_mm(largest)
 
 
 def _masked_hu(

@@ -35,6 +35,7 @@ from dicom_node.errors import EncodingError
 from dicom_node.results import ModelIdentity, ObjectKind, ReportedNodule
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
+from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.masks import nodule_outline, project_mask, source_planes
 from pipelines.seg import SegmentInput, encode_segmentation
 from pipelines.sr import NoduleReport, Predecessor, encode_sr
@@ -197,6 +198,8 @@ def _reported(report: NoduleReport) -> ReportedNodule:
     """The record every output shares for one encoded nodule."""
     n = report.nodule
     x, y, z = (float(v) for v in n.center_mm)
+    mean = mean_diameter_mm(n.long_axis_mm, n.short_axis_mm)
+    solid_mean = mean_diameter_mm(n.solid_long_axis_mm, n.solid_short_axis_mm)
     return ReportedNodule(
         number=report.segment_number,
         tracking_id=report.tracking_id,
@@ -210,6 +213,9 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         type=n.type,
         probability=float(n.probability),
         needs_review=bool(n.needs_review),
+        mean_diameter_mm=mean,
+        solid_mean_diameter_mm=solid_mean,
+        lung_rads=nodule_category(n.type, mean, solid_mean).value,
     )
 
 

@@ -67,6 +67,7 @@ from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detector, DetectorConfig
+from pipelines.lungrads import LungRads, study_category
 from pipelines.outputs import KIND_BY_MODALITY, encode_results
 
 LOGGER = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class Worker:
         )
         folder = f"{results_path(job_id)}/{attempt}"
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
+        lung_rads = study_category(LungRads(n.lung_rads) for n in encoded.nodules).value
         sr = next(o for o in objects if o.kind is ObjectKind.SR)
         seg = next((o for o in objects if o.kind is ObjectKind.SEG), None)
         report, observations = build_results(
@@ -240,6 +242,7 @@ class Worker:
             tracking_uids=[n.tracking_uid for n in encoded.nodules],
             sr_uid=sr.sop_instance_uid,
             seg_uid=seg.sop_instance_uid if seg is not None else None,
+            lung_rads=lung_rads,
         )
         fhir_path = f"{folder}/fhir.json"
         fhir = {"report": report, "observations": observations}
@@ -259,6 +262,7 @@ class Worker:
             backend=detection.backend,
             timings_ms=timings,
             model_versions=dict(detection.model_versions),
+            lung_rads=lung_rads,
         )
         document = json.dumps(result.to_json(), indent=1).encode()
         self.spool.write(f"{folder}/resultset.json", document)

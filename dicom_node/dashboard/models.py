@@ -191,6 +191,8 @@ class NoduleOut(BaseModel):
     type: str
     probability: float
     needs_review: bool
+    mean_diameter_mm: float
+    lung_rads: str
 
 
 class StudyDetail(BaseModel):
@@ -200,6 +202,8 @@ class StudyDetail(BaseModel):
     nodules: list[NoduleOut]
     #: The model that found them (``name version``), once the current job has a result.
     model: str | None
+    #: The study's Lung-RADS v2022 category (baseline rules), once assessed.
+    lung_rads: str | None
     series: list[SeriesOut]
     jobs: list[JobOut]
     deliveries: list[DeliveryOut]

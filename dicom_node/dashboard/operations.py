@@ -117,6 +117,7 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
                 for n in (result.nodules if result else ())
             ],
             model=result.model.display if result else None,
+            lung_rads=(result.lung_rads or None) if result else None,
             series=series,
             jobs=jobs,
             deliveries=deliveries,

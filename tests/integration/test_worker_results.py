@@ -34,6 +34,7 @@ from dicom_node.spool import LocalSpool
 from pipelines.analysis import analyse
 from pipelines.detect import Detection
 from pipelines.findings import Nodule
+from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.volume import Volume, build_volume
 from pipelines.worker import Settle, Worker
 from tests.helpers import wait_for
@@ -185,6 +186,15 @@ def test_a_nodule_that_cannot_be_outlined_is_in_none_of_sr_seg_and_fhir(
     assert [r["identifier"]["value"] for r in fhir["report"]["result"]] == [
         f"urn:oid:{nodule.tracking_uid}"
     ]
+    (observation,) = fhir["observations"]
+    lung_rads = [
+        c for c in observation["component"] if c["code"]["coding"][0]["code"] == "lung-rads-v2022"
+    ]
+    assert [c["valueCodeableConcept"]["text"] for c in lung_rads] == [
+        f"Lung-RADS v2022 category {nodule.lung_rads}"
+    ]
+    assert f"Lung-RADS v2022 category {result.lung_rads}" in fhir["report"]["conclusion"]
+    assert result.lung_rads == nodule.lung_rads
     stored = json.loads(spool.path(f"results/{job_id}/1/resultset.json").read_text())
     assert stored == row.detail
 
@@ -370,6 +380,7 @@ def test_the_study_page_and_its_api_list_the_nodules_of_the_current_result(
 
     with TestClient(create_app(db, settings, NodeConfig())) as http:
         detail = http.get(f"/api/studies/{uid}").json()
+        findings = http.get(f"/api/studies/{uid}/findings").json()
         page = http.get(f"/dashboard/studies/{uid}").text
     (nodule,) = detail["nodules"]
     assert nodule["number"] == 1 and nodule["type"] == readers.type
@@ -379,3 +390,9 @@ def test_the_study_page_and_its_api_list_the_nodules_of_the_current_result(
     )
     assert 'data-nodule="1"' in page and f"{readers.long_axis_mm:.1f} mm" in page
     assert "not for clinical use" in page
+    mean = mean_diameter_mm(readers.long_axis_mm, readers.short_axis_mm)
+    solid = mean_diameter_mm(readers.solid_long_axis_mm, readers.solid_short_axis_mm)
+    expected = nodule_category(readers.type, mean, solid).value
+    assert (nodule["lung_rads"], nodule["mean_diameter_mm"]) == (expected, mean)
+    assert detail["lung_rads"] == expected and findings["lung_rads"] == expected
+    assert f"Lung-RADS v2022 category <strong>{expected}</strong>" in page
