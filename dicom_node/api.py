@@ -15,8 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.db import Database, Job, Result, Study, StudyState
-from dicom_node.results import ResultSet
+from dicom_node.db import Database, Job, Study, StudyState
+from dicom_node.results import stored_result
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ def create_app(
             study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
             if study is None:
                 raise HTTPException(status_code=404, detail="unknown study")
-            row = None
-            if study.current_job_id is not None:
-                row = session.scalar(select(Result).where(Result.job_id == study.current_job_id))
-            result = ResultSet.from_json(row.detail) if row is not None else None
+            result = stored_result(session, study.current_job_id)
             return FindingsOut(
                 study_instance_uid=study.study_instance_uid,
                 state=study.state,

@@ -11,12 +11,13 @@ resources of the job's result set. Output UIDs are deterministic, so a resend is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -318,12 +319,12 @@ class DeliveryLoop(threading.Thread):
         try:
             outcome = self._send(job_id, name, pending)
         except Exception as exc:  # classified by the retry policy, like any other failure
-            outcome = dict.fromkeys((row.id for row in pending), _as_error(exc))
+            outcome = dict.fromkeys((row.id for row in pending), exc)
         self._record(job_id, name, outcome)
 
     def _send(
         self, job_id: str, name: str, rows: Sequence[Delivery]
-    ) -> dict[int, NoduleAIError | None]:
+    ) -> dict[int, Exception | None]:
         """Send ``rows`` to destination ``name``; the outcome per row id."""
         destination = self.destinations.get(name)
         if destination is None:
@@ -347,7 +348,7 @@ class DeliveryLoop(threading.Thread):
             for row in rows
         }
 
-    def _record(self, job_id: str, name: str, outcome: dict[int, NoduleAIError | None]) -> None:
+    def _record(self, job_id: str, name: str, outcome: dict[int, Exception | None]) -> None:
         with self.db.session() as session:
             for row_id, failure in outcome.items():
                 row = session.get(Delivery, row_id)
@@ -361,15 +362,6 @@ class DeliveryLoop(threading.Thread):
             sent = sum(1 for failure in outcome.values() if failure is None)
             LOGGER.info("job %s to %s: %d of %d confirmed", job_id, name, sent, len(outcome))
             settle_deliveries(session, job_id)
-
-
-def _as_error(exc: Exception) -> NoduleAIError:
-    """``exc`` as one of ours (its code and detail); an unexpected one becomes internal."""
-    if isinstance(exc, NoduleAIError):
-        return exc
-    error = NoduleAIError(f"{type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
 
 
 class FhirReporter:
@@ -387,10 +379,12 @@ class FhirReporter:
         self.spool = spool
         self.destination = destination
 
-    def send(self, job_id: str, rows: Sequence[Delivery]) -> dict[int, NoduleAIError | None]:
+    def send(self, job_id: str, rows: Sequence[Delivery]) -> dict[int, Exception | None]:
         """Publish each row's status in order; the first failure also stops the later ones."""
-        job, subject = self._load(job_id)
-        outcome: dict[int, NoduleAIError | None] = {}
+        job, study_uid, first = self._load(job_id)
+        # Read from the spooled header only for the status-only reports that need it.
+        subject = functools.cache(lambda: report_subject(study_uid, first))
+        outcome: dict[int, Exception | None] = {}
         with FhirClient.from_destination(self.destination) as client:
             for row in rows:
                 try:
@@ -401,11 +395,13 @@ class FhirReporter:
                 outcome[row.id] = None
         return outcome
 
-    def _publish(self, client: FhirClient, job: Job, subject: ReportSubject, row: Delivery) -> None:
+    def _publish(
+        self, client: FhirClient, job: Job, subject: Callable[[], ReportSubject], row: Delivery
+    ) -> None:
         status = ReportStatus(row.report_status)
         if status is ReportStatus.REGISTERED:
             if job.state in (JobState.QUEUED, JobState.PROCESSING):
-                client.publish(build_report(subject, "registered"), [])
+                client.publish(build_report(subject(), "registered"), [])
         elif status is ReportStatus.PRELIMINARY:
             if row.path is None:
                 raise PermanentError("the preliminary report's resources were not stored")
@@ -414,9 +410,10 @@ class FhirReporter:
         else:
             reason = job.error or "the study could not be analysed"
             conclusion = f"{job.error_code}: {reason}" if job.error_code else reason
-            client.publish(build_report(subject, "cancelled", conclusion=conclusion), [])
+            client.publish(build_report(subject(), "cancelled", conclusion=conclusion), [])
 
-    def _load(self, job_id: str) -> tuple[Job, ReportSubject]:
+    def _load(self, job_id: str) -> tuple[Job, str, Path | None]:
+        """The job, its StudyInstanceUID and one spooled instance of the study."""
         with self.db.session() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -430,4 +427,4 @@ class FhirReporter:
                 .limit(1)
             )
             path = self.spool.path(first) if first is not None else None
-            return job, report_subject(study.study_instance_uid, path)
+            return job, study.study_instance_uid, path

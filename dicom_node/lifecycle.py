@@ -169,11 +169,10 @@ def _cancel_deliveries(session: Session, job_id: str) -> None:
     )
 
 
-def is_current(session: Session, job_id: str, owner: str) -> bool:
+def holds(job: Job | None, owner: str) -> bool:
     """Whether ``owner`` still runs the job: it is ``processing`` under ``owner``'s lease (not
     superseded, finished, or taken over after the lease ran out)."""
-    row = session.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).first()
-    return row is not None and row.state == JobState.PROCESSING and row.lease_owner == owner
+    return job is not None and job.state == JobState.PROCESSING and job.lease_owner == owner
 
 
 def leased_elsewhere(job: Job, owner: str) -> bool:

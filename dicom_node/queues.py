@@ -205,9 +205,7 @@ class RabbitSource:
     url : str
         AMQP URL.
     queue, dead_letter_queue : str
-        The work queue and its dead-letter queue (declared if missing).
-    consume_from : str, optional
-        The queue to consume (default: the work queue; the dead-letter queue to inspect it).
+        The work queue to consume and its dead-letter queue (declared if missing).
     heartbeat : int
         AMQP heartbeat in seconds.
     reconnect_seconds : float
@@ -219,14 +217,12 @@ class RabbitSource:
         url: str,
         queue: str,
         dead_letter_queue: str,
-        consume_from: str | None = None,
         heartbeat: int = 30,
         reconnect_seconds: float = 2.0,
     ) -> None:
         self.url = url
         self.queue = queue
         self.dead_letter_queue = dead_letter_queue
-        self.consume_from = consume_from or queue
         self.heartbeat = heartbeat
         self.reconnect_seconds = reconnect_seconds
         self._inbox: stdlib_queue.Queue[Received] = stdlib_queue.Queue()
@@ -271,7 +267,7 @@ class RabbitSource:
             tag, redelivered = method.delivery_tag, bool(method.redelivered)
             self._inbox.put(Received(decode_body(body), tag, redelivered, generation))
 
-        channel.basic_consume(self.consume_from, on_message)
+        channel.basic_consume(self.queue, on_message)
         while not self._closing.is_set():
             connection.process_data_events(time_limit=0.5)
 
@@ -436,12 +432,9 @@ def make_job_queue(settings: Settings, db: Database) -> JobQueue:
     return EmbeddedQueue(db, settings.amqp_queue, settings.amqp_dead_letter_queue)
 
 
-def make_job_source(settings: Settings, db: Database, dead_letters: bool = False) -> JobSource:
-    """A worker's face on the work queue (or, with ``dead_letters``, on the dead-letter queue)."""
+def make_job_source(settings: Settings, db: Database) -> JobSource:
+    """A worker's face on the work queue: RabbitMQ when ``amqp_url`` is set, else embedded."""
     work, dead = settings.amqp_queue, settings.amqp_dead_letter_queue
     if settings.amqp_url is not None:
-        url = settings.amqp_url.get_secret_value()
-        return RabbitSource(url, work, dead, consume_from=dead if dead_letters else None)
-    return EmbeddedQueue(
-        db, dead if dead_letters else work, dead, lease_seconds=settings.job_timeout_seconds
-    )
+        return RabbitSource(settings.amqp_url.get_secret_value(), work, dead)
+    return EmbeddedQueue(db, work, dead, lease_seconds=settings.job_timeout_seconds)

@@ -17,6 +17,11 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.db import Result
+
 #: Version of the JSON document (bump on any incompatible change).
 SCHEMA = "noduleai.resultset/1"
 #: Manufacturer (0008,0070) of every object the encoders write.
@@ -253,6 +258,20 @@ class ResultSet:
             model_versions={str(k): str(v) for k, v in data["models"].items()},
             lung_rads=str(data.get("lung_rads", "")),
         )
+
+
+def stored_result(session: Session, job_id: str | None) -> ResultSet | None:
+    """The result set stored for ``job_id`` (``None``: no job, no result yet).
+
+    Raises
+    ------
+    ValueError
+        When the stored document is not of :data:`SCHEMA`.
+    """
+    if job_id is None:
+        return None
+    row = session.scalar(select(Result).where(Result.job_id == job_id))
+    return ResultSet.from_json(row.detail) if row is not None else None
 
 
 def nodules_json(nodules: Sequence[ReportedNodule]) -> list[dict[str, Any]]:

@@ -48,20 +48,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.db import Database, Instance, Job, Result, Series, Study, utcnow
+from dicom_node.db import Database, Instance, Job, Series, Study, utcnow
 from dicom_node.errors import ErrorCode, QueueUnavailableError
 from dicom_node.fhir_resources import build_results, report_subject
 from dicom_node.lifecycle import (
     FINISHED,
     begin_attempt,
-    is_current,
+    holds,
     leased_elsewhere,
     renew_lease,
     settle_failure,
     store_result,
 )
 from dicom_node.queues import JobSource, Received, make_job_source
-from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet
+from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet, stored_result
 from dicom_node.retry import Decision, RetryPolicy, Verdict
 from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
@@ -214,7 +214,7 @@ class Worker:
     def _checkpoint(self, job_id: str) -> None:
         """Raise :class:`JobAbandonedError` when the job is no longer this worker's to finish."""
         with self.db.session() as session:
-            if not is_current(session, job_id, self.worker_id):
+            if not holds(session.get(Job, job_id), self.worker_id):
                 raise JobAbandonedError(job_id)
 
     def _persist(self, job_id: str, study_uid: str, attempt: int, analysis: Analysis) -> ResultSet:
@@ -296,20 +296,16 @@ class Worker:
 
     def _predecessor(self, job_id: str) -> tuple[str, str, str] | None:
         """(study, series, SOP instance UID) of the SR of the job this one supersedes, if any."""
-        with self.db.session() as session:
-            job = session.get(Job, job_id)
-            previous = job.supersedes if job is not None else None
-            row = session.scalar(select(Result).where(Result.job_id == previous))
-            detail = row.detail if row is not None else None
-        if detail is None:
-            return None
         try:
-            sr = ResultSet.from_json(detail).object(ObjectKind.SR)
+            with self.db.session() as session:
+                job = session.get(Job, job_id)
+                previous = stored_result(session, job.supersedes if job is not None else None)
         except (ValueError, KeyError, TypeError):
             LOGGER.warning(
                 "job %s: the superseded job's result is unreadable; no predecessor", job_id
             )
             return None
+        sr = previous.object(ObjectKind.SR) if previous is not None else None
         if sr is None:
             return None
         return sr.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid
@@ -318,7 +314,7 @@ class Worker:
         """Persist the result set, its deliveries and the job's move, in one transaction."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or not is_current(session, job_id, self.worker_id):
+            if job is None or not holds(job, self.worker_id):
                 LOGGER.info("job %s no longer this worker's; result discarded", job_id)
                 return
             store_result(session, job, result, self.config)
@@ -327,7 +323,7 @@ class Worker:
         """Record a failed attempt as the retry policy decided; say how to settle the message."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or not is_current(session, job_id, self.worker_id):
+            if job is None or not holds(job, self.worker_id):
                 LOGGER.info("job %s no longer this worker's; failure not recorded", job_id)
                 return Settle.ACK
             settle_failure(session, job, decision, self.config)

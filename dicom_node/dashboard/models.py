@@ -178,28 +178,13 @@ class PatientOut(BaseModel):
     PatientBirthDate: str | None
 
 
-class NoduleOut(BaseModel):
-    """One nodule of the current job's result, as SR, SEG and FHIR report it."""
-
-    number: int
-    tracking_uid: str
-    center_mm: tuple[float, float, float]
-    long_axis_mm: float
-    short_axis_mm: float
-    volume_mm3: float
-    mean_hu: float
-    type: str
-    probability: float
-    needs_review: bool
-    mean_diameter_mm: float
-    lung_rads: str
-
-
 class StudyDetail(BaseModel):
     """The study page's data."""
 
     study: StudyRow
-    nodules: list[NoduleOut]
+    #: The current result's nodules as the findings API lists them
+    #: (:meth:`dicom_node.results.ReportedNodule.to_json`).
+    nodules: list[dict[str, Any]]
     #: The model that found them (``name version``), once the current job has a result.
     model: str | None
     #: The study's Lung-RADS v2022 category (baseline rules), once assessed.

@@ -14,7 +14,6 @@ from dicom_node.dashboard.models import (
     ConfigOut,
     DeadLetterOut,
     FailuresOut,
-    NoduleOut,
     OverviewOut,
     QueueOut,
     StudyDetail,
@@ -23,7 +22,6 @@ from dicom_node.dashboard.models import (
 from dicom_node.dashboard.patient import read_patient
 from dicom_node.dashboard.queries import (
     counts_by,
-    current_result,
     failures,
     job_durations,
     jobs_with_received,
@@ -34,6 +32,7 @@ from dicom_node.dashboard.queries import (
     totals,
 )
 from dicom_node.db import AuditEntry, Instance, Job, JobState, Study, utcnow
+from dicom_node.results import stored_result
 from dicom_node.workers import is_alive, list_workers
 
 ROLES = ("work", "dead letters")
@@ -107,15 +106,12 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             .limit(100)
         ).all()
         current = session.get(Job, study.current_job_id) if study.current_job_id else None
-        result = current_result(session, study)
+        result = stored_result(session, study.current_job_id)
         show = dash.settings.show_patient_data
         patient = read_patient(session, study, dash.settings.spool_dir) if show else None
         return StudyDetail(
             study=study_row(study, current, len(series)),
-            nodules=[
-                NoduleOut.model_validate(n.to_json(), from_attributes=False)
-                for n in (result.nodules if result else ())
-            ],
+            nodules=[n.to_json() for n in result.nodules] if result else [],
             model=result.model.display if result else None,
             lung_rads=(result.lung_rads or None) if result else None,
             series=series,

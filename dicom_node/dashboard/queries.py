@@ -33,13 +33,11 @@ from dicom_node.db import (
     Instance,
     Job,
     JobState,
-    Result,
     Series,
     Study,
     StudyState,
     utcnow,
 )
-from dicom_node.results import ResultSet
 
 DERIVED_STAGES = ("ingest", "queue_wait", "processing", "delivery", "end_to_end")
 _SPANS = {
@@ -306,14 +304,6 @@ def study_parts(
             for d in deliveries
         ],
     )
-
-
-def current_result(session: Session, study: Study) -> ResultSet | None:
-    """The result set of the study's current job, once stored."""
-    if study.current_job_id is None:
-        return None
-    row = session.scalar(select(Result).where(Result.job_id == study.current_job_id))
-    return ResultSet.from_json(row.detail) if row is not None else None
 
 
 FAILED_STATES = (JobState.FAILED, JobState.REJECTED)

@@ -8,18 +8,20 @@ from typing import Any
 import pytest
 
 from dicom_node.config import Settings
+from dicom_node.dashboard.queue_stats import make_inspector
 from dicom_node.db import Database
 from dicom_node.migrate import upgrade
 from dicom_node.queues import make_job_queue, make_job_source
 from tests.conftest import AMQP_URL
+from tests.helpers import wait_for
 
 
 @pytest.fixture(params=["rabbitmq", "embedded"])
 def queues(
     request: pytest.FixtureRequest, amqp_queues: tuple[str, str], database_url: str
 ) -> Iterator[Any]:
-    """The node's publishing face, a worker's face on the work queue and one on its dead-letter
-    queue, as the factories build them from the settings."""
+    """The node's publishing face, a worker's face on the work queue and the dashboard's
+    inspector of both queues, as the factories build them from the settings."""
     queue, dead = amqp_queues
     amqp = AMQP_URL if request.param == "rabbitmq" else None
     settings = Settings(amqp_url=amqp, amqp_queue=queue, amqp_dead_letter_queue=dead)
@@ -27,9 +29,8 @@ def queues(
     upgrade(db)
     publisher = make_job_queue(settings, db)
     work = make_job_source(settings, db)
-    dead_letters = make_job_source(settings, db, dead_letters=True)
-    yield publisher, work, dead_letters
-    for face in (publisher, work, dead_letters):
+    yield publisher, work, make_inspector(settings, db)
+    for face in (publisher, work):
         face.close()
     db.dispose()
 
@@ -56,12 +57,12 @@ def test_a_requeued_message_comes_back_marked_redelivered(queues: Any) -> None:
 
 
 def test_a_rejected_message_lands_in_the_dead_letter_queue(queues: Any) -> None:
-    publisher, work, dead_letters = queues
+    publisher, work, inspector = queues
     publisher.publish({"job_id": "j3"}, "j3")
     message = work.receive(timeout=5)
     assert message is not None
     work.dead_letter(message)
     assert work.receive(timeout=0.5) is None
-    dead = dead_letters.receive(timeout=5)
-    assert dead is not None and dead.body == {"job_id": "j3"}
-    dead_letters.ack(dead)
+    (dead,) = wait_for(lambda: inspector.dead_letters(10), timeout=5)
+    assert dead.job_id == "j3"
+    assert inspector.discard_dead_letters("j3") == 1
