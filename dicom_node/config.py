@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dicom_node.errors import ConfigError
@@ -82,12 +90,50 @@ class TLSFiles(BaseModel):
     key: Path | None = None
 
 
-class DimseDestination(BaseModel):
-    """A DICOM C-STORE SCP (usually the PACS) that results are stored to."""
+class Retraction(StrEnum):
+    """How a destination is told that results it holds were replaced by a rerun.
+
+    ``iocm``: the IHE IOCM rejection note (a Key Object Selection titled "Rejected for Quality
+    Reasons", DCM 113001) is stored there, after the new results were confirmed; a PACS that
+    implements IOCM hides or deletes what it lists, others keep it beside the old objects.
+    ``orthanc``: the replaced objects are deleted through Orthanc's REST API (``orthanc:``).
+    ``none``: nothing is done; the old objects stay.
+    """
+
+    IOCM = "iocm"
+    ORTHANC = "orthanc"
+    NONE = "none"
+
+
+class OrthancRest(BaseModel):
+    """Orthanc's REST API, for deleting replaced results (``retraction: orthanc``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class _DicomDestination(BaseModel):
+    """What every destination of DICOM objects has: a name and how reruns retract."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
+    retraction: Retraction = Retraction.IOCM
+    orthanc: OrthancRest | None = None
+
+    @model_validator(mode="after")
+    def _orthanc_for_its_retraction(self) -> _DicomDestination:
+        if self.retraction is Retraction.ORTHANC and self.orthanc is None:
+            raise ValueError("retraction: orthanc needs orthanc: {url, username, password}")
+        return self
+
+
+class DimseDestination(_DicomDestination):
+    """A DICOM C-STORE SCP (usually the PACS) that results are stored to."""
+
     type: Literal["dimse"] = "dimse"
     ae_title: AETitle
     host: str
@@ -95,12 +141,9 @@ class DimseDestination(BaseModel):
     tls: TLSFiles | None = None
 
 
-class DicomWebDestination(BaseModel):
+class DicomWebDestination(_DicomDestination):
     """A DICOMweb server that takes results by STOW-RS (PS3.18 10.5)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     type: Literal["dicomweb"] = "dicomweb"
     url: str
     username: str | None = None

@@ -78,10 +78,12 @@ class DeliveryState(StrEnum):
 
 
 class DeliveryKind(StrEnum):
-    """What a delivery row carries: a DICOM result object, or a FHIR report status."""
+    """What a delivery row carries: a DICOM result object, a FHIR report status, or the
+    retraction of replaced results (the rejection note: stored, or carried out by deletion)."""
 
     DICOM = "dicom"
     FHIR = "fhir"
+    RETRACTION = "retraction"
 
 
 class ReportStatus(StrEnum):
@@ -211,7 +213,8 @@ class Delivery(Base):
     DICOM objects get a row each (``object_uid`` is the SOP Instance UID, ``path`` the stored
     result file relative to the spool), so that only what a destination did not confirm is sent
     again. A FHIR row carries the report status to publish (``report_status``); the
-    ``preliminary`` one also the stored FHIR resources (``path``).
+    ``preliminary`` one also the stored FHIR resources (``path``). A retraction row carries the
+    rejection note (``path``); it is sent only after the job's objects were confirmed there.
     """
 
     __tablename__ = "deliveries"

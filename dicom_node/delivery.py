@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy import select
@@ -32,6 +32,8 @@ from dicom_node.config import (
     DimseDestination,
     FhirDestination,
     NodeConfig,
+    OrthancRest,
+    Retraction,
     Settings,
 )
 from dicom_node.db import (
@@ -239,6 +241,57 @@ def _stow_failures(response: httpx.Response) -> dict[str, str]:
     return out
 
 
+class OrthancRetractor:
+    """Retracts replaced results by deleting them through Orthanc's REST API.
+
+    For each instance the rejection note lists: ``POST /tools/lookup`` with its SOP Instance UID,
+    then ``DELETE /instances/{id}``. An instance Orthanc does not hold (never delivered, deleted
+    already) is skipped, so a retried retraction finishes what an interrupted one began.
+    """
+
+    def __init__(self, rest: OrthancRest, timeout: float = 30) -> None:
+        self.rest = rest
+        self.timeout = timeout
+
+    def retract(self, note: Path) -> NoduleAIError | None:
+        """Delete every instance ``note`` lists; ``None`` when all are gone."""
+        auth = None
+        if self.rest.username is not None and self.rest.password is not None:
+            auth = (self.rest.username, self.rest.password.get_secret_value())
+        base = self.rest.url.rstrip("/")
+        try:
+            with httpx.Client(base_url=base, auth=auth, timeout=self.timeout) as client:
+                for uid in rejected_instances(dcmread(note)):
+                    found = _orthanc_answer(client.post("/tools/lookup", content=uid)).json()
+                    for item in found:
+                        if item.get("Type") == "Instance":
+                            _orthanc_answer(client.delete(f"/instances/{item['ID']}"), ok=404)
+        except httpx.HTTPError as exc:
+            return DestinationUnavailableError(f"Orthanc REST at {base}: {exc}")
+        except NoduleAIError as exc:
+            return exc
+        return None
+
+
+def _orthanc_answer(response: httpx.Response, ok: int = 200) -> httpx.Response:
+    """``response`` if it succeeded (or answered ``ok``); else the error it means."""
+    if response.is_success or response.status_code == ok:
+        return response
+    if response.status_code >= 500 or response.status_code in (408, 429):
+        raise DestinationUnavailableError(f"Orthanc REST: HTTP {response.status_code}")
+    raise DestinationRefusedError(f"Orthanc REST: HTTP {response.status_code}")
+
+
+def rejected_instances(note: Dataset) -> list[str]:
+    """SOP Instance UIDs a rejection note lists (its Current Requested Procedure Evidence)."""
+    return [
+        str(item.ReferencedSOPInstanceUID)
+        for study in note.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedSOPSequence", [])
+    ]
+
+
 #: The order in which a job's FHIR report statuses are published (a report never goes back).
 REPORT_ORDER = (ReportStatus.REGISTERED, ReportStatus.PRELIMINARY, ReportStatus.CANCELLED)
 
@@ -305,22 +358,34 @@ class DeliveryLoop(threading.Thread):
         return len(due)
 
     def _deliver(self, job_id: str, name: str) -> None:
+        """Send the group's due rows: its objects first, its retraction (the rejection note)
+        only once every object of the job was confirmed there, in the same pass when it can."""
+        while True:
+            batch = self._batch(job_id, name)
+            if not batch:
+                return
+            try:
+                outcome = self._send(job_id, name, batch)
+            except Exception as exc:  # classified by the retry policy, like any other failure
+                outcome = dict.fromkeys((row.id for row in batch), exc)
+            self._record(job_id, name, outcome)
+            if any(failure is not None for failure in outcome.values()):
+                return
+
+    def _batch(self, job_id: str, name: str) -> list[Delivery]:
+        """The group's pending rows that are due now, retractions held back behind objects."""
+        now = utcnow()
         with self.db.session() as session:
-            rows = session.scalars(
+            pending = session.scalars(
                 select(Delivery).where(
                     Delivery.job_id == job_id,
                     Delivery.destination == name,
                     Delivery.state == DeliveryState.PENDING,
                 )
             ).all()
-            pending = list(rows)
-        if not pending:
-            return
-        try:
-            outcome = self._send(job_id, name, pending)
-        except Exception as exc:  # classified by the retry policy, like any other failure
-            outcome = dict.fromkeys((row.id for row in pending), exc)
-        self._record(job_id, name, outcome)
+        objects = [row for row in pending if row.kind != DeliveryKind.RETRACTION]
+        rows = objects or list(pending)
+        return [row for row in rows if row.next_attempt_at is None or row.next_attempt_at <= now]
 
     def _send(
         self, job_id: str, name: str, rows: Sequence[Delivery]
@@ -332,12 +397,20 @@ class DeliveryLoop(threading.Thread):
         if isinstance(destination, FhirDestination):
             ordered = sorted(rows, key=lambda r: REPORT_ORDER.index(ReportStatus(r.report_status)))
             return FhirReporter(self.db, self.spool, destination).send(job_id, ordered)
+        if destination.retraction is Retraction.ORTHANC and destination.orthanc is not None:
+            retractor = OrthancRetractor(destination.orthanc)
+            retractions = {r.id: r for r in rows if r.kind == DeliveryKind.RETRACTION and r.path}
+            if retractions:
+                return {
+                    row_id: retractor.retract(self.spool.path(row.path or ""))
+                    for row_id, row in retractions.items()
+                }
         sender: Sender = (
             DimseSender(destination, self.settings.ae_title)
             if isinstance(destination, DimseDestination)
             else StowSender(destination)
         )
-        stored = {row.id: row.path for row in rows if row.kind == DeliveryKind.DICOM and row.path}
+        stored = {row.id: row.path for row in rows if row.kind != DeliveryKind.FHIR and row.path}
         sent = sender.send([self.spool.path(path) for path in stored.values()]) if stored else {}
         return {
             row.id: (

@@ -27,7 +27,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.config import FhirDestination, NodeConfig
+from dicom_node.config import FhirDestination, NodeConfig, Retraction
 from dicom_node.db import (
     Delivery,
     DeliveryKind,
@@ -42,7 +42,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.errors import ErrorCode, FailureCode, NoduleAIError
-from dicom_node.results import ResultObject, ResultSet, nodules_json
+from dicom_node.results import ObjectKind, ResultObject, ResultSet, nodules_json
 from dicom_node.retry import Decision, Verdict
 
 
@@ -294,8 +294,9 @@ def delivery_rows(
     report_path: str | None = None,
 ) -> list[Delivery]:
     """The delivery rows of a job: each stored DICOM object to each DICOM destination of the
-    calling AE, and the FHIR report's ``report_status`` (with the stored resources at
-    ``report_path``, if any) to each FHIR destination."""
+    calling AE (the rejection note as a retraction, none where ``retraction: none``), and the
+    FHIR report's ``report_status`` (with the stored resources at ``report_path``, if any) to
+    each FHIR destination."""
     rows = []
     for destination in config.destinations_for(calling_ae):
         if isinstance(destination, FhirDestination):
@@ -317,7 +318,7 @@ def delivery_rows(
             Delivery(
                 job_id=job_id,
                 destination=destination.name,
-                kind=DeliveryKind.DICOM,
+                kind=_DELIVERY_KIND[obj.kind],
                 object_uid=obj.sop_instance_uid,
                 report_status="",
                 path=obj.path,
@@ -325,8 +326,18 @@ def delivery_rows(
                 state=DeliveryState.PENDING,
             )
             for obj in objects
+            if obj.kind is not ObjectKind.REJECTION or destination.retraction is not Retraction.NONE
         ]
     return rows
+
+
+#: How each result object travels to a DICOM destination.
+_DELIVERY_KIND = {
+    ObjectKind.SEG: DeliveryKind.DICOM,
+    ObjectKind.SR: DeliveryKind.DICOM,
+    ObjectKind.GSPS: DeliveryKind.DICOM,
+    ObjectKind.REJECTION: DeliveryKind.RETRACTION,
+}
 
 
 def record_delivery(row: Delivery, failure: Decision | None) -> None:

@@ -20,19 +20,22 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.db import Result
+from dicom_node.db import Job, Result
 
 #: Version of the JSON document (bump on any incompatible change).
 SCHEMA = "noduleai.resultset/1"
 #: Manufacturer (0008,0070) of every object the encoders write.
 MANUFACTURER = "NoduleAI"
+#: Key Object Selection Document Storage (PS3.4 B.5): the IOCM rejection note of a rerun.
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 #: SOP classes of the result objects: Segmentation, Comprehensive 3D SR, Grayscale Softcopy
-#: Presentation State (PS3.4 B.5).
+#: Presentation State and the rejection note (PS3.4 B.5).
 RESULT_SOP_CLASSES = frozenset(
     {
         "1.2.840.10008.5.1.4.1.1.66.4",
         "1.2.840.10008.5.1.4.1.1.88.34",
         "1.2.840.10008.5.1.4.1.1.11.1",
+        KEY_OBJECT_SELECTION,
     }
 )
 
@@ -48,6 +51,8 @@ class ObjectKind(StrEnum):
     SEG = "seg"
     SR = "sr"
     GSPS = "gsps"
+    #: The IHE IOCM rejection note listing the earlier results this one replaces.
+    REJECTION = "rejection"
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,8 @@ class ResultSet:
     not_encoded : int
         Detected nodules left out because no stored frame shows them (no outline to draw).
     objects : tuple of ResultObject
-        SEG, SR, GSPS as stored (SR only when there are no nodules).
+        SEG, SR, GSPS as stored (SR only when there are no nodules), and the rejection note when
+        this result replaces earlier ones of the study.
     fhir_path : str
         The stored FHIR resources (``{"report": ..., "observations": [...]}``), spool-relative.
     candidates : int
@@ -180,6 +186,12 @@ class ResultSet:
     lung_rads : str
         The study's Lung-RADS v2022 category (baseline rules); "" in documents written before
         it was assessed (fields added later are optional in version 1 of the document).
+    instance_number : int
+        InstanceNumber of the SEG, SR and GSPS: 1 for a study's first result, one more than
+        the result it replaces otherwise.
+    retracted : tuple of str
+        SOP Instance UIDs of the earlier results this one replaces (listed by the rejection
+        note; destinations retract them once this result's objects are confirmed).
     """
 
     job_id: str
@@ -196,6 +208,8 @@ class ResultSet:
     model_versions: dict[str, str] = field(default_factory=dict)
     #: The study's Lung-RADS v2022 category (its most suspicious nodule's; "1" without nodules).
     lung_rads: str = ""
+    instance_number: int = 1
+    retracted: tuple[str, ...] = ()
 
     def object(self, kind: ObjectKind) -> ResultObject | None:
         """The stored object of ``kind``, if this result has one."""
@@ -230,6 +244,8 @@ class ResultSet:
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
             "models": dict(self.model_versions),
             "lung_rads": self.lung_rads,
+            "instance_number": self.instance_number,
+            "retracted": list(self.retracted),
         }
 
     @classmethod
@@ -257,6 +273,8 @@ class ResultSet:
             timings_ms={str(k): float(v) for k, v in data["timings_ms"].items()},
             model_versions={str(k): str(v) for k, v in data["models"].items()},
             lung_rads=str(data.get("lung_rads", "")),
+            instance_number=int(data.get("instance_number", 1)),
+            retracted=tuple(str(u) for u in data.get("retracted", ())),
         )
 
 
@@ -272,6 +290,27 @@ def stored_result(session: Session, job_id: str | None) -> ResultSet | None:
         return None
     row = session.scalar(select(Result).where(Result.job_id == job_id))
     return ResultSet.from_json(row.detail) if row is not None else None
+
+
+def earlier_results(session: Session, job_id: str) -> list[ResultSet]:
+    """The result sets other jobs of ``job_id``'s study stored, oldest first.
+
+    A job stores its result only while it holds its lease unsuperseded, so every one of these
+    comes from an earlier job: the last is the result the new one replaces.
+
+    Raises
+    ------
+    ValueError
+        When a stored document is not of :data:`SCHEMA`.
+    """
+    study_id = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+    rows = session.scalars(
+        select(Result)
+        .join(Job, Job.id == Result.job_id)
+        .where(Job.study_id == study_id, Result.job_id != job_id)
+        .order_by(Result.id)
+    ).all()
+    return [ResultSet.from_json(row.detail) for row in rows]
 
 
 def nodules_json(nodules: Sequence[ReportedNodule]) -> list[dict[str, Any]]:

@@ -10,6 +10,13 @@ Observations are built from those same nodules, so SR, SEG and FHIR always list 
 * Comprehensive 3D SR, TID 1500 (:mod:`pipelines.sr`): always; a negative report when there are
   no nodules. Names ``predecessor`` when given (rerun after late instances).
 * GSPS (PS3.3 C.11.10, :mod:`pipelines.gsps`): only when there are nodules.
+* The IOCM rejection note (:mod:`pipelines.rejection`): only when the study has earlier results
+  of other content; it lists every earlier object the new ones replace.
+
+Results replace results (:func:`revision`): given the study's earlier results, the new objects
+are the next revision (InstanceNumber one more than the latest's, the latest's SR named as
+predecessor, the earlier objects rejected), unless they are the latest result again (same input,
+same model: same UIDs, same revision, same bytes, nothing new to reject).
 
 Every UID is derived here, once (:mod:`pipelines.uids`), from the source series, its instance set
 and the model version: encoding the same input again returns objects with the same UIDs, and
@@ -32,11 +39,18 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from dicom_node.errors import EncodingError
-from dicom_node.results import ModelIdentity, ObjectKind, ReportedNodule
+from dicom_node.results import (
+    ModelIdentity,
+    ObjectKind,
+    ReportedNodule,
+    ResultObject,
+    ResultSet,
+)
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.masks import nodule_outline, project_mask, source_planes
+from pipelines.rejection import encode_rejection_note
 from pipelines.seg import SegmentInput, encode_segmentation
 from pipelines.sr import NoduleReport, Predecessor, encode_sr
 from pipelines.uids import ResultUIDs, derive_uid
@@ -49,7 +63,12 @@ def _load(sources: Sequence[Dataset | str | Path]) -> list[Dataset]:
 
 
 #: The kind of each result object by its Modality.
-KIND_BY_MODALITY = {"SEG": ObjectKind.SEG, "SR": ObjectKind.SR, "PR": ObjectKind.GSPS}
+KIND_BY_MODALITY = {
+    "SEG": ObjectKind.SEG,
+    "SR": ObjectKind.SR,
+    "PR": ObjectKind.GSPS,
+    "KO": ObjectKind.REJECTION,
+}
 #: Errors highdicom and pydicom raise on content they cannot encode.
 _ENCODER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
@@ -58,12 +77,71 @@ _ENCODER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 class EncodedResults:
     """What :func:`encode_results` made: the datasets and the nodules they hold.
 
-    ``not_encoded`` counts the detected nodules left out because no stored frame shows them.
+    ``not_encoded`` counts the detected nodules left out because no stored frame shows them;
+    ``instance_number`` is the revision; ``retracted`` the earlier objects' SOP Instance UIDs
+    that the rejection note (the last dataset, when there is one) lists.
     """
 
     datasets: list[Dataset]
     nodules: list[ReportedNodule]
     not_encoded: int
+    instance_number: int = 1
+    retracted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Where a new result stands among the study's earlier ones (:func:`revision`)."""
+
+    uids: ResultUIDs
+    predecessor: Predecessor | None
+    rejected: tuple[ResultObject, ...]
+
+
+def revision(
+    history: Sequence[ResultSet], series_uid: str, instance_uids: Sequence[str], model: str
+) -> Revision:
+    """The UIDs, predecessor SR and rejected objects of a new result after ``history``.
+
+    Parameters
+    ----------
+    history : sequence of ResultSet
+        The study's earlier results, oldest first.
+    series_uid, instance_uids, model : str, sequence of str, str
+        The new result's source series, its instances and the model (``name version``).
+
+    Returns
+    -------
+    Revision
+        Revision 1 without history. When the new result is the latest one again (its UIDs at
+        the latest's revision equal the latest's), that revision; otherwise the next. The
+        predecessor is the last earlier SR other than the new one; rejected are all earlier
+        SEG, SR and GSPS other than the new ones (rejection notes stay).
+    """
+    if not history:
+        return Revision(ResultUIDs.create(series_uid, instance_uids, model), None, ())
+    latest = history[-1]
+    uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number)
+    if uids.sr_instance_uid != latest.sr_uid:
+        uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number + 1)
+    mine = {
+        uids.instance_uid(kind.value) for kind in (ObjectKind.SEG, ObjectKind.SR, ObjectKind.GSPS)
+    }
+    earlier_srs = [r.object(ObjectKind.SR) for r in history]
+    predecessor = next(
+        (
+            (sr.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid)
+            for sr in reversed(earlier_srs)
+            if sr is not None and sr.sop_instance_uid not in mine
+        ),
+        None,
+    )
+    rejected: dict[str, ResultObject] = {}
+    for result in history:
+        for obj in result.objects:
+            if obj.kind is not ObjectKind.REJECTION and obj.sop_instance_uid not in mine:
+                rejected.setdefault(obj.sop_instance_uid, obj)
+    return Revision(uids, predecessor, tuple(rejected.values()))
 
 
 def encode_results(
@@ -71,10 +149,10 @@ def encode_results(
     volume: Volume,
     nodules: Sequence[Nodule],
     model: ModelIdentity,
-    predecessor: Predecessor | None = None,
+    history: Sequence[ResultSet] = (),
     created: datetime | None = None,
 ) -> EncodedResults:
-    """Encode the findings of one series as SEG, SR (TID 1500) and GSPS.
+    """Encode the findings of one series as SEG, SR (TID 1500), GSPS and a rejection note.
 
     Parameters
     ----------
@@ -88,9 +166,10 @@ def encode_results(
         with tracking UID ``k - 1`` (:meth:`ResultUIDs.tracking_uid`).
     model : ModelIdentity
         Algorithm identification in every object; part of every derived UID.
-    predecessor : pydicom.Dataset or (str, str, str), optional
-        The SR of an earlier run on this series (a different instance set); the new SR lists it in
-        PredecessorDocumentsSequence. Ignored when it is the SR this call produces (same UIDs).
+    history : sequence of ResultSet, optional
+        The study's earlier results, oldest first (:func:`revision`): the new SR names the
+        latest other SR in PredecessorDocumentsSequence, the objects carry the revision as
+        InstanceNumber, and a rejection note lists the earlier objects replaced.
     created : datetime, optional
         The objects' creation time (a function of the input, so that a redelivered job writes the
         same bytes); the clock when not given.
@@ -98,7 +177,8 @@ def encode_results(
     Returns
     -------
     EncodedResults
-        Datasets ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without, and the encoded nodules.
+        Datasets ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without, each followed by the
+        rejection note when earlier objects are replaced, and the encoded nodules.
         Nodules whose mask falls on no stored frame (e.g. only on interpolated slices) are left
         out of all three objects and of the nodule list.
 
@@ -110,7 +190,7 @@ def encode_results(
         would be false. Also when highdicom refuses the content.
     """
     try:
-        encoded = _encode(source_datasets_or_paths, volume, nodules, model, predecessor)
+        encoded = _encode(source_datasets_or_paths, volume, nodules, model, history)
         for ds in encoded.datasets:
             _pin_clock(ds, created or datetime.now(UTC))
         return encoded
@@ -123,16 +203,13 @@ def _encode(
     volume: Volume,
     nodules: Sequence[Nodule],
     model: ModelIdentity,
-    predecessor: Predecessor | None,
+    history: Sequence[ResultSet],
 ) -> EncodedResults:
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     used = [by_uid[uid] for uid in volume.sop_instance_uids if uid in by_uid]
-    uids = ResultUIDs.create(
-        volume.series_instance_uid,
-        volume.sop_instance_uids,
-        model.display,
-    )
+    place = revision(history, volume.series_instance_uid, volume.sop_instance_uids, model.display)
+    uids, predecessor = place.uids, place.predecessor
     name, version = model.name, model.version
     planes = source_planes(volume, by_uid)
     segments: list[SegmentInput] = []
@@ -147,27 +224,33 @@ def _encode(
         tracking_uid = uids.tracking_uid(number - 1)
         segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id))
         reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number))
-    if predecessor is not None and _same_sr(predecessor, uids.sr_instance_uid):
-        predecessor = None
     if nodules and not reports:
         # a "without findings" SR would be false; the job must fail instead
         raise EncodingError("no nodule lies on a stored frame (volume resampled off the source?)")
     encoded = [_reported(r) for r in reports]
     not_encoded = len(nodules) - len(reports)
     if not reports:
-        sr = encode_sr([], used, uids, name, version, predecessor=predecessor)
-        return EncodedResults([sr], encoded, not_encoded)
-    slice_order = [(p.source.sop_instance_uid, p.source.frame_number) for p in planes]
-    seg = encode_segmentation(used, slice_order, segments, uids, name, version)
-    sr = encode_sr(reports, used, uids, name, version, seg=seg, predecessor=predecessor)
-    gsps = encode_gsps(
-        used,
-        [GspsNodule(r.nodule, r.outline, r.tracking_id, r.tracking_uid) for r in reports],
-        uids,
-        name,
-        version,
-    )
-    return EncodedResults([seg, sr, gsps], encoded, not_encoded)
+        objects = [encode_sr([], used, uids, name, version, predecessor=predecessor)]
+    else:
+        slice_order = [(p.source.sop_instance_uid, p.source.frame_number) for p in planes]
+        seg = encode_segmentation(used, slice_order, segments, uids, name, version)
+        sr = encode_sr(reports, used, uids, name, version, seg=seg, predecessor=predecessor)
+        gsps = encode_gsps(
+            used,
+            [GspsNodule(r.nodule, r.outline, r.tracking_id, r.tracking_uid) for r in reports],
+            uids,
+            name,
+            version,
+        )
+        objects = [seg, sr, gsps]
+    for ds in objects:  # the encoders write revision 1; a replacing result is the next
+        ds.InstanceNumber = uids.revision
+    if place.rejected:
+        objects.append(
+            encode_rejection_note(place.rejected, used[0], uids, name, version, uids.revision)
+        )
+    retracted = tuple(obj.sop_instance_uid for obj in place.rejected)
+    return EncodedResults(objects, encoded, not_encoded, uids.revision, retracted)
 
 
 #: The Manufacturer highdicom gives its own Contributing Equipment item.
@@ -217,8 +300,3 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         solid_mean_diameter_mm=solid_mean,
         lung_rads=nodule_category(n.type, mean, solid_mean).value,
     )
-
-
-def _same_sr(predecessor: Predecessor, sop_instance_uid: str) -> bool:
-    uid = str(predecessor.SOPInstanceUID) if isinstance(predecessor, Dataset) else predecessor[2]
-    return uid == sop_instance_uid

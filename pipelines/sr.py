@@ -194,18 +194,23 @@ def volumetric_group(
     )
 
 
+def device_observer(model_name: str, model_version: str) -> hd.sr.ObserverContext:
+    """TID 1004 Device Observer Identifying Attributes: NoduleAI and its model."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", model_name, model_version),
+            name="NoduleAI",
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+        ),
+    )
+
+
 def observation_context(model_name: str, model_version: str) -> hd.sr.ObservationContext:
     """TID 1001 with the device observer (TID 1004): NoduleAI and its model."""
     return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=derive_uid("device", model_name, model_version),
-                name="NoduleAI",
-                manufacturer_name=MANUFACTURER,
-                model_name=model_name,
-            ),
-        )
+        observer_device_context=device_observer(model_name, model_version)
     )
 
 

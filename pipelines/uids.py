@@ -16,6 +16,12 @@ What each UID depends on (:class:`ResultUIDs`):
   SOPInstanceUIDs. Reprocessing the same instances gives the same UIDs; a different instance set
   (late instances arrived) gives new ones, and the new SR names its predecessor
   (PredecessorDocumentsSequence, PS3.3 C.17.2.3).
+* **Revision**: a study's first result is revision 1; a result that replaces an earlier one of
+  different content is the next revision (its InstanceNumber), and from revision 2 on the
+  revision is part of the instance and tracking UIDs too, so that one UID never names two
+  contents (a model rolled back to an earlier version on the same instances, say).
+* **Rejection note** (:meth:`ResultUIDs.rejection_uids`): its own series per source series and
+  model; its instance from the SR it accompanies and the set of UIDs it rejects.
 """
 
 from __future__ import annotations
@@ -68,11 +74,14 @@ class ResultUIDs:
         SOPInstanceUIDs of the instances used (any order; they are sorted).
     model_version : str
         Model name and version (e.g. ``"noduleai-stage2 1.2.0"``); a new model gives new objects.
+    revision : int
+        1 for a study's first result; from 2 on part of the instance and tracking UIDs.
     """
 
     source_series_uid: str
     source_instance_uids: tuple[str, ...]
     model_version: str
+    revision: int = 1
     instance_digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,10 +92,20 @@ class ResultUIDs:
 
     @classmethod
     def create(
-        cls, source_series_uid: str, source_instance_uids: Iterable[str], model_version: str
+        cls,
+        source_series_uid: str,
+        source_instance_uids: Iterable[str],
+        model_version: str,
+        revision: int = 1,
     ) -> ResultUIDs:
         """Build from any iterable of instance UIDs."""
-        return cls(source_series_uid, tuple(source_instance_uids), model_version)
+        return cls(source_series_uid, tuple(source_instance_uids), model_version, revision)
+
+    def _identity(self) -> tuple[str, ...]:
+        """What instance and tracking UIDs derive from (the revision only from 2 on, so that
+        first results keep the UIDs they always had)."""
+        base = (self.source_series_uid, self.instance_digest, self.model_version)
+        return base if self.revision == 1 else (*base, f"revision {self.revision}")
 
     def series_uid(self, kind: str) -> str:
         """SeriesInstanceUID of the ``kind`` (``seg``, ``sr``, ``gsps``) result series."""
@@ -96,15 +115,19 @@ class ResultUIDs:
     def instance_uid(self, kind: str) -> str:
         """SOPInstanceUID of the ``kind`` object for this exact instance set."""
         _check_kind(kind)
-        return derive_uid(
-            "instance", kind, self.source_series_uid, self.instance_digest, self.model_version
-        )
+        return derive_uid("instance", kind, *self._identity())
 
     def tracking_uid(self, index: int) -> str:
         """TrackingUniqueIdentifier of nodule ``index`` (0-based, in the order reported)."""
-        return derive_uid(
-            "nodule", str(index), self.source_series_uid, self.instance_digest, self.model_version
+        return derive_uid("nodule", str(index), *self._identity())
+
+    def rejection_uids(self, rejected: Iterable[str]) -> tuple[str, str]:
+        """(SeriesInstanceUID, SOPInstanceUID) of the rejection note listing ``rejected``."""
+        series = derive_uid("series", "rejection", self.source_series_uid, self.model_version)
+        instance = derive_uid(
+            "instance", "rejection", self.sr_instance_uid, instance_set_digest(rejected)
         )
+        return series, instance
 
     @property
     def seg_series_uid(self) -> str:

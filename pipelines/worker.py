@@ -61,7 +61,7 @@ from dicom_node.lifecycle import (
     store_result,
 )
 from dicom_node.queues import JobSource, Received, make_job_source
-from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet, stored_result
+from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet, earlier_results
 from dicom_node.retry import Decision, RetryPolicy, Verdict
 from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
@@ -227,7 +227,7 @@ class Worker:
             analysis.volume,
             detection.nodules,
             model,
-            predecessor=self._predecessor(job_id),
+            history=self._history(job_id),
             created=self._input_time(analysis.volume.sop_instance_uids),
         )
         folder = f"{results_path(job_id)}/{attempt}"
@@ -263,6 +263,8 @@ class Worker:
             timings_ms=timings,
             model_versions=dict(detection.model_versions),
             lung_rads=lung_rads,
+            instance_number=encoded.instance_number,
+            retracted=encoded.retracted,
         )
         document = json.dumps(result.to_json(), indent=1).encode()
         self.spool.write(f"{folder}/resultset.json", document)
@@ -294,21 +296,14 @@ class Worker:
             path=relpath,
         )
 
-    def _predecessor(self, job_id: str) -> tuple[str, str, str] | None:
-        """(study, series, SOP instance UID) of the SR of the job this one supersedes, if any."""
+    def _history(self, job_id: str) -> list[ResultSet]:
+        """The results earlier jobs of the study stored, oldest first (what this one replaces)."""
         try:
             with self.db.session() as session:
-                job = session.get(Job, job_id)
-                previous = stored_result(session, job.supersedes if job is not None else None)
+                return earlier_results(session, job_id)
         except (ValueError, KeyError, TypeError):
-            LOGGER.warning(
-                "job %s: the superseded job's result is unreadable; no predecessor", job_id
-            )
-            return None
-        sr = previous.object(ObjectKind.SR) if previous is not None else None
-        if sr is None:
-            return None
-        return sr.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid
+            LOGGER.warning("job %s: an earlier result is unreadable; nothing is replaced", job_id)
+            return []
 
     def _save(self, job_id: str, result: ResultSet) -> None:
         """Persist the result set, its deliveries and the job's move, in one transaction."""

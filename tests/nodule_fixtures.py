@@ -1,4 +1,5 @@
-"""Nodules for encoder tests: from the LIDC readers' contours and from phantom label maps.
+"""Nodules for encoder and worker tests: from the LIDC readers' contours and from phantom label
+maps, and a detector that returns chosen nodules (:class:`FixedDetector`).
 
 The issue allows nodules drawn from the LIDC readers' XML as encoder input. Masks are built on
 the Volume grid (both sources are axial, identity orientation) and resampled onto the isotropic
@@ -14,6 +15,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.annotations import LidcReading, read_lidc_xml
+from pipelines.detect import Detection
 from pipelines.findings import Nodule, attenuation_type, axes_mm
 from pipelines.preprocess import ISO_SPACING_MM
 from pipelines.volume import Volume
@@ -113,3 +115,28 @@ def lidc_nodules(xml: Path, volume: Volume) -> list[Nodule]:
         votes = np.sum(masks, axis=0)
         nodules.append(grid_mask_to_nodule(votes >= max(1, len(masks) / 2), volume))
     return nodules
+
+
+class FixedDetector:
+    """Returns ``nodules`` for every volume; raises ``fail[series]`` once per listed series."""
+
+    backend = "fixed"
+
+    def __init__(self, nodules: list[Nodule], fail: dict[str, Exception] | None = None) -> None:
+        self.nodules = nodules
+        self.fail = dict(fail or {})
+        self.calls: list[str] = []
+
+    def run(self, volume: Volume) -> Detection:
+        self.calls.append(volume.series_instance_uid)
+        error = self.fail.pop(volume.series_instance_uid, None)
+        if error is not None:
+            raise error
+        return Detection(
+            series_instance_uid=volume.series_instance_uid,
+            nodules=list(self.nodules),
+            candidates=len(self.nodules),
+            timings_ms={"stage1": 1.0, "stage2": 1.0},
+            backend=self.backend,
+            model_versions={"stage1_screen": "0.0.0", "stage2_refine": "0.0.0"},
+        )

@@ -13,16 +13,19 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.filebase import DicomBytesIO
 
-from dicom_node.results import ModelIdentity
+from dicom_node.delivery import rejected_instances
+from dicom_node.results import ModelIdentity, ResultObject, ResultSet
 from models.phantom import make_phantom, write_dicom_series
 from pipelines.findings import Nodule
-from pipelines.outputs import encode_results
+from pipelines.outputs import KIND_BY_MODALITY, encode_results
 from pipelines.volume import Volume, build_volume
 from tests.nodule_fixtures import grid_mask_to_nodule, lidc_nodules
 
@@ -254,6 +257,30 @@ def test_seg_and_sr_share_the_nodules_tracking_uids(phantom: Study) -> None:
     assert seg_uids and seg_uids <= sr_uids
 
 
+def _as_result(objects: list[Dataset], model: ModelIdentity = MODEL) -> ResultSet:
+    """What the worker would have stored for ``objects`` (only the fields revision reads)."""
+    stored = tuple(
+        ResultObject(
+            kind=KIND_BY_MODALITY[str(ds.Modality)],
+            modality=str(ds.Modality),
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            path=f"{ds.Modality}.dcm",
+        )
+        for ds in objects
+    )
+    number = int(objects[0].InstanceNumber)
+    return ResultSet("job", "", "", model, (), 0, stored, "", 0, "", instance_number=number)
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_reprocessing_gives_identical_uids_and_late_instances_new_ones(phantom: Study) -> None:
     again = encode_results(phantom.paths, phantom.volume, phantom.nodules, MODEL).datasets
     assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in phantom.objects]
@@ -264,12 +291,75 @@ def test_reprocessing_gives_identical_uids_and_late_instances_new_ones(phantom: 
     assert earlier[0].SOPInstanceUID != first_sr.SOPInstanceUID
     assert earlier[0].SeriesInstanceUID == first_sr.SeriesInstanceUID
     rerun = encode_results(
-        phantom.paths, phantom.volume, phantom.nodules, MODEL, predecessor=earlier[0]
+        phantom.paths, phantom.volume, phantom.nodules, MODEL, history=[_as_result(earlier)]
     ).datasets
     predecessor = rerun[1].PredecessorDocumentsSequence[0]
     assert predecessor.StudyInstanceUID == first_sr.StudyInstanceUID
     ref = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == earlier[0].SOPInstanceUID
+
+
+@needs_dciodvfy
+def test_a_replacing_result_is_the_next_revision_and_rejects_the_earlier_objects(
+    phantom: Study, tmp_path: Path
+) -> None:
+    """Late slice: new UIDs, InstanceNumber 2, an IOCM rejection note of the earlier objects
+    (which passes dciodvfy); the same job again: the same bytes; a model rolled back to the
+    first one's version: revision 3 under new UIDs, never the first result's UIDs again."""
+    earlier_volume = build_volume(phantom.paths[:-1])
+    first = encode_results(phantom.paths[:-1], earlier_volume, phantom.nodules, MODEL)
+    assert [int(ds.InstanceNumber) for ds in first.datasets] == [1, 1, 1]
+    history = [_as_result(first.datasets)]
+
+    created = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)  # the worker: when the input was complete
+    second = encode_results(
+        phantom.paths, phantom.volume, phantom.nodules, MODEL, history=history, created=created
+    )
+
+    *objects, note = second.datasets
+    assert [ds.Modality for ds in objects] == ["SEG", "SR", "PR"] and note.Modality == "KO"
+    assert [int(ds.InstanceNumber) for ds in second.datasets] == [2, 2, 2, 2]
+    old_uids = [str(ds.SOPInstanceUID) for ds in first.datasets]
+    assert not {str(ds.SOPInstanceUID) for ds in objects} & set(old_uids)
+    assert [ds.SeriesInstanceUID for ds in objects] == [
+        ds.SeriesInstanceUID for ds in first.datasets
+    ]
+    assert second.instance_number == 2 and sorted(second.retracted) == sorted(old_uids)
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    assert sorted(rejected_instances(note)) == sorted(old_uids)
+    assert note.StudyInstanceUID == objects[0].StudyInstanceUID
+    path = tmp_path / "KO.dcm"
+    note.save_as(path, enforce_file_format=True)
+    _assert_no_errors_of_ours(path)
+
+    redelivered = encode_results(
+        phantom.paths, phantom.volume, phantom.nodules, MODEL, history=history, created=created
+    )
+    assert [_bytes(ds) for ds in redelivered.datasets] == [_bytes(ds) for ds in second.datasets]
+    same_again = encode_results(
+        phantom.paths,
+        phantom.volume,
+        phantom.nodules,
+        MODEL,
+        history=[*history, _as_result(second.datasets[:3])],
+        created=created,
+    )
+    assert [_bytes(ds) for ds in same_again.datasets] == [_bytes(ds) for ds in second.datasets]
+
+    newer = ModelIdentity(MODEL.name, "2.0.0")
+    by_newer = encode_results(
+        phantom.paths, phantom.volume, phantom.nodules, newer, history=history
+    )
+    back = encode_results(
+        phantom.paths,
+        phantom.volume,
+        phantom.nodules,
+        MODEL,
+        history=[*history, _as_result(by_newer.datasets[:3], newer)],
+    )
+    assert int(back.datasets[1].InstanceNumber) == 3
+    assert str(back.datasets[1].SOPInstanceUID) != str(phantom.objects[1].SOPInstanceUID)
 
 
 @needs_dciodvfy

@@ -38,36 +38,11 @@ from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.volume import Volume, build_volume
 from pipelines.worker import Settle, Worker
 from tests.helpers import wait_for
-from tests.nodule_fixtures import lidc_nodules
+from tests.nodule_fixtures import FixedDetector, lidc_nodules
 
 pytestmark = pytest.mark.integration
 
 TRACKING_UID = "112040"  # DCM "Tracking Unique Identifier" (TID 1500)
-
-
-class FixedDetector:
-    """Returns ``nodules`` for every volume; raises ``fail[series]`` once per listed series."""
-
-    backend = "fixed"
-
-    def __init__(self, nodules: list[Nodule], fail: dict[str, Exception] | None = None) -> None:
-        self.nodules = nodules
-        self.fail = dict(fail or {})
-        self.calls: list[str] = []
-
-    def run(self, volume: Volume) -> Detection:
-        self.calls.append(volume.series_instance_uid)
-        error = self.fail.pop(volume.series_instance_uid, None)
-        if error is not None:
-            raise error
-        return Detection(
-            series_instance_uid=volume.series_instance_uid,
-            nodules=list(self.nodules),
-            candidates=len(self.nodules),
-            timings_ms={"stage1": 1.0, "stage2": 1.0},
-            backend=self.backend,
-            model_versions={"stage1_screen": "0.0.0", "stage2_refine": "0.0.0"},
-        )
 
 
 def _off_frame(nodule: Nodule) -> Nodule:
