@@ -62,6 +62,9 @@ class AEPolicy(BaseModel):
     #: Destination names for this AE's results; default: the DICOM destination with the same AE
     #: title (back to the sending PACS) and every FHIR destination.
     results_to: list[str] | None = None
+    #: FHIR Identifier.system of this AE's PatientIDs (e.g. ``urn:oid:1.2.3.4`` or the
+    #: hospital's MRN namespace URI); default: from IssuerOfPatientID, else none.
+    patient_identifier_system: str | None = None
 
     def networks(self) -> list[IPNetwork]:
         """Return the networks this AE may connect from (empty: any address)."""
@@ -209,6 +212,11 @@ class NodeConfig(BaseModel):
         if policy is not None and policy.shadow:
             chosen = [d for d in chosen if isinstance(d, FhirDestination)]
         return chosen
+
+    def patient_identifier_system(self, calling_ae: str) -> str | None:
+        """The FHIR patient identifier system configured for ``calling_ae``, if any."""
+        policy = next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+        return policy.patient_identifier_system if policy is not None else None
 
     @field_validator("ae_policies")
     @classmethod

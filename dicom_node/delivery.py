@@ -315,6 +315,7 @@ class DeliveryLoop(threading.Thread):
         super().__init__(name="delivery", daemon=True)
         self.settings = settings
         self.db = db
+        self.config = config
         self.destinations = {d.name: d for d in config.destinations}
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
         self.policy = RetryPolicy(settings.delivery_max_attempts, settings.delivery_backoff_seconds)
@@ -396,7 +397,7 @@ class DeliveryLoop(threading.Thread):
             raise ConfigError(f"destination {name!r} is no longer configured")
         if isinstance(destination, FhirDestination):
             ordered = sorted(rows, key=lambda r: REPORT_ORDER.index(ReportStatus(r.report_status)))
-            return FhirReporter(self.db, self.spool, destination).send(job_id, ordered)
+            return FhirReporter(self.db, self.spool, destination, self.config).send(job_id, ordered)
         if destination.retraction is Retraction.ORTHANC and destination.orthanc is not None:
             retractor = OrthancRetractor(destination.orthanc)
             retractions = {r.id: r for r in rows if r.kind == DeliveryKind.RETRACTION and r.path}
@@ -447,16 +448,20 @@ class FhirReporter:
     spooled header at send time; it is never logged or stored in the database.
     """
 
-    def __init__(self, db: Database, spool: LocalSpool, destination: FhirDestination) -> None:
+    def __init__(
+        self, db: Database, spool: LocalSpool, destination: FhirDestination, config: NodeConfig
+    ) -> None:
         self.db = db
         self.spool = spool
         self.destination = destination
+        self.config = config
 
     def send(self, job_id: str, rows: Sequence[Delivery]) -> dict[int, Exception | None]:
         """Publish each row's status in order; the first failure also stops the later ones."""
-        job, study_uid, first = self._load(job_id)
+        job, study, first = self._load(job_id)
+        system = self.config.patient_identifier_system(study.calling_ae)
         # Read from the spooled header only for the status-only reports that need it.
-        subject = functools.cache(lambda: report_subject(study_uid, first))
+        subject = functools.cache(lambda: report_subject(study.study_instance_uid, first, system))
         outcome: dict[int, Exception | None] = {}
         with FhirClient.from_destination(self.destination) as client:
             for row in rows:
@@ -485,8 +490,8 @@ class FhirReporter:
             conclusion = f"{job.error_code}: {reason}" if job.error_code else reason
             client.publish(build_report(subject(), "cancelled", conclusion=conclusion), [])
 
-    def _load(self, job_id: str) -> tuple[Job, str, Path | None]:
-        """The job, its StudyInstanceUID and one spooled instance of the study."""
+    def _load(self, job_id: str) -> tuple[Job, Study, Path | None]:
+        """The job, its study and one spooled instance of the study."""
         with self.db.session() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -500,4 +505,4 @@ class FhirReporter:
                 .limit(1)
             )
             path = self.spool.path(first) if first is not None else None
-            return job, study.study_instance_uid, path
+            return job, study, path

@@ -198,7 +198,13 @@ class FhirClient:
         Published
             What was written. Observations the stored report listed but this one does not (a
             rerun found fewer nodules) are set to ``entered-in-error`` and named in ``withdrawn``.
+            The patient reference is made literal where the server holds the patient
+            (:meth:`_patient`).
         """
+        subject = self._patient(report.get("subject"))
+        if subject is not None:
+            report = {**report, "subject": subject}
+            observations = [{**obs, "subject": subject} for obs in observations]
         written = [self.upsert(obs) for obs in observations]
         by_identifier = {
             _key(obs["identifier"][0]): w.reference
@@ -211,6 +217,26 @@ class FhirClient:
         stored = self.upsert(body)
         withdrawn = self._withdraw(previous, set(by_identifier.values()))
         return Published(stored, written, withdrawn)
+
+    def _patient(self, subject: Mapping[str, Any] | None) -> JSON | None:
+        """The patient reference made literal where the server holds that patient.
+
+        A reference by an identifier with a system is searched (``Patient?identifier=
+        system|value``); exactly one match adds ``reference: Patient/<id>`` (the identifier
+        stays). No match, several, or no system: ``None``, the logical reference stands (no
+        Patient resource needs to exist, and a bare value could match another issuer's).
+        """
+        identifier = (subject or {}).get("identifier") or {}
+        if not identifier.get("system") or not identifier.get("value"):
+            return None
+        try:
+            patient = self.find("Patient", identifier)
+        except PermanentError:
+            log.warning("FHIR Patient: several share the identifier; referenced by identifier")
+            return None
+        if patient is None:
+            return None
+        return {**dict(subject or {}), "reference": f"Patient/{patient['id']}"}
 
     def _withdraw(self, previous: JSON | None, kept: set[str]) -> list[str]:
         """Set the Observations ``previous`` listed and the new report does not to withdrawn."""

@@ -1,6 +1,6 @@
 """FHIR R4 resources for a study's findings: one DiagnosticReport, one Observation per nodule.
 
-Resource building, no network I/O (:func:`report_subject` reads two attributes of a spooled
+Resource building, no network I/O (:func:`report_subject` reads a few attributes of a spooled
 header): the worker builds a job's results with :func:`build_results`
 (stored with its result set, :mod:`dicom_node.results`), delivery builds the ``registered`` and
 ``cancelled`` status reports with :func:`build_report`, and :mod:`dicom_node.fhir_client` sends
@@ -22,8 +22,13 @@ Identity (what makes retries and reruns idempotent):
   (the SR's ``(112040, DCM, "Tracking Unique Identifier")`` of the nodule, PS3.16 TID 1500;
   :meth:`pipelines.uids.ResultUIDs.tracking_uid` derives it once, for SR, SEG and FHIR alike);
 - the ImagingStudy is referenced *logically* by ``urn:dicom:uid`` | ``urn:oid:<StudyInstanceUID>``
-  (FHIR R4 ImagingStudy.identifier, "DICOM Study Instance UID"), the patient by identifier; no
-  Patient or ImagingStudy resource needs to exist on the server.
+  (FHIR R4 ImagingStudy.identifier, "DICOM Study Instance UID"), the patient by identifier
+  (system: the calling AE's ``patient_identifier_system``, else IssuerOfPatientID), made literal
+  (``Patient/<id>``) by the client where the server holds exactly that patient; no Patient or
+  ImagingStudy resource needs to exist on the server.
+- ``effectiveDateTime`` of report and Observations is when the study was performed
+  (:func:`study_datetime`); ``issued`` on the results is when their input was complete (the
+  worker passes it), so a redelivered job writes the same resources.
 
 The report's ``result`` references carry the Observations' identifiers; the client turns them
 into literal ``Observation/<id>`` references once the server has assigned ids.
@@ -56,7 +61,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -197,29 +202,81 @@ class ReportSubject:
         PatientID (0010,0020), read from the spooled header at job time; never logged.
     issuer_of_patient_id : str, optional
         IssuerOfPatientID (0010,0021); becomes the patient identifier's system
-        (:func:`patient_identifier_system`).
+        (:func:`patient_identifier_system`) unless ``identifier_system`` is set.
+    identifier_system : str, optional
+        The patient identifier's system configured for the AE that sent the study
+        (``ae_policies[].patient_identifier_system``); it takes precedence over the issuer.
+    effective : str, optional
+        When the study was performed, as a FHIR dateTime (:func:`study_datetime`).
     """
 
     study_instance_uid: str
     patient_id: str
     issuer_of_patient_id: str | None = None
+    identifier_system: str | None = None
+    effective: str | None = None
 
     def __repr__(self) -> str:  # keep patient data out of logs and tracebacks
         return f"ReportSubject(study_instance_uid={self.study_instance_uid!r}, patient=<hidden>)"
 
 
-def report_subject(study_instance_uid: str, path: Path | None) -> ReportSubject:
-    """The report's subject: the study, and PatientID/IssuerOfPatientID read from ``path``.
+#: The header attributes :func:`report_subject` reads (nothing else of the file).
+SUBJECT_TAGS: Final = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyDate",
+    "StudyTime",
+    "TimezoneOffsetFromUTC",
+)
 
-    ``path`` is one spooled instance of the study (only those two attributes are read); without
-    it the patient identifier is empty.
+
+def report_subject(
+    study_instance_uid: str, path: Path | None, identifier_system: str | None = None
+) -> ReportSubject:
+    """The report's subject: the study, its patient identifier and date, read from ``path``.
+
+    ``path`` is one spooled instance of the study (only :data:`SUBJECT_TAGS` are read); without
+    it the patient identifier is empty and the date unknown. ``identifier_system`` is the
+    calling AE's configured patient identifier system, if any.
     """
     if path is None:
-        return ReportSubject(study_instance_uid, "")
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "IssuerOfPatientID"])
+        return ReportSubject(study_instance_uid, "", identifier_system=identifier_system)
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=list(SUBJECT_TAGS))
     patient_id = str(ds.get("PatientID", "") or "")
     issuer = str(ds.get("IssuerOfPatientID", "") or "") or None
-    return ReportSubject(study_instance_uid, patient_id, issuer)
+    effective = study_datetime(
+        str(ds.get("StudyDate", "") or ""),
+        str(ds.get("StudyTime", "") or ""),
+        str(ds.get("TimezoneOffsetFromUTC", "") or ""),
+    )
+    return ReportSubject(study_instance_uid, patient_id, issuer, identifier_system, effective)
+
+
+def study_datetime(date: str, time: str, offset: str = "") -> str | None:
+    """StudyDate and StudyTime (DICOM DA, TM) as a FHIR R4 dateTime, or ``None`` without a date.
+
+    A FHIR dateTime with a time needs a zone: TimezoneOffsetFromUTC (``+hhmm``) when the study
+    has one, else the node's own zone, which is the one PS3.3 C.12.1.1.8 assumes for local times
+    (the node runs in the hospital). Without a (valid) time the date alone is given.
+    """
+    try:
+        day = datetime.strptime(date.strip(), "%Y%m%d")
+    except ValueError:
+        return None
+    match = re.match(r"^(\d{2})(\d{2})?(\d{2})?", time.strip())
+    if match is None:
+        return day.date().isoformat()
+    hour, minute, second = (int(g or 0) for g in match.groups())
+    try:
+        local = day.replace(hour=hour, minute=minute, second=second)
+    except ValueError:
+        return day.date().isoformat()
+    zone = re.match(r"^([+-])(\d{2})(\d{2})$", offset.strip())
+    if zone is not None:
+        sign = 1 if zone.group(1) == "+" else -1
+        delta = timedelta(hours=int(zone.group(2)), minutes=int(zone.group(3)))
+        return local.replace(tzinfo=timezone(sign * delta)).isoformat()
+    return local.astimezone().isoformat()
 
 
 def dicom_uid_identifier(uid: str) -> JSON:
@@ -250,9 +307,11 @@ def patient_identifier_system(issuer_of_patient_id: str | None) -> str | None:
 
 
 def patient_reference(study: ReportSubject) -> JSON:
-    """Logical reference to the patient by identifier (FHIR R4 Reference.identifier)."""
+    """Logical reference to the patient by identifier (FHIR R4 Reference.identifier); the
+    client makes it literal where the server holds that patient
+    (:meth:`dicom_node.fhir_client.FhirClient.publish`)."""
     identifier: JSON = {"value": study.patient_id}
-    system = patient_identifier_system(study.issuer_of_patient_id)
+    system = study.identifier_system or patient_identifier_system(study.issuer_of_patient_id)
     if system is not None:
         identifier = {"system": system, **identifier}
     return {"type": "Patient", "identifier": identifier}
@@ -355,6 +414,7 @@ def build_observation(
         },
         "method": {"text": f"AI detection: {model.display}"},
         "device": {"display": model.display},
+        "effectiveDateTime": study.effective,
         "derivedFrom": derived,
         "note": [{"text": f"Centre (DICOM patient LPS, mm): {x:.1f}, {y:.1f}, {z:.1f}"}],
         "component": [c for c in components if c is not None],
@@ -415,6 +475,7 @@ def build_report(
         "category": [RADIOLOGY],
         "code": REPORT_CODE,
         "subject": patient_reference(study),
+        "effectiveDateTime": study.effective,
         "imagingStudy": [imaging_study_reference(study.study_instance_uid)],
     }
     if observations:

@@ -43,12 +43,13 @@ class GspsNodule:
     tracking_uid: str
 
 
-def label(number: int, nodule: Nodule) -> str:
-    """Short text: ``N<number> <long axis> mm <type> <probability>`` (64 characters at most)."""
+def label(number: int, item: GspsNodule) -> str:
+    """Short text: ``N<number> <long axis> mm <type> <probability>`` (64 characters at most);
+    the long axis is the one measured on the drawn outline, as in the SR."""
+    nodule = item.nodule
     flag = " ?" if nodule.needs_review else ""
-    return (f"N{number} {nodule.long_axis_mm:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}")[
-        :64
-    ]
+    size = item.outline.long_axis_mm
+    return f"N{number} {size:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}"[:64]
 
 
 def _label_box(outline: Outline) -> tuple[float, float, float, float]:
@@ -83,7 +84,7 @@ def annotation(
         ],
         text_objects=[
             hd.pr.TextObject(
-                text_value=label(number, item.nodule),
+                text_value=label(number, item),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
                 bounding_box=_label_box(item.outline),
                 text_justification=hd.pr.TextJustificationValues.LEFT,

@@ -123,12 +123,19 @@ class Outline:
         ``(2, 2)`` endpoints of the longest chord between outline points, ``(column, row)``.
     long_axis_mm : float
         Its length in mm (PixelSpacing applied per axis).
+    short_axis_mm : float
+        The outline's longest extent perpendicular to the long axis, in mm.
+
+    These two are the nodule's planar measurements wherever it is reported (SR, FHIR, JSON,
+    Lung-RADS): measured on the outline the SR draws, so a reader measuring the drawn polyline
+    gets the stated long axis.
     """
 
     plane: SourcePlane
     points: Points
     long_axis: Points
     long_axis_mm: float
+    short_axis_mm: float
 
 
 def _floats(value: Any, count: int) -> list[float]:
@@ -336,11 +343,22 @@ def long_axis(points: Points, pixel_spacing: tuple[float, float]) -> tuple[Point
     return np.stack([points[i], points[j]]), float(d[i, j])
 
 
+def short_axis(points: Points, ends: Points, pixel_spacing: tuple[float, float]) -> float:
+    """Extent (mm) of ``(column, row)`` points perpendicular to the chord ``ends``."""
+    scale = np.array([pixel_spacing[1], pixel_spacing[0]])
+    mm, tips = points * scale, ends * scale
+    direction = (tips[1] - tips[0]) / max(float(np.linalg.norm(tips[1] - tips[0])), 1e-9)
+    across = mm @ np.array([-direction[1], direction[0]])
+    return float(across.max() - across.min())
+
+
 def nodule_outline(masks: Sequence[PlaneMask], nodule: Nodule) -> Outline | None:
-    """Outline and long axis of ``nodule`` on its largest-extent stored slice (None if empty)."""
+    """Outline, long and short axis of ``nodule`` on its largest-extent stored slice (None if
+    empty)."""
     best = largest_plane(masks, nodule)
     if best is None:
         return None
     points = outline_points(best.mask)
     ends, length = long_axis(points[:-1], best.plane.pixel_spacing)
-    return Outline(best.plane, points, ends, length)
+    width = short_axis(points[:-1], ends, best.plane.pixel_spacing)
+    return Outline(best.plane, points, ends, length, min(width, length))

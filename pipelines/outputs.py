@@ -278,10 +278,11 @@ def _pin_clock(ds: Dataset, created: datetime) -> None:
 
 
 def _reported(report: NoduleReport) -> ReportedNodule:
-    """The record every output shares for one encoded nodule."""
-    n = report.nodule
+    """The record every output shares for one encoded nodule: its axes are those measured on the
+    outline the SR draws (the same values in SR, FHIR, JSON and its Lung-RADS category)."""
+    n, outline = report.nodule, report.outline
     x, y, z = (float(v) for v in n.center_mm)
-    mean = mean_diameter_mm(n.long_axis_mm, n.short_axis_mm)
+    mean = mean_diameter_mm(outline.long_axis_mm, outline.short_axis_mm)
     solid_mean = mean_diameter_mm(n.solid_long_axis_mm, n.solid_short_axis_mm)
     return ReportedNodule(
         number=report.segment_number,
@@ -289,8 +290,8 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         tracking_uid=report.tracking_uid,
         segment_number=report.segment_number,
         center_mm=(x, y, z),
-        long_axis_mm=float(n.long_axis_mm),
-        short_axis_mm=float(n.short_axis_mm),
+        long_axis_mm=outline.long_axis_mm,
+        short_axis_mm=outline.short_axis_mm,
         volume_mm3=float(n.volume_mm3),
         mean_hu=float(n.mean_hu),
         type=n.type,

@@ -8,7 +8,8 @@ Content tree (PS3.16 TID 1500 Measurement Report):
 
   - a **TID 1410** Planar ROI group: a closed POLYLINE SCOORD (first point repeated) on the stored
     image of largest extent, in image coordinates (PS3.3 C.18.6.1.1), with the long axis
-    (SCT 103339001 "Long Axis") and short axis (SCT 103340004 "Short Axis") in mm. Viewers such
+    (SCT 103339001 "Long Axis") and short axis (SCT 103340004 "Short Axis") in mm, both measured
+    on that polyline (:class:`pipelines.masks.Outline`). Viewers such
     as OHIF draw only groups that carry a 2D outline; OHIF labels it with these NUMs.
   - a **TID 1411** Volumetric ROI group referencing the nodule's SEG segment, with the volume
     (SCT 118565006 "Volume", mm3), the mean attenuation (DCM 112031 "Attenuation Coefficient"
@@ -121,7 +122,6 @@ def planar_group(
             referenced_frame_numbers=frames,
         ),
     )
-    nodule = report.nodule
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=report.tracking_uid, identifier=report.tracking_id
@@ -131,8 +131,8 @@ def planar_group(
         algorithm_id=algo,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
         measurements=[
-            _mm(codes.SCT.LongAxis, nodule.long_axis_mm, algo),
-            _mm(codes.SCT.ShortAxis, nodule.short_axis_mm, algo),
+            _mm(codes.SCT.LongAxis, report.outline.long_axis_mm, algo),
+            _mm(codes.SCT.ShortAxis, report.outline.short_axis_mm, algo),
         ],
     )
 

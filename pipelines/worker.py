@@ -50,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database, Instance, Job, Series, Study, utcnow
 from dicom_node.errors import ErrorCode, QueueUnavailableError
-from dicom_node.fhir_resources import build_results, report_subject
+from dicom_node.fhir_resources import ReportSubject, build_results, report_subject
 from dicom_node.lifecycle import (
     FINISHED,
     begin_attempt,
@@ -222,13 +222,14 @@ class Worker:
         start = time.perf_counter()
         detection = analysis.detection
         model = ModelIdentity(detection.model_name, detection.model_version)
+        created = self._input_time(analysis.volume.sop_instance_uids)
         encoded = encode_results(
             analysis.paths,
             analysis.volume,
             detection.nodules,
             model,
             history=self._history(job_id),
-            created=self._input_time(analysis.volume.sop_instance_uids),
+            created=created,
         )
         folder = f"{results_path(job_id)}/{attempt}"
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
@@ -236,13 +237,14 @@ class Worker:
         sr = next(o for o in objects if o.kind is ObjectKind.SR)
         seg = next((o for o in objects if o.kind is ObjectKind.SEG), None)
         report, observations = build_results(
-            report_subject(study_uid, analysis.paths[0]),
+            self._subject(study_uid, analysis.paths[0]),
             [n.to_json() for n in encoded.nodules],
             model,
             tracking_uids=[n.tracking_uid for n in encoded.nodules],
             sr_uid=sr.sop_instance_uid,
             seg_uid=seg.sop_instance_uid if seg is not None else None,
             lung_rads=lung_rads,
+            issued=created,
         )
         fhir_path = f"{folder}/fhir.json"
         fhir = {"report": report, "observations": observations}
@@ -280,6 +282,16 @@ class Worker:
                 )
             )
         return latest if latest is not None else utcnow()
+
+    def _subject(self, study_uid: str, path: Path) -> ReportSubject:
+        """The FHIR subject: the study, its patient (with the calling AE's identifier system)."""
+        with self.db.session() as session:
+            calling_ae = session.scalar(
+                select(Study.calling_ae).where(Study.study_instance_uid == study_uid)
+            )
+        return report_subject(
+            study_uid, path, self.config.patient_identifier_system(calling_ae or "")
+        )
 
     def _write_object(self, folder: str, ds: Dataset) -> ResultObject:
         relpath = f"{folder}/{ds.Modality}-{safe_uid(ds.SOPInstanceUID)}.dcm"

@@ -237,8 +237,57 @@ def test_sr_carries_diameters_volume_hu_and_probability_per_nodule(phantom: Stud
     for name in ("SCT:103339001", "SCT:103340004", "SCT:118565006", "DCM:112031", "DCM:111012"):
         assert len(values[name]) == len(phantom.nodules), name
     assert sorted(values["DCM:111012"]) == [55.0, 97.0]
-    expected = sorted(round(n.long_axis_mm, 2) for n in phantom.nodules)
+    # measured on the drawn outline (stored pixels), as every output reports them
+    reported = encode_results(phantom.paths, phantom.volume, phantom.nodules, MODEL).nodules
+    expected = sorted(round(n.long_axis_mm, 2) for n in reported)
     assert sorted(values["SCT:103339001"]) == pytest.approx(expected)
+
+
+def _planar_groups(sr: Dataset) -> list[tuple[np.ndarray, float, float, str]]:
+    """Per TID 1410 group: polyline (column, row), long axis, short axis, referenced image."""
+    groups = []
+    for item in sr.ContentSequence:
+        for group in item.get("ContentSequence", []):
+            if group.get("ValueType") != "CONTAINER":
+                continue
+            values = {str(c.ConceptNameCodeSequence[0].CodeValue): c for c in group.ContentSequence}
+            scoord = next(
+                (c for c in group.ContentSequence if c.get("ValueType") == "SCOORD"), None
+            )
+            if scoord is None:
+                continue
+            points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+            image = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            long_axis = float(values["103339001"].MeasuredValueSequence[0].NumericValue)
+            short_axis = float(values["103340004"].MeasuredValueSequence[0].NumericValue)
+            groups.append((points, long_axis, short_axis, str(image)))
+    return groups
+
+
+@pytest.mark.parametrize("name", ["lidc", "phantom"])
+def test_the_sr_axes_are_measured_on_the_polyline_it_draws(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    """A reader measuring the drawn outline gets the stated long axis (to 0.1 mm) and a short
+    axis no longer than the outline's extent across it; findings carry the same values."""
+    study: Study = request.getfixturevalue(name)
+    sr = dcmread(study.files["SR"])
+    spacing = {
+        str(ds.SOPInstanceUID): [float(v) for v in ds.PixelSpacing]
+        for ds in (dcmread(p, stop_before_pixels=True) for p in study.paths)
+    }
+    groups = _planar_groups(sr)
+    assert len(groups) == len(study.nodules)
+    reported = encode_results(study.paths, study.volume, study.nodules, MODEL).nodules
+    for (points, long_axis, short_axis, image), nodule in zip(groups, reported, strict=True):
+        row_mm, column_mm = spacing[image]
+        mm = points * np.array([column_mm, row_mm])
+        chords = np.sqrt(((mm[:, None, :] - mm[None, :, :]) ** 2).sum(-1))
+        assert long_axis == pytest.approx(float(chords.max()), abs=0.1)
+        assert 0 < short_axis <= long_axis
+        assert (nodule.long_axis_mm, nodule.short_axis_mm) == pytest.approx(
+            (long_axis, short_axis), abs=0.01
+        )
 
 
 def test_seg_and_sr_share_the_nodules_tracking_uids(phantom: Study) -> None:

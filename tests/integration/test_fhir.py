@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -263,3 +264,38 @@ def test_a_concurrent_update_is_a_transient_error_not_a_lost_update(
     monkeypatch.undo()
     (stored,) = reports_of(fhir_server, study)
     assert stored["conclusion"] == "rejected: no eligible series"
+
+
+def test_the_patient_is_referenced_literally_where_the_server_holds_exactly_that_patient(
+    client: FhirClient, fhir_server: FhirServer
+) -> None:
+    known, unknown = new_study(), new_study()
+    system = "urn:noduleai:issuer:HOSPITAL%20A"
+    answer = httpx.post(
+        f"{fhir_server.url}/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": system, "value": known.patient_id}],
+        },
+        headers={
+            "Authorization": f"Bearer {fhir_server.token}",
+            "Content-Type": "application/fhir+json",
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 201, answer.text
+    patient = f"Patient/{answer.json()['id']}"
+
+    for study in (known, unknown):
+        client.publish(
+            *build_results(study, NODULES[:1], MODEL, tracking_uids=[f"2.25.{uuid.uuid4().int}"])
+        )
+
+    (report,) = reports_of(fhir_server, known)
+    (observation,) = observations_of(fhir_server, known)
+    for resource in (report, observation):
+        assert resource["subject"]["reference"] == patient
+        assert resource["subject"]["identifier"] == {"system": system, "value": known.patient_id}
+    (report,) = reports_of(fhir_server, unknown)
+    assert "reference" not in report["subject"]
+    assert report["subject"]["identifier"]["value"] == unknown.patient_id

@@ -103,7 +103,9 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
     assert all(len(v) == 1 and v[0]["InstanceNumber"] == "1" for v in first.values())
     first_uids = {v[0]["SOPInstanceUID"] for v in first.values()}
 
-    second_job = _run_job(settings, db, worker, files[-1:])  # the late slice, at an end of the series
+    second_job = _run_job(
+        settings, db, worker, files[-1:]
+    )  # the late slice, at an end of the series
     delivery.deliver_due()
 
     with db.session() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from dicom_node.fhir_resources import (
     laterality,
     patient_identifier_system,
     report_identifier,
+    study_datetime,
 )
 from dicom_node.results import ModelIdentity
 
@@ -205,3 +207,48 @@ def test_the_report_identifier_is_pinned_so_a_namespace_change_fails() -> None:
         "system": "urn:noduleai:report",
         "value": "f5bb3e56-84eb-532b-a4e2-023d14471223",
     }
+
+
+@pytest.mark.parametrize(
+    ("date", "time", "offset", "expected"),
+    [
+        ("20001231", "235959.123456", "+0100", "2000-12-31T23:59:59+01:00"),
+        ("20001231", "0730", "-0500", "2000-12-31T07:30:00-05:00"),
+        ("20001231", "", "+0100", "2000-12-31"),
+        ("20001231", "99", "", "2000-12-31"),
+        ("", "120000", "", None),
+        ("2000-12-31", "120000", "", None),
+    ],
+)
+def test_the_study_date_and_time_become_a_fhir_datetime_with_its_zone(
+    date: str, time: str, offset: str, expected: str | None
+) -> None:
+    assert study_datetime(date, time, offset) == expected
+
+
+def test_without_an_offset_the_study_time_is_in_the_nodes_zone() -> None:
+    value = study_datetime("20001231", "120000")
+    assert value is not None
+    parsed = datetime.fromisoformat(value)
+    assert parsed.utcoffset() == datetime(2000, 12, 31, 12).astimezone().utcoffset()
+    assert parsed.replace(tzinfo=None) == datetime(2000, 12, 31, 12)
+
+
+def test_report_and_observations_carry_the_study_date_and_the_issue_time() -> None:
+    study = dataclasses.replace(STUDY, effective="2000-12-31T12:00:00+01:00")
+    issued = datetime(2001, 1, 1, 9, 0, tzinfo=UTC)
+    report, observations = build_results(
+        study, [NODULE], MODEL, tracking_uids=["1.2.3"], issued=issued
+    )
+    for resource in (report, *observations):
+        assert resource["effectiveDateTime"] == "2000-12-31T12:00:00+01:00"
+        assert datetime.fromisoformat(resource["issued"]) == issued
+    assert "effectiveDateTime" not in build_report(STUDY, "registered")
+
+
+def test_the_ae_identifier_system_takes_precedence_over_the_issuer() -> None:
+    configured = dataclasses.replace(STUDY, identifier_system="http://hospital.example/mrn")
+    subject = build_report(configured, "registered")["subject"]
+    assert subject["identifier"] == {"system": "http://hospital.example/mrn", "value": "PAT-0001"}
+    from_issuer = build_report(STUDY, "registered")["subject"]["identifier"]
+    assert from_issuer["system"] == "urn:oid:1.2.826.0.1.3680043.8.498.9"
