@@ -12,21 +12,22 @@ instead." without it).
 
 Frame layout (the decision, for viewers)
 ----------------------------------------
-Every frame lies exactly on a stored source frame: highdicom copies each frame's
-ImagePositionPatient from the source image it is derived from and references that image (and
-frame number, for multi-frame sources) in the frame's Derivation Image Sequence, so viewers that
-match frames to images by position ("frames out of plane") or by reference agree.
+Every frame lies exactly on a stored source frame and carries pixels of its segment: highdicom
+copies each frame's ImagePositionPatient from the source image it is derived from and references
+that image (and frame number, for multi-frame sources) in the frame's Derivation Image Sequence,
+and empty frames are omitted (``omit_empty_frames=True``). A segment's frames are the slices its
+mask touches, without gaps (a nodule is one connected region), and nothing else: SEGs of several
+nodules far apart no longer carry the empty slices between them (they were about 80 % of the
+file). OHIF 3.13 places each frame by its reference and position, so a second segment whose frames
+follow a gap of empty slices is drawn on its own slices (checked in the OHIF test, against the
+"overlay shifts when empty frames are omitted" report of MONAI Deploy SDK issue 397, which came
+from frames without per-frame positions). The pixel data stays uncompressed (Explicit VR Little
+Endian, one bit per pixel): a compressed SEG has not been checked in OHIF yet.
 
-* Single-frame sources (CT Image): the SEG is built on the contiguous run of source slices from
-  the lowest to the highest slice any nodule touches, with ``omit_empty_frames=False``. Every
-  segment then has a frame on every slice of that run, empty ones included: for one nodule that is
-  exactly its extent, with no gaps inside it, so viewers that assume frames follow the source
-  slices without holes (the reported "overlay shifts when empty frames are omitted") stay right.
-  When that run times the number of segments would exceed :data:`MAX_FULL_FRAMES`, empty frames
-  are omitted instead (each segment keeps one frame per source slice it touches) to bound size.
+* Single-frame sources (CT Image): the source images are the slices any segment touches.
 * Multi-frame sources (Enhanced CT): highdicom derives from one multi-frame instance; the SEG
-  references the source frames by number and omits empty frames. Nodules on frames of other
-  instances are not encoded (see ``encode_segmentation``'s Raises).
+  references the source frames by number. Nodules on frames of other instances are not encoded
+  (see ``encode_segmentation``'s Raises).
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ from dicom_node.results import MANUFACTURER
 from pipelines.masks import PlaneMask
 from pipelines.uids import ResultUIDs
 
-#: Beyond this many frames (slices x segments), empty frames are omitted.
-MAX_FULL_FRAMES = 1000
 SEG_SERIES_NUMBER = 9701
 DEVICE_SERIAL_NUMBER = "noduleai"
 #: Display colours (sRGB) of segments 1 to 5: saturated, distinct, visible on grey CT.
@@ -128,7 +127,7 @@ def encode_segmentation(
         The source series' instances (headers suffice), any order.
     slice_order : sequence of (str, int or None)
         ``(SOPInstanceUID, frame number)`` of each Volume slice, in z order (from
-        :func:`pipelines.masks.source_planes`); defines the contiguous run of slices.
+        :func:`pipelines.masks.source_planes`); the SEG's source images follow it.
     segments : sequence of SegmentInput
         One per nodule, at least one, each with a non-empty mask.
     uids : ResultUIDs
@@ -155,13 +154,10 @@ def encode_segmentation(
         raise ValueError("no segment has any pixel on a source frame")
     multiframe = any(frame is not None for _, frame in touched)
     if multiframe:
-        images, frames, omit = _multiframe_layout(by_uid, touched)
+        images, frames = _multiframe_layout(by_uid, touched)
     else:
-        positions = [i for i, key in enumerate(slice_order) if key in touched]
-        run = [uid for uid, _ in slice_order[min(positions) : max(positions) + 1]]
-        images = [by_uid[uid] for uid in run]
-        frames = [(uid, None) for uid in run]
-        omit = len(frames) * len(segments) > MAX_FULL_FRAMES
+        frames = [key for key in slice_order if key in touched]
+        images = [by_uid[uid] for uid, _ in frames]
     head = images[0]
     pixels = np.zeros((len(frames), int(head.Rows), int(head.Columns), len(segments)), np.uint8)
     index = {key: i for i, key in enumerate(frames)}
@@ -190,17 +186,17 @@ def encode_segmentation(
         content_label="NODULES",
         content_description="Lung nodules (automatic detection)",
         series_description="NoduleAI nodule segmentation",
-        omit_empty_frames=omit,
+        omit_empty_frames=True,
     )
 
 
 def _multiframe_layout(
     by_uid: dict[str, Dataset], touched: set[tuple[str, int | None]]
-) -> tuple[list[Dataset], list[tuple[str, int | None]], bool]:
+) -> tuple[list[Dataset], list[tuple[str, int | None]]]:
     instances = {uid for uid, _ in touched}
     if len(instances) > 1:
         raise ValueError("nodules span several multi-frame instances; one SEG cannot derive them")
     uid = instances.pop()
     ds = by_uid[uid]
     count = int(ds.get("NumberOfFrames", 1) or 1)
-    return [ds], [(uid, n) for n in range(1, count + 1)], True
+    return [ds], [(uid, n) for n in range(1, count + 1)]

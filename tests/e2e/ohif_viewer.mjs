@@ -6,7 +6,8 @@
 // cornerstone viewport, in page pixels), segment rows, SR outline points and text, screenshot paths.
 // Input (environment): OHIF_BASE, OHIF_STUDY, OHIF_OUT (screenshots, console log),
 // OHIF_CENTER (JSON [x, y, z] in mm, patient LPS: the nodule's centre), OHIF_POINTS (JSON
-// {name: [x, y, z]}: more patient points to project onto the canvas).
+// {name: [x, y, z]}: more patient points to project onto the canvas), OHIF_DECOY (optional JSON
+// [x, y, z]: the centre of segment 2, screenshot with that segment shown and hidden).
 import fs from "node:fs";
 import { chromium } from "playwright-core";
 
@@ -15,6 +16,7 @@ const study = process.env.OHIF_STUDY;
 const out = process.env.OHIF_OUT;
 const center = JSON.parse(process.env.OHIF_CENTER);
 const points = JSON.parse(process.env.OHIF_POINTS || "{}");
+const decoy = process.env.OHIF_DECOY ? JSON.parse(process.env.OHIF_DECOY) : null;
 const TIMEOUT = 90000;
 const logs = [];
 
@@ -91,23 +93,28 @@ async function seg(page) {
       title: r.querySelector('[data-cy="data-row-title"]')?.textContent.trim(),
       color: r.querySelector('[data-cy="data-row-colorhex"]')?.style.backgroundColor,
     })));
-  // The slice nearest to the nodule's centre, as a user scrolling there would see it.
+  return { segments, ...(await segmentShots(page, 0, center, points, "seg")) };
+}
+
+// Go to the slice nearest to `where` (as a user scrolling there would see it), screenshot it with
+// the segment of panel row `row` shown and hidden.
+async function segmentShots(page, row, where, named, name) {
   const target = await page.evaluate(async (z) => {
     const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
     const zs = vp.getImageIds().map((id) => window.cornerstone.metaData.get("imagePlaneModule", id).imagePositionPatient[2]);
     const index = zs.reduce((best, v, i) => (Math.abs(v - z) < Math.abs(zs[best] - z) ? i : best), 0);
     await vp.setImageIdIndex(index);
     return { index, z: zs[index] };
-  }, center[2]);
+  }, where[2]);
   await page.waitForFunction((i) => window.cornerstone.getEnabledElements().some((e) => e.viewport.id === "default" && e.viewport.getCurrentImageIdIndex() === i), target.index, { timeout: TIMEOUT });
   await noToasts(page);
-  const on = await stableScreenshot(page, `${out}/seg-on.png`);
-  const geo = await page.evaluate(geometry, [center, points]);
-  await page.locator('[data-cy="data-row-visibility-toggle"]').first().click();
-  const off = await stableScreenshot(page, `${out}/seg-off.png`);
-  const geoOff = await page.evaluate(geometry, [center, points]);
-  await page.locator('[data-cy="data-row-visibility-toggle"]').first().click();
-  return { segments, target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
+  const on = await stableScreenshot(page, `${out}/${name}-on.png`);
+  const geo = await page.evaluate(geometry, [where, named]);
+  await page.locator('[data-cy="data-row-visibility-toggle"]').nth(row).click();
+  const off = await stableScreenshot(page, `${out}/${name}-off.png`);
+  const geoOff = await page.evaluate(geometry, [where, named]);
+  await page.locator('[data-cy="data-row-visibility-toggle"]').nth(row).click();
+  return { target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
 }
 
 // Open the SR and show the image its outline is on. OHIF usually jumps there itself; sometimes
@@ -181,6 +188,7 @@ async function main() {
     await page.getByText("Skip all").click({ timeout: TIMEOUT }); // onboarding tour
     result.viewerReadySeconds = (Date.now() - started) / 1000;
     result.seg = await seg(page);
+    if (decoy) result.decoy = await segmentShots(page, 1, decoy, {}, "decoy");
     result.segSeconds = (Date.now() - started) / 1000;
     result.sr = await sr(page, result.seg.target.index);
     result.totalSeconds = (Date.now() - started) / 1000;

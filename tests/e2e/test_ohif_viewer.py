@@ -13,6 +13,7 @@ the nodule's centre. Screenshots, the browser console and the driver's report la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 
 from dicom_node.results import ModelIdentity
+from pipelines.findings import Nodule
 from pipelines.outputs import encode_results
 from pipelines.volume import build_volume
 from tests.conftest import REPO
@@ -77,7 +79,8 @@ def ohif_dist() -> Path:
 
 @dataclass
 class Results:
-    """The LIDC-IDRI-0001 slices and what we encoded for the readers' nodule."""
+    """The LIDC-IDRI-0001 slices and what we encoded for the readers' nodule (and a decoy copy
+    of it elsewhere, segment 2)."""
 
     slices: list[Path]
     files: dict[str, Path]
@@ -88,6 +91,8 @@ class Results:
     outline_image_uid: str
     long_axis_mm: float
     segment_rgb: tuple[int, int, int]
+    decoy_center_mm: tuple[float, float, float]
+    decoy_rgb: tuple[int, int, int]
 
 
 def _sr_planar_group(sr: Dataset) -> tuple[Dataset, float]:
@@ -115,7 +120,10 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
     volume = build_volume(slices)
     nodules = lidc_nodules(xml, volume)
     assert len(nodules) == 1
-    seg, sr, gsps = encode_results(slices, volume, nodules, MODEL).datasets
+    # A second segment 80 mm below, in the other lung: the SEG omits the empty slices between
+    # the two, and OHIF must still draw each segment on its own slices (no shift).
+    decoy = _moved(nodules[0], (-110.0, 0.0, -80.0))
+    seg, sr, gsps = encode_results(slices, volume, [nodules[0], decoy], MODEL).datasets
     out = tmp_path_factory.mktemp("results")
     files = {}
     for name, ds in (("SEG", seg), ("SR", sr), ("GSPS", gsps)):
@@ -136,8 +144,10 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
         ]
     )
     span = world[:, None, :2] - world[None, :, :2]
-    lab = seg.SegmentSequence[0].RecommendedDisplayCIELabValue
-    segment_rgb = hd.color.CIELabColor.from_dicom_value(tuple(lab)).to_rgb()
+    segment_rgb, decoy_rgb = (
+        hd.color.CIELabColor.from_dicom_value(tuple(item.RecommendedDisplayCIELabValue)).to_rgb()
+        for item in seg.SegmentSequence
+    )
     return Results(
         slices=slices,
         files=files,
@@ -148,6 +158,17 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
         outline_image_uid=str(image),
         long_axis_mm=long_axis,
         segment_rgb=tuple(int(v) for v in segment_rgb),  # type: ignore[arg-type]
+        decoy_center_mm=tuple(float(v) for v in decoy.center_mm),  # type: ignore[arg-type]
+        decoy_rgb=tuple(int(v) for v in decoy_rgb),  # type: ignore[arg-type]
+    )
+
+
+def _moved(nodule: Nodule, shift_mm: tuple[float, float, float]) -> Nodule:
+    """The same nodule (mask and all) moved by ``shift_mm`` (patient LPS)."""
+    return dataclasses.replace(
+        nodule,
+        mask_origin_mm=tuple(o + d for o, d in zip(nodule.mask_origin_mm, shift_mm, strict=True)),
+        center_mm=tuple(c + d for c, d in zip(nodule.center_mm, shift_mm, strict=True)),
     )
 
 
@@ -264,6 +285,7 @@ def _drive(base: str, results: Results) -> dict[str, Any]:
         "OHIF_OUT": str(ARTIFACTS),
         "OHIF_CENTER": json.dumps(results.center_mm),
         "OHIF_POINTS": json.dumps({"outline": results.outline_centre_mm}),
+        "OHIF_DECOY": json.dumps(results.decoy_center_mm),
     }
     started = time.monotonic()
     driven = subprocess.run(
@@ -305,12 +327,18 @@ def _distance(shape: tuple[int, ...], point: list[float]) -> npt.NDArray[np.floa
     return distance
 
 
-def assert_seg_overlay_on_the_nodule(seg: dict[str, Any], results: Results) -> None:
-    """Pixels that the segment's visibility toggles are red-tinted, on the nodule, nowhere else."""
+def assert_seg_overlay_on_the_nodule(
+    seg: dict[str, Any],
+    shown: list[int],
+    center_mm: tuple[float, float, float],
+    segment_rgb: tuple[int, int, int],
+) -> None:
+    """Pixels that the segment's visibility toggles are tinted with its colour ``segment_rgb``
+    (OHIF shows ``shown``), on the nodule at ``center_mm``, nowhere else."""
     geo = seg["geometry"]
     assert seg["geometryOff"]["rect"] == geo["rect"], "the viewport moved between screenshots"
     assert seg["geometryOff"]["nodule"] == geo["nodule"], "the camera moved between screenshots"
-    assert abs(seg["target"]["z"] - results.center_mm[2]) <= 2.5, seg["target"]
+    assert abs(seg["target"]["z"] - center_mm[2]) <= 2.5, seg["target"]
     on, off = _rgb(seg["shots"]["on"]), _rgb(seg["shots"]["off"])
     changed = (np.abs(on - off).sum(axis=2) > CHANGED) & _in_viewport(on.shape, geo)
     mm = _distance(on.shape, geo["nodule"]) / geo["pxPerMm"]
@@ -324,11 +352,10 @@ def assert_seg_overlay_on_the_nodule(seg: dict[str, Any], results: Results) -> N
     assert centroid_mm / geo["pxPerMm"] <= 6.0, "the overlay is not centred on the nodule"
     # OHIF took the segment's colour from our SEG, and the overlay is that colour blended over
     # grey CT: the tint it adds points the way of the colour's own chroma.
-    shown = [int(v) for v in seg["segments"][0]["color"].strip("rgb()").split(",")]
-    assert np.abs(np.subtract(shown, results.segment_rgb)).max() <= 3, (shown, results.segment_rgb)
+    assert np.abs(np.subtract(shown, segment_rgb)).max() <= 3, (shown, segment_rgb)
     added = (on[near] - off[near]).mean(axis=0)
     added_chroma = added - added.mean()
-    colour_chroma = np.asarray(results.segment_rgb, dtype=float)
+    colour_chroma = np.asarray(segment_rgb, dtype=float)
     colour_chroma -= colour_chroma.mean()
     cosine = (
         added_chroma @ colour_chroma / np.linalg.norm(added_chroma) / np.linalg.norm(colour_chroma)
@@ -376,11 +403,16 @@ def test_ohif_draws_our_seg_overlay_and_sr_outline_with_diameter_on_the_lidc_nod
 ) -> None:
     seen = _drive(ohif, results)
     seg, sr = seen["seg"], seen["sr"]
-    assert [s["title"] for s in seg["segments"]] == ["Nodule 1"]
-    assert_seg_overlay_on_the_nodule(seg, results)
+    assert [s["title"] for s in seg["segments"]] == ["Nodule 1", "Nodule 2"]
+    colours = [[int(v) for v in s["color"].strip("rgb()").split(",")] for s in seg["segments"]]
+    assert_seg_overlay_on_the_nodule(seg, colours[0], results.center_mm, results.segment_rgb)
+    # segment 2's frames follow a gap of omitted empty slices: still drawn on its own slices
+    assert_seg_overlay_on_the_nodule(
+        seen["decoy"], colours[1], results.decoy_center_mm, results.decoy_rgb
+    )
     assert_sr_outline_and_diameter_on_the_nodule(sr, results)
     # OHIF reports what it could not take from our objects as notifications ("DICOM SEG import").
     assert seen["toasts"] == [], seen["toasts"]
     assert seen["consoleErrors"] == [], seen["consoleErrors"]
     screenshots = {p.name for p in ARTIFACTS.glob("*.png")}
-    assert {"seg-on.png", "seg-off.png", "sr-on.png", "sr-off.png"} <= screenshots
+    assert {"seg-on.png", "seg-off.png", "decoy-on.png", "sr-on.png", "sr-off.png"} <= screenshots

@@ -162,8 +162,11 @@ def _ipp(ds: Dataset) -> np.ndarray:
 def test_seg_frames_lie_on_the_source_slices_without_gaps(
     study: str, request: pytest.FixtureRequest
 ) -> None:
+    """Each segment has one frame per slice its nodule touches, on that slice; no empty frame."""
     data: Study = request.getfixturevalue(study)
     seg = dcmread(data.files["SEG"])
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    assert frames.reshape(len(frames), -1).any(axis=1).all(), "an empty frame was written"
     sources = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, data.paths)}
     slices_per_segment: dict[int, list[float]] = {}
     shared = seg.SharedFunctionalGroupsSequence[0]
