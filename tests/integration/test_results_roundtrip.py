@@ -4,6 +4,7 @@ the SEG, SR and GSPS come back into the same study; a FHIR server holds one repo
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,20 @@ def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
         assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == count
         reports = fhir_server.get("DiagnosticReport", identifier=_report_identifier(study_uid))
         assert len(reports["entry"]) == 1
+
+        # The PACS sends the whole study again, our own SEG, SR and GSPS among it (Orthanc opens
+        # an association per SOP class group): no instance is new, nothing reopens, no job.
+        orthanc.push_study("noduleai", orthanc_study)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:  # a bounded look for a job that must not appear
+            again = _study(str(http_port))
+            assert again is not None and again["job_id"] == second["job_id"], again
+            assert again["state"] == "done" and again["instances"] == len(lidc), again
+            time.sleep(0.5)
+        assert len(orthanc.get(f"/studies/{orthanc_study}/instances")) == count
+        history = fhir_server.get(f"DiagnosticReport/{report['id']}/_history")
+        statuses = [e["resource"]["status"] for e in reversed(history["entry"])]
+        assert statuses == ["registered", "preliminary"], statuses
     finally:
         serve.stop()
 
