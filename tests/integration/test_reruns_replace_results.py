@@ -20,9 +20,17 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from dicom_node.config import DimseDestination, NodeConfig, OrthancRest, Retraction, Settings
+from dicom_node.config import (
+    DimseDestination,
+    FhirDestination,
+    NodeConfig,
+    OrthancRest,
+    Retraction,
+    Settings,
+)
 from dicom_node.db import Database, Delivery, DeliveryKind, DeliveryState, Job, JobState, Study
 from dicom_node.delivery import DeliveryLoop, rejected_instances
+from dicom_node.fhir_resources import report_identifier
 from dicom_node.ingest import Ingest
 from dicom_node.lifecycle import queue_job
 from dicom_node.migrate import upgrade
@@ -30,6 +38,7 @@ from dicom_node.queues import Received
 from dicom_node.spool import LocalSpool
 from pipelines.volume import build_volume
 from pipelines.worker import Settle, Worker
+from tests.fhir_peer import FhirServer
 from tests.nodule_fixtures import FixedDetector, lidc_nodules
 from tests.peers import Orthanc
 
@@ -76,7 +85,11 @@ def _results_in(orthanc: Orthanc) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.mark.parametrize("retraction", [Retraction.ORTHANC, Retraction.IOCM])
 def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
-    node: tuple[Settings, Database], orthanc: Orthanc, shared_data: Path, retraction: Retraction
+    node: tuple[Settings, Database],
+    orthanc: Orthanc,
+    fhir_server: FhirServer,
+    shared_data: Path,
+    retraction: Retraction,
 ) -> None:
     settings, db = node
     files = sorted((shared_data / "lidc-small").rglob("*.dcm"), key=_slice_position)
@@ -92,7 +105,8 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
             url=orthanc.url, username=orthanc.username, password=SecretStr(orthanc.password)
         ),
     )
-    config = NodeConfig(destinations=[pacs])
+    ehr = FhirDestination(name="ehr", url=fhir_server.url, token=SecretStr(fhir_server.token or ""))
+    config = NodeConfig(destinations=[pacs, ehr])
     worker = Worker(settings, db, config, detector=detector)  # type: ignore[arg-type]
     delivery = DeliveryLoop(settings, db, config)
 
@@ -103,9 +117,10 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
     assert all(len(v) == 1 and v[0]["InstanceNumber"] == "1" for v in first.values())
     first_uids = {v[0]["SOPInstanceUID"] for v in first.values()}
 
-    second_job = _run_job(
-        settings, db, worker, files[-1:]
-    )  # the late slice, at an end of the series
+    before = _report_statuses(fhir_server, files[0])
+    assert before[-1] == "preliminary"
+    # the late slice, at an end of the series
+    second_job = _run_job(settings, db, worker, files[-1:])
     delivery.deliver_due()
 
     with db.session() as session:
@@ -114,6 +129,7 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
         assert {(r.kind, r.state) for r in rows} == {
             (DeliveryKind.DICOM, DeliveryState.DONE),
             (DeliveryKind.RETRACTION, DeliveryState.DONE),
+            (DeliveryKind.FHIR, DeliveryState.DONE),
         }
     assert jobs == {first_job: JobState.DONE, second_job: JobState.DONE}
     now = _results_in(orthanc)
@@ -130,3 +146,59 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
         assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
         assert set(rejected_instances(kos)) == first_uids
         assert all(len(now[m]) == 2 for m in ("SEG", "SR", "PR")), "Orthanc keeps both sets"
+    # FHIR never went back: the report went from the first result straight to the second (the
+    # server is shared by the tests: its history may hold earlier runs); the Observations are
+    # the new SR's nodules, the replaced ones withdrawn.
+    assert _report_statuses(fhir_server, files[0]) == [*before, "preliminary"]
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    report = _report(fhir_server, study_uid)
+    sr = pydicom.dcmread(
+        pydicom.filebase.DicomBytesIO(
+            orthanc.client.get(f"/instances/{current['SR'][0]['ID']}/file").content
+        )
+    )
+    observations = [fhir_server.get(ref["reference"]) for ref in report["result"]]
+    assert {o["identifier"][0]["value"] for o in observations} == {
+        f"urn:oid:{uid}" for uid in _tracking_uids(sr)
+    }
+    assert {o["status"] for o in observations} == {"preliminary"}
+    everything = fhir_server.get("Observation", _count="1000").get("entry", [])
+    replaced = [
+        e["resource"]
+        for e in everything
+        if e["resource"]["focus"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
+        and e["resource"]["id"] not in {o["id"] for o in observations}
+    ]
+    assert replaced and {o["status"] for o in replaced} == {"entered-in-error"}
+
+
+def _report(fhir_server: FhirServer, study_uid: str) -> dict[str, Any]:
+    ident = report_identifier(study_uid)
+    found = fhir_server.get("DiagnosticReport", identifier=f"{ident['system']}|{ident['value']}")
+    (entry,) = found["entry"]
+    return dict(entry["resource"])
+
+
+def _report_statuses(fhir_server: FhirServer, path: Path) -> list[str]:
+    """The study's DiagnosticReport statuses, oldest version first."""
+    report = _report(
+        fhir_server, str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    )
+    history = fhir_server.get(f"DiagnosticReport/{report['id']}/_history")["entry"]
+    return [e["resource"]["status"] for e in reversed(history)]
+
+
+def _tracking_uids(sr: pydicom.Dataset) -> set[str]:
+    """Every TID 1500 Tracking Unique Identifier (DCM 112040) in the SR."""
+    found: set[str] = set()
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if "ConceptNameCodeSequence" in item and (
+                item.ConceptNameCodeSequence[0].CodeValue == "112040"
+            ):
+                found.add(str(item.UID))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
