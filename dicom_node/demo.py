@@ -348,6 +348,7 @@ def report(matches: Sequence[Match], false_positives: Sequence[dict[str, Any]]) 
         lines.append(
             f"{head} FOUND  {m.distance_mm:4.1f} mm off, long axis {f['long_axis_mm']:.1f} mm "
             f"(true {t.diameter_mm:.1f}), p={f['probability']:.2f}"
+            + (f", Lung-RADS {f['lung_rads']}" if f.get("lung_rads") else "")
             + (" (needs review)" if f.get("needs_review") else "")
         )
     found = sum(1 for m in matches if m.finding is not None)
@@ -430,6 +431,11 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout) 
         matches, false_positives = match(truth, list(findings.get("nodules") or []))
         for line in report(matches, false_positives):
             say(line)
+        if findings.get("lung_rads"):
+            say(
+                f"  study Lung-RADS v2022 category {findings['lung_rads']} (baseline rules; "
+                "decision support, not for clinical use)"
+            )
         for line in where_to_look(settings, target, study_uid, args.viewer_url):
             say(line)
     except DemoError as exc:

@@ -46,8 +46,10 @@ the same concepts the TID 1500 SR uses, so the two outputs say the same thing):
 - components: ``SCT#103339001`` "Long axis" and ``SCT#103340004`` "Short axis" (UCUM ``mm``),
   ``SCT#118565006`` "Volume" (UCUM ``mm3``), ``DCM#112031`` "Attenuation Coefficient" as the
   mean over the nodule (UCUM ``[hnsf'U]``), attenuation type, detection probability (UCUM ``1``)
-  and the needs-review flag, and the nodule's Lung-RADS v2022 category (baseline rules,
-  :mod:`pipelines.lungrads`). The last four have no standard code we could verify (SNOMED CT's
+  and the needs-review flag, the nodule's Lung-RADS v2022 category (baseline rules,
+  :mod:`pipelines.lungrads`), and its malignancy risk as ``DCM#111047`` "Probability of cancer"
+  (UCUM ``%``, the Brock model, :mod:`pipelines.brock`; what it assumed, or why it is missing,
+  in ``note``). The last four have no standard code we could verify (SNOMED CT's
   solid / part-solid / ground-glass *nodule* concepts were not checkable offline; ``DCM#111047``
   means probability of *cancer*, not of detection), so they use the local code system
   :data:`COMPONENT_SYSTEM`, with ``DCM#112120`` "Ground glass opacity" added to the ground-glass
@@ -160,6 +162,12 @@ NEEDS_REVIEW: Final[JSON] = {
     "system": COMPONENT_SYSTEM,
     "code": "needs-review",
     "display": "Needs review (probability in the uncertainty band)",
+}
+#: DICOM's "Probability of cancer" (the Brock model's output), as in the SR.
+CANCER_PROBABILITY: Final[JSON] = {
+    "system": DCM,
+    "code": "111047",
+    "display": "Probability of cancer",
 }
 LUNG_RADS: Final[JSON] = {
     "system": COMPONENT_SYSTEM,
@@ -392,6 +400,7 @@ def build_observation(
         _quantity(PROBABILITY, nodule["probability"], "probability", "1"),
         {"code": {"coding": [NEEDS_REVIEW]}, "valueBoolean": bool(nodule["needs_review"])},
         _lung_rads(nodule.get("lung_rads")),
+        _risk(nodule.get("malignancy_risk")),
     ]
     x, y, z = (float(v) for v in nodule["center_mm"])
     resource: JSON = {
@@ -416,7 +425,10 @@ def build_observation(
         "device": {"display": model.display},
         "effectiveDateTime": study.effective,
         "derivedFrom": derived,
-        "note": [{"text": f"Centre (DICOM patient LPS, mm): {x:.1f}, {y:.1f}, {z:.1f}"}],
+        "note": [
+            {"text": f"Centre (DICOM patient LPS, mm): {x:.1f}, {y:.1f}, {z:.1f}"},
+            *([{"text": str(nodule["risk_note"])}] if nodule.get("risk_note") else []),
+        ],
         "component": [c for c in components if c is not None],
     }
     if issued is not None:
@@ -562,6 +574,19 @@ def _lung_rads(category: Any) -> JSON | None:
             "text": text,
         },
     }
+
+
+def _risk(probability: Any) -> JSON | None:
+    """The Brock probability of cancer in percent; ``None`` when not assessed."""
+    if probability is None:
+        return None
+    return _quantity(
+        CANCER_PROBABILITY,
+        round(100.0 * float(probability), 2),
+        "%",
+        "%",
+        text="Malignancy risk (Brock model; not for clinical use)",
+    )
 
 
 def summary(observations: Sequence[Mapping[str, Any]], model: ModelIdentity | None = None) -> str:

@@ -94,6 +94,14 @@ class ReportedNodule:
     solid_mean_diameter_mm: float = 0.0
     #: Lung-RADS v2022 category, baseline rules (``pipelines.lungrads``); "" if not assessed.
     lung_rads: str = ""
+    #: ``left`` or ``right`` lung (from the centre's LPS x); "" in older documents.
+    side: str = ""
+    #: Centre in the cranial half of the lung mask (the Brock model's "upper lobe" proxy).
+    upper_zone: bool | None = None
+    #: Brock (PanCan) probability of cancer, 0..1 (``pipelines.brock``); ``None``: not assessed.
+    malignancy_risk: float | None = None
+    #: What the risk assumed, or why there is none.
+    risk_note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The nodule as ``findings.json`` and ``GET /api/studies/{uid}/findings`` show it."""
@@ -113,6 +121,12 @@ class ReportedNodule:
             "mean_diameter_mm": self.mean_diameter_mm,
             "solid_mean_diameter_mm": self.solid_mean_diameter_mm,
             "lung_rads": self.lung_rads,
+            "side": self.side,
+            "upper_zone": self.upper_zone,
+            "malignancy_risk": (
+                None if self.malignancy_risk is None else round(self.malignancy_risk, 4)
+            ),
+            "risk_note": self.risk_note,
         }
 
     @classmethod
@@ -135,6 +149,12 @@ class ReportedNodule:
             mean_diameter_mm=float(data.get("mean_diameter_mm", 0.0)),
             solid_mean_diameter_mm=float(data.get("solid_mean_diameter_mm", 0.0)),
             lung_rads=str(data.get("lung_rads", "")),
+            side=str(data.get("side", "")),
+            upper_zone=None if data.get("upper_zone") is None else bool(data["upper_zone"]),
+            malignancy_risk=(
+                None if data.get("malignancy_risk") is None else float(data["malignancy_risk"])
+            ),
+            risk_note=str(data.get("risk_note", "")),
         )
 
 

@@ -22,7 +22,13 @@ import numpy.typing as npt
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
 from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
-from pipelines.preprocess import FloatArray, lung_mask, normalise_hu, resample_to_iso
+from pipelines.preprocess import (
+    ISO_SPACING_MM,
+    FloatArray,
+    lung_mask,
+    normalise_hu,
+    resample_to_iso,
+)
 from pipelines.refine import Finding, refine
 from pipelines.screen import MAX_CANDIDATES, Candidate, screen
 from pipelines.volume import Volume
@@ -88,6 +94,8 @@ class StageResult:
         The volume resampled to the isotropic grid, in HU (what post-processing measures on).
     timings_ms : dict of str to float
         ``preprocess``, ``stage1`` and ``stage2`` in milliseconds.
+    lung_z_mm : tuple of float, optional
+        LPS z of the lung mask's lowest and highest slice (``None``: no lung found).
     """
 
     candidates: list[Candidate]
@@ -95,6 +103,14 @@ class StageResult:
     threshold: float
     iso_hu: FloatArray = field(repr=False)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    lung_z_mm: tuple[float, float] | None = None
+
+    def upper_zone(self, z_mm: float) -> bool | None:
+        """Whether ``z_mm`` lies in the cranial half of the lungs (``None``: no lung mask)."""
+        if self.lung_z_mm is None:
+            return None
+        low, high = self.lung_z_mm
+        return z_mm > (low + high) / 2.0
 
     def findings_at(self, threshold: float | None = None) -> list[Finding]:
         """Findings with probability at or above ``threshold`` (default: the operating point)."""
@@ -175,7 +191,13 @@ class Detector:
             )
         with _timed(timings, "stage2"):
             findings = refine(iso, candidates, self.stage2, origin_mm)
-        return StageResult(candidates, findings, self.threshold, iso_hu, timings)
+        slices = np.flatnonzero(lung.any(axis=(1, 2)))
+        lung_z = (
+            (origin_mm[2] + slices[0] * ISO_SPACING_MM, origin_mm[2] + slices[-1] * ISO_SPACING_MM)
+            if slices.size
+            else None
+        )
+        return StageResult(candidates, findings, self.threshold, iso_hu, timings, lung_z)
 
     def detect(
         self,
@@ -192,6 +214,8 @@ class Detector:
                 describe(f, stages.iso_hu, origin_mm, self.threshold, self.config.review_band)
                 for f in stages.findings_at()
             ]
+            for nodule in nodules:
+                nodule.upper_zone = stages.upper_zone(nodule.center_mm[2])
             nodules.sort(key=lambda n: -n.probability)
         return Detection(
             series_instance_uid=series_instance_uid,

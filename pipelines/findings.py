@@ -44,6 +44,8 @@ class Nodule:
     #: Long and short axis of the solid component (0 when it has none).
     solid_long_axis_mm: float = 0.0
     solid_short_axis_mm: float = 0.0
+    #: Centre in the cranial half of the lung mask (``None``: no lung mask).
+    upper_zone: bool | None = None
 
 
 def describe(

@@ -46,13 +46,14 @@ from dicom_node.results import (
     ResultObject,
     ResultSet,
 )
+from pipelines.brock import Patient, nodule_risk, patient_of
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.lungrads import mean_diameter_mm, nodule_category
-from pipelines.masks import nodule_outline, project_mask, source_planes
+from pipelines.masks import Outline, nodule_outline, project_mask, source_planes
 from pipelines.rejection import encode_rejection_note
 from pipelines.seg import SegmentInput, encode_segmentation
-from pipelines.sr import NoduleReport, Predecessor, encode_sr
+from pipelines.sr import Assessment, NoduleReport, Predecessor, encode_sr
 from pipelines.uids import ResultUIDs, derive_uid
 from pipelines.volume import Volume
 
@@ -212,18 +213,21 @@ def _encode(
     uids, predecessor = place.uids, place.predecessor
     name, version = model.name, model.version
     planes = source_planes(volume, by_uid)
-    segments: list[SegmentInput] = []
-    reports: list[NoduleReport] = []
+    drawn = []
     for nodule in nodules:
         masks = project_mask(nodule, planes)
         outline = nodule_outline(masks, nodule)
-        if outline is None:
-            continue
-        number = len(reports) + 1
+        if outline is not None:
+            drawn.append((nodule, masks, outline))
+    patient = patient_of(used[0]) if used else Patient(None, None)
+    segments: list[SegmentInput] = []
+    reports: list[NoduleReport] = []
+    for number, (nodule, masks, outline) in enumerate(drawn, start=1):
         tracking_id = f"Nodule {number}"
         tracking_uid = uids.tracking_uid(number - 1)
+        assessment = assess(nodule, outline, patient, len(drawn))
         segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id))
-        reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number))
+        reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number, assessment))
     if nodules and not reports:
         # a "without findings" SR would be false; the job must fail instead
         raise EncodingError("no nodule lies on a stored frame (volume resampled off the source?)")
@@ -277,13 +281,20 @@ def _pin_clock(ds: Dataset, created: datetime) -> None:
                     item.DimensionOrganizationUID = uid
 
 
+def assess(nodule: Nodule, outline: Outline, patient: Patient, count: int) -> Assessment:
+    """Lung-RADS category and Brock risk of one nodule from its outline's axes."""
+    mean = mean_diameter_mm(outline.long_axis_mm, outline.short_axis_mm)
+    solid_mean = mean_diameter_mm(nodule.solid_long_axis_mm, nodule.solid_short_axis_mm)
+    category = nodule_category(nodule.type, mean, solid_mean).value
+    risk = nodule_risk(patient, outline.long_axis_mm, nodule.type, nodule.upper_zone, count)
+    return Assessment(mean, solid_mean, category, risk)
+
+
 def _reported(report: NoduleReport) -> ReportedNodule:
     """The record every output shares for one encoded nodule: its axes are those measured on the
     outline the SR draws (the same values in SR, FHIR, JSON and its Lung-RADS category)."""
-    n, outline = report.nodule, report.outline
+    n, outline, assessed = report.nodule, report.outline, report.assessment
     x, y, z = (float(v) for v in n.center_mm)
-    mean = mean_diameter_mm(outline.long_axis_mm, outline.short_axis_mm)
-    solid_mean = mean_diameter_mm(n.solid_long_axis_mm, n.solid_short_axis_mm)
     return ReportedNodule(
         number=report.segment_number,
         tracking_id=report.tracking_id,
@@ -297,7 +308,11 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         type=n.type,
         probability=float(n.probability),
         needs_review=bool(n.needs_review),
-        mean_diameter_mm=mean,
-        solid_mean_diameter_mm=solid_mean,
-        lung_rads=nodule_category(n.type, mean, solid_mean).value,
+        mean_diameter_mm=assessed.mean_diameter_mm,
+        solid_mean_diameter_mm=assessed.solid_mean_diameter_mm,
+        lung_rads=assessed.lung_rads,
+        side="left" if x > 0 else "right",
+        upper_zone=n.upper_zone,
+        malignancy_risk=assessed.risk.probability,
+        risk_note=assessed.risk.note,
     )

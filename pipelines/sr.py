@@ -17,7 +17,10 @@ Content tree (PS3.16 TID 1500 Measurement Report):
     "Certainty of Finding", the CAD concept for how sure the algorithm is that the finding is
     real, in UCUM %: it is not a malignancy probability), and qualitative evaluations: the
     attenuation type (:data:`TYPE_CONCEPT`) and whether a radiologist should review it
-    (:data:`REVIEW_CONCEPT`, SCT 373066001 Yes / 373067005 No).
+    (:data:`REVIEW_CONCEPT`, SCT 373066001 Yes / 373067005 No), its Lung-RADS v2022 category
+    (:data:`LUNG_RADS_CONCEPT`, :mod:`pipelines.lungrads`) and, where age and sex are known, its
+    Brock probability of cancer (DCM 111047 "Probability of cancer", %, algorithm "Brock (PanCan)
+    full model", :mod:`pipelines.brock`).
 
   Both groups carry finding type "Nodule" (SCT 27925004), finding site "Lung" (SCT 39607008),
   the algorithm (name, version) and the same tracking identifier ``Nodule <n>`` and
@@ -48,6 +51,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from dicom_node.results import MANUFACTURER
+from pipelines.brock import BrockRisk
 from pipelines.findings import Nodule
 from pipelines.masks import Outline
 from pipelines.uids import ResultUIDs, derive_uid
@@ -68,6 +72,21 @@ PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
 TYPE_CONCEPT = hd.sr.CodedConcept("NAI-0001", PRIVATE_SCHEME, "Nodule attenuation type")
 #: Qualitative evaluation "radiologist review recommended" (uncertain detection).
 REVIEW_CONCEPT = hd.sr.CodedConcept("NAI-0002", PRIVATE_SCHEME, "Radiologist review recommended")
+#: Qualitative evaluation "Lung-RADS v2022 category" (ACR; no standard code we could verify).
+LUNG_RADS_CONCEPT = hd.sr.CodedConcept(
+    "NAI-0004", PRIVATE_SCHEME, "Lung-RADS v2022 assessment category"
+)
+#: The Brock model as the algorithm of the probability of cancer (DCM 111047).
+BROCK_ALGORITHM = hd.sr.AlgorithmIdentification(
+    name="Brock (PanCan) full model", version="McWilliams 2013"
+)
+
+
+def lung_rads_value(category: str) -> hd.sr.CodedConcept:
+    """The Lung-RADS category as a coded value (private scheme)."""
+    return hd.sr.CodedConcept(f"NAI-LR-{category}", PRIVATE_SCHEME, f"Lung-RADS {category}")
+
+
 #: Attenuation type values: SCT 35702001 "Solid", DCM 112120 "Ground glass opacity"; part-solid
 #: has no single SNOMED CT concept in the international release, so it is private.
 TYPE_VALUES = {
@@ -84,6 +103,16 @@ Predecessor = Dataset | tuple[str, str, str]
 
 
 @dataclass(frozen=True)
+class Assessment:
+    """A nodule's clinical assessment: Lung-RADS (from its outline's mean diameter) and risk."""
+
+    mean_diameter_mm: float
+    solid_mean_diameter_mm: float
+    lung_rads: str
+    risk: BrockRisk
+
+
+@dataclass(frozen=True)
 class NoduleReport:
     """One nodule as the SR reports it."""
 
@@ -92,6 +121,7 @@ class NoduleReport:
     tracking_id: str
     tracking_uid: str
     segment_number: int
+    assessment: Assessment
 
 
 def algorithm(model_name: str, model_version: str) -> hd.sr.AlgorithmIdentification:
@@ -170,10 +200,23 @@ def volumetric_group(
                 algorithm_id=algo,
             ),
         )
+    assessment = report.assessment
+    if assessment.risk.probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.DCM.ProbabilityOfCancer,
+                value=round(100.0 * assessment.risk.probability, 2),
+                unit=codes.UCUM.Percent,
+                algorithm_id=BROCK_ALGORITHM,
+            )
+        )
     evaluations = [
         hd.sr.QualitativeEvaluation(name=TYPE_CONCEPT, value=TYPE_VALUES[nodule.type]),
         hd.sr.QualitativeEvaluation(
             name=REVIEW_CONCEPT, value=codes.SCT.Yes if nodule.needs_review else codes.SCT.No
+        ),
+        hd.sr.QualitativeEvaluation(
+            name=LUNG_RADS_CONCEPT, value=lung_rads_value(assessment.lung_rads)
         ),
     ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
