@@ -75,12 +75,21 @@ def _lidc_files(shared_data: Path) -> list[Path]:
     return sorted((shared_data / "lidc-small").rglob("*.dcm"))
 
 
-def _store_study(settings: Settings, db: Database, files: list[Path], new_uids: bool) -> str:
-    """Ingest ``files`` as one study (under fresh UIDs with ``new_uids``); queue its job."""
+def _store_study(
+    settings: Settings,
+    db: Database,
+    files: list[Path],
+    new_uids: bool,
+    header: dict[str, str] | None = None,
+) -> str:
+    """Ingest ``files`` as one study (under fresh UIDs with ``new_uids``, with ``header``'s
+    attributes set); queue its job."""
     ingest = Ingest(db, LocalSpool(settings.spool_dir, 0))
     study_uid, series_uid = generate_uid(), generate_uid()
     for path in files:
         ds = pydicom.dcmread(path)
+        for keyword, value in (header or {}).items():
+            setattr(ds, keyword, value)
         if new_uids:
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -401,3 +410,70 @@ def _sr_axes(sr: pydicom.Dataset) -> tuple[float, float]:
 
     walk(sr.ContentSequence)
     return found["103339001"], found["103340004"]
+
+
+def test_lung_rads_and_risk_are_the_same_in_sr_fhir_json_and_the_study_page(
+    node: tuple[Settings, Database], shared_data: Path
+) -> None:
+    """A 70-year-old woman (age and sex in the header), the readers' nodule in the upper zone."""
+    from fastapi.testclient import TestClient
+
+    from dicom_node.api import create_app
+
+    settings, db = node
+    files = _lidc_files(shared_data)
+    readers = dataclasses.replace(_readers_nodule(shared_data, files), upper_zone=True)
+    job_id = _store_study(
+        settings, db, files, new_uids=True, header={"PatientAge": "070Y", "PatientSex": "F"}
+    )
+    worker = Worker(settings, db, NodeConfig(), detector=FixedDetector([readers]))  # type: ignore[arg-type]
+    assert worker.handle(Received({"job_id": job_id}, 1, False)) is Settle.ACK
+
+    result = ResultSet.from_json(_result_row(db, job_id))
+    (nodule,) = result.nodules
+    assert nodule.malignancy_risk is not None and 0 < nodule.malignancy_risk < 1
+    assert "assumed absent" in nodule.risk_note
+    spool = LocalSpool(settings.spool_dir, 0)
+    (sr_object,) = (o for o in result.objects if o.modality == "SR")
+    sr = pydicom.dcmread(spool.path(sr_object.path))
+    sr_values = _sr_items(sr)
+    assert sr_values["NAI-0004"] == f"NAI-LR-{nodule.lung_rads}"
+    assert sr_values["111047"] == pytest.approx(100 * nodule.malignancy_risk, abs=0.01)
+    fhir = json.loads(spool.path(result.fhir_path).read_text())
+    (observation,) = fhir["observations"]
+    components = {c["code"]["coding"][0]["code"]: c for c in observation["component"]}
+    assert components["111047"]["valueQuantity"]["value"] == pytest.approx(
+        100 * nodule.malignancy_risk, abs=0.01
+    )
+    lung_rads = components["lung-rads-v2022"]["valueCodeableConcept"]["coding"][0]["code"]
+    assert lung_rads == f"lung-rads-{nodule.lung_rads}"
+    assert any("assumed absent" in n["text"] for n in observation["note"])
+    with TestClient(create_app(db, settings, NodeConfig())) as http:
+        uid = result.study_instance_uid
+        findings = http.get(f"/api/studies/{uid}/findings").json()
+        page = http.get(f"/dashboard/studies/{uid}").text
+    (listed,) = findings["nodules"]
+    assert (listed["lung_rads"], listed["malignancy_risk"]) == (
+        nodule.lung_rads,
+        round(nodule.malignancy_risk, 4),
+    )
+    assert f"{100 * nodule.malignancy_risk:.1f} %" in page
+    assert "070Y" not in page and "070Y" not in json.dumps(result.to_json())
+
+
+def _sr_items(sr: pydicom.Dataset) -> dict[str, Any]:
+    """Code value of each concept name in the SR -> its coded value or numeric value."""
+    found: dict[str, Any] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if "ConceptNameCodeSequence" in item:
+                name = str(item.ConceptNameCodeSequence[0].CodeValue)
+                if item.ValueType == "CODE":
+                    found[name] = str(item.ConceptCodeSequence[0].CodeValue)
+                elif item.ValueType == "NUM":
+                    found[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
