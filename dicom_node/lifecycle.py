@@ -336,6 +336,7 @@ _DELIVERY_KIND = {
     ObjectKind.SEG: DeliveryKind.DICOM,
     ObjectKind.SR: DeliveryKind.DICOM,
     ObjectKind.GSPS: DeliveryKind.DICOM,
+    ObjectKind.KEY_IMAGE: DeliveryKind.DICOM,
     ObjectKind.REJECTION: DeliveryKind.RETRACTION,
 }
 

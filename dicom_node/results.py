@@ -26,15 +26,19 @@ from dicom_node.db import Job, Result
 SCHEMA = "noduleai.resultset/1"
 #: Manufacturer (0008,0070) of every object the encoders write.
 MANUFACTURER = "NoduleAI"
-#: Key Object Selection Document Storage (PS3.4 B.5): the IOCM rejection note of a rerun.
+#: SOP classes of the result objects (PS3.4 B.5).
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+GSPS_STORAGE = "1.2.840.10008.5.1.4.1.1.11.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: Key Object Selection Document Storage: the IOCM rejection note of a rerun.
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
-#: SOP classes of the result objects: Segmentation, Comprehensive 3D SR, Grayscale Softcopy
-#: Presentation State and the rejection note (PS3.4 B.5).
 RESULT_SOP_CLASSES = frozenset(
     {
-        "1.2.840.10008.5.1.4.1.1.66.4",
-        "1.2.840.10008.5.1.4.1.1.88.34",
-        "1.2.840.10008.5.1.4.1.1.11.1",
+        SEGMENTATION_STORAGE,
+        COMPREHENSIVE_3D_SR,
+        GSPS_STORAGE,
+        SECONDARY_CAPTURE,
         KEY_OBJECT_SELECTION,
     }
 )
@@ -51,6 +55,8 @@ class ObjectKind(StrEnum):
     SEG = "seg"
     SR = "sr"
     GSPS = "gsps"
+    #: A Secondary Capture key image of one nodule.
+    KEY_IMAGE = "key-image"
     #: The IHE IOCM rejection note listing the earlier results this one replaces.
     REJECTION = "rejection"
 

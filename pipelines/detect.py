@@ -110,7 +110,7 @@ class StageResult:
         if self.lung_z_mm is None:
             return None
         low, high = self.lung_z_mm
-        return z_mm > (low + high) / 2.0
+        return bool(z_mm > (low + high) / 2.0)
 
     def findings_at(self, threshold: float | None = None) -> list[Finding]:
         """Findings with probability at or above ``threshold`` (default: the operating point)."""

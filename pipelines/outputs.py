@@ -10,6 +10,7 @@ Observations are built from those same nodules, so SR, SEG and FHIR always list 
 * Comprehensive 3D SR, TID 1500 (:mod:`pipelines.sr`): always; a negative report when there are
   no nodules. Names ``predecessor`` when given (rerun after late instances).
 * GSPS (PS3.3 C.11.10, :mod:`pipelines.gsps`): only when there are nodules.
+* Key images (Secondary Capture, :mod:`pipelines.keyimages`): one per nodule.
 * The IOCM rejection note (:mod:`pipelines.rejection`): only when the study has earlier results
   of other content; it lists every earlier object the new ones replace.
 
@@ -21,9 +22,9 @@ same model: same UIDs, same revision, same bytes, nothing new to reject).
 Every UID is derived here, once (:mod:`pipelines.uids`), from the source series, its instance set
 and the model version: encoding the same input again returns objects with the same UIDs, and
 with the same bytes: every date and time highdicom would take from the clock (instance creation,
-content, presentation creation, its contributing-equipment entry) is the ``created`` time the
-caller gives (the worker: when the last instance of the set was received), and the SEG's
-Dimension Organization UID is derived too.
+content, presentation creation, secondary capture, its contributing-equipment entry) is the
+``created`` time the caller gives (the worker: when the last instance of the set was received),
+and the SEG's Dimension Organization UID is derived too.
 
 Encoder faults are deterministic (the same input fails the same way), so they leave this module as
 :class:`~dicom_node.errors.EncodingError`, a permanent error: the job fails at once, unretried.
@@ -40,6 +41,11 @@ from pydicom import Dataset, dcmread
 
 from dicom_node.errors import EncodingError
 from dicom_node.results import (
+    COMPREHENSIVE_3D_SR,
+    GSPS_STORAGE,
+    KEY_OBJECT_SELECTION,
+    SECONDARY_CAPTURE,
+    SEGMENTATION_STORAGE,
     ModelIdentity,
     ObjectKind,
     ReportedNodule,
@@ -49,6 +55,7 @@ from dicom_node.results import (
 from pipelines.brock import Patient, nodule_risk, patient_of
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
+from pipelines.keyimages import KeyFinding, encode_key_images
 from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.masks import Outline, nodule_outline, project_mask, source_planes
 from pipelines.rejection import encode_rejection_note
@@ -63,12 +70,13 @@ def _load(sources: Sequence[Dataset | str | Path]) -> list[Dataset]:
     return [s if isinstance(s, Dataset) else dcmread(s, stop_before_pixels=True) for s in sources]
 
 
-#: The kind of each result object by its Modality.
-KIND_BY_MODALITY = {
-    "SEG": ObjectKind.SEG,
-    "SR": ObjectKind.SR,
-    "PR": ObjectKind.GSPS,
-    "KO": ObjectKind.REJECTION,
+#: The kind of each result object by its SOP Class UID (PS3.4 B.5).
+KIND_BY_SOP_CLASS = {
+    SEGMENTATION_STORAGE: ObjectKind.SEG,
+    COMPREHENSIVE_3D_SR: ObjectKind.SR,
+    GSPS_STORAGE: ObjectKind.GSPS,
+    SECONDARY_CAPTURE: ObjectKind.KEY_IMAGE,
+    KEY_OBJECT_SELECTION: ObjectKind.REJECTION,
 }
 #: Errors highdicom and pydicom raise on content they cannot encode.
 _ENCODER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
@@ -96,13 +104,12 @@ class Revision:
 
     uids: ResultUIDs
     predecessor: Predecessor | None
-    rejected: tuple[ResultObject, ...]
 
 
 def revision(
     history: Sequence[ResultSet], series_uid: str, instance_uids: Sequence[str], model: str
 ) -> Revision:
-    """The UIDs, predecessor SR and rejected objects of a new result after ``history``.
+    """The UIDs and predecessor SR of a new result after ``history``.
 
     Parameters
     ----------
@@ -116,33 +123,36 @@ def revision(
     Revision
         Revision 1 without history. When the new result is the latest one again (its UIDs at
         the latest's revision equal the latest's), that revision; otherwise the next. The
-        predecessor is the last earlier SR other than the new one; rejected are all earlier
-        SEG, SR and GSPS other than the new ones (rejection notes stay).
+        predecessor is the last earlier SR other than the new one.
     """
     if not history:
-        return Revision(ResultUIDs.create(series_uid, instance_uids, model), None, ())
+        return Revision(ResultUIDs.create(series_uid, instance_uids, model), None)
     latest = history[-1]
     uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number)
     if uids.sr_instance_uid != latest.sr_uid:
         uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number + 1)
-    mine = {
-        uids.instance_uid(kind.value) for kind in (ObjectKind.SEG, ObjectKind.SR, ObjectKind.GSPS)
-    }
     earlier_srs = [r.object(ObjectKind.SR) for r in history]
     predecessor = next(
         (
             (sr.study_instance_uid, sr.series_instance_uid, sr.sop_instance_uid)
             for sr in reversed(earlier_srs)
-            if sr is not None and sr.sop_instance_uid not in mine
+            if sr is not None and sr.sop_instance_uid != uids.sr_instance_uid
         ),
         None,
     )
-    rejected: dict[str, ResultObject] = {}
+    return Revision(uids, predecessor)
+
+
+def replaced(history: Sequence[ResultSet], objects: Sequence[Dataset]) -> list[ResultObject]:
+    """The earlier result objects of the study that ``objects`` replace: every one but the
+    rejection notes (they stay) and those ``objects`` are again (same UID)."""
+    mine = {str(ds.SOPInstanceUID) for ds in objects}
+    found: dict[str, ResultObject] = {}
     for result in history:
         for obj in result.objects:
             if obj.kind is not ObjectKind.REJECTION and obj.sop_instance_uid not in mine:
-                rejected.setdefault(obj.sop_instance_uid, obj)
-    return Revision(uids, predecessor, tuple(rejected.values()))
+                found.setdefault(obj.sop_instance_uid, obj)
+    return list(found.values())
 
 
 def encode_results(
@@ -178,8 +188,9 @@ def encode_results(
     Returns
     -------
     EncodedResults
-        Datasets ``[SEG, SR, GSPS]`` with nodules, ``[SR]`` without, each followed by the
-        rejection note when earlier objects are replaced, and the encoded nodules.
+        Datasets ``[SEG, SR, GSPS, key image per nodule]`` with nodules, ``[SR]`` without, each
+        followed by the rejection note when earlier objects are replaced, and the encoded
+        nodules.
         Nodules whose mask falls on no stored frame (e.g. only on interpolated slices) are left
         out of all three objects and of the nodule list.
 
@@ -249,11 +260,18 @@ def _encode(
         objects = [seg, sr, gsps]
     for ds in objects:  # the encoders write revision 1; a replacing result is the next
         ds.InstanceNumber = uids.revision
-    if place.rejected:
-        objects.append(
-            encode_rejection_note(place.rejected, used[0], uids, name, version, uids.revision)
-        )
-    retracted = tuple(obj.sop_instance_uid for obj in place.rejected)
+    objects += encode_key_images(
+        volume,
+        by_uid,
+        [KeyFinding(r.segment_number, r.outline, r.nodule.type, r.assessment) for r in reports],
+        uids,
+        name,
+        version,
+    )
+    rejected = replaced(history, objects)
+    if rejected:
+        objects.append(encode_rejection_note(rejected, used[0], uids, name, version, uids.revision))
+    retracted = tuple(obj.sop_instance_uid for obj in rejected)
     return EncodedResults(objects, encoded, not_encoded, uids.revision, retracted)
 
 
@@ -270,6 +288,8 @@ def _pin_clock(ds: Dataset, created: datetime) -> None:
             setattr(ds, f"{prefix}Date", date)
         if f"{prefix}Time" in ds:
             setattr(ds, f"{prefix}Time", time)
+    if "DateOfSecondaryCapture" in ds or "TimeOfSecondaryCapture" in ds:  # key images
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
     for item in ds.get("ContributingEquipmentSequence", []):
         if item.get("Manufacturer") == _HIGHDICOM and "ContributionDateTime" in item:
             item.ContributionDateTime = date + time
@@ -312,7 +332,7 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         solid_mean_diameter_mm=assessed.solid_mean_diameter_mm,
         lung_rads=assessed.lung_rads,
         side="left" if x > 0 else "right",
-        upper_zone=n.upper_zone,
+        upper_zone=None if n.upper_zone is None else bool(n.upper_zone),
         malignancy_risk=assessed.risk.probability,
         risk_note=assessed.risk.note,
     )

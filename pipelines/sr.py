@@ -50,15 +50,13 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
-from dicom_node.results import MANUFACTURER
+from dicom_node.results import COMPREHENSIVE_3D_SR, MANUFACTURER, SEGMENTATION_STORAGE
 from pipelines.brock import BrockRisk
 from pipelines.findings import Nodule
 from pipelines.masks import Outline
 from pipelines.uids import ResultUIDs, derive_uid
 
 SR_SERIES_NUMBER = 9702
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 #: Private coding scheme for concepts no standard code covers (PS3.3 8.2: 99 prefix).
 PRIVATE_SCHEME = "99NODULEAI"

@@ -20,6 +20,8 @@ What each UID depends on (:class:`ResultUIDs`):
   different content is the next revision (its InstanceNumber), and from revision 2 on the
   revision is part of the instance and tracking UIDs too, so that one UID never names two
   contents (a model rolled back to an earlier version on the same instances, say).
+* **Key images** (:meth:`ResultUIDs.key_image_uids`): one series per source series and model,
+  one instance per finding, derived like the tracking UIDs.
 * **Rejection note** (:meth:`ResultUIDs.rejection_uids`): its own series per source series and
   model; its instance from the SR it accompanies and the set of UIDs it rejects.
 """
@@ -120,6 +122,11 @@ class ResultUIDs:
     def tracking_uid(self, index: int) -> str:
         """TrackingUniqueIdentifier of nodule ``index`` (0-based, in the order reported)."""
         return derive_uid("nodule", str(index), *self._identity())
+
+    def key_image_uids(self, index: int) -> tuple[str, str]:
+        """(SeriesInstanceUID, SOPInstanceUID) of finding ``index``'s key image (0-based)."""
+        series = derive_uid("series", "key-images", self.source_series_uid, self.model_version)
+        return series, derive_uid("key-image", str(index), *self._identity())
 
     def rejection_uids(self, rejected: Iterable[str]) -> tuple[str, str]:
         """(SeriesInstanceUID, SOPInstanceUID) of the rejection note listing ``rejected``."""

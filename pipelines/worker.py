@@ -68,7 +68,7 @@ from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detector, DetectorConfig
 from pipelines.lungrads import LungRads, study_category
-from pipelines.outputs import KIND_BY_MODALITY, encode_results
+from pipelines.outputs import KIND_BY_SOP_CLASS, encode_results
 
 LOGGER = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class Worker:
         ds.save_as(buffer, enforce_file_format=True)
         self.spool.write(relpath, buffer.getvalue())
         return ResultObject(
-            kind=KIND_BY_MODALITY[str(ds.Modality)],
+            kind=KIND_BY_SOP_CLASS[str(ds.SOPClassUID)],
             modality=str(ds.Modality),
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),

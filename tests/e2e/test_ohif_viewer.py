@@ -123,7 +123,9 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
     # A second segment 80 mm below, in the other lung: the SEG omits the empty slices between
     # the two, and OHIF must still draw each segment on its own slices (no shift).
     decoy = _moved(nodules[0], (-110.0, 0.0, -80.0))
-    seg, sr, gsps = encode_results(slices, volume, [nodules[0], decoy], MODEL).datasets
+    seg, sr, gsps, *_key_images = encode_results(
+        slices, volume, [nodules[0], decoy], MODEL
+    ).datasets
     out = tmp_path_factory.mktemp("results")
     files = {}
     for name, ds in (("SEG", seg), ("SR", sr), ("GSPS", gsps)):

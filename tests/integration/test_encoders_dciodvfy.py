@@ -25,7 +25,7 @@ from dicom_node.delivery import rejected_instances
 from dicom_node.results import ModelIdentity, ResultObject, ResultSet
 from models.phantom import make_phantom, write_dicom_series
 from pipelines.findings import Nodule
-from pipelines.outputs import KIND_BY_MODALITY, encode_results
+from pipelines.outputs import KIND_BY_SOP_CLASS, encode_results
 from pipelines.volume import Volume, build_volume
 from tests.nodule_fixtures import grid_mask_to_nodule, lidc_nodules
 
@@ -124,13 +124,13 @@ def negative(lidc: Study, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("modality", ["SEG", "SR", "PR"])
+@pytest.mark.parametrize("modality", ["SEG", "SR", "PR", "OT"])
 def test_lidc_results_pass_dciodvfy_with_no_errors_of_ours(lidc: Study, modality: str) -> None:
     _assert_no_errors_of_ours(lidc.files[modality])
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("modality", ["SEG", "SR", "PR"])
+@pytest.mark.parametrize("modality", ["SEG", "SR", "PR", "OT"])
 def test_phantom_results_pass_dciodvfy_with_no_errors_of_ours(
     phantom: Study, modality: str
 ) -> None:
@@ -313,7 +313,7 @@ def _as_result(objects: list[Dataset], model: ModelIdentity = MODEL) -> ResultSe
     """What the worker would have stored for ``objects`` (only the fields revision reads)."""
     stored = tuple(
         ResultObject(
-            kind=KIND_BY_MODALITY[str(ds.Modality)],
+            kind=KIND_BY_SOP_CLASS[str(ds.SOPClassUID)],
             modality=str(ds.Modality),
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -325,6 +325,10 @@ def _as_result(objects: list[Dataset], model: ModelIdentity = MODEL) -> ResultSe
     )
     number = int(objects[0].InstanceNumber)
     return ResultSet("job", "", "", model, (), 0, stored, "", 0, "", instance_number=number)
+
+
+def _without_notes(objects: list[Dataset]) -> list[Dataset]:
+    return [ds for ds in objects if ds.Modality != "KO"]
 
 
 def _bytes(ds: Dataset) -> bytes:
@@ -360,7 +364,8 @@ def test_a_replacing_result_is_the_next_revision_and_rejects_the_earlier_objects
     first one's version: revision 3 under new UIDs, never the first result's UIDs again."""
     earlier_volume = build_volume(phantom.paths[:-1])
     first = encode_results(phantom.paths[:-1], earlier_volume, phantom.nodules, MODEL)
-    assert [int(ds.InstanceNumber) for ds in first.datasets] == [1, 1, 1]
+    # SEG, SR, GSPS carry the revision; key images the finding number
+    assert [int(ds.InstanceNumber) for ds in first.datasets] == [1, 1, 1, 1, 2]
     history = [_as_result(first.datasets)]
 
     created = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)  # the worker: when the input was complete
@@ -369,8 +374,9 @@ def test_a_replacing_result_is_the_next_revision_and_rejects_the_earlier_objects
     )
 
     *objects, note = second.datasets
-    assert [ds.Modality for ds in objects] == ["SEG", "SR", "PR"] and note.Modality == "KO"
-    assert [int(ds.InstanceNumber) for ds in second.datasets] == [2, 2, 2, 2]
+    assert [ds.Modality for ds in objects] == ["SEG", "SR", "PR", "OT", "OT"]
+    assert note.Modality == "KO"
+    assert [int(ds.InstanceNumber) for ds in second.datasets] == [2, 2, 2, 1, 2, 2]
     old_uids = [str(ds.SOPInstanceUID) for ds in first.datasets]
     assert not {str(ds.SOPInstanceUID) for ds in objects} & set(old_uids)
     assert [ds.SeriesInstanceUID for ds in objects] == [
@@ -394,7 +400,7 @@ def test_a_replacing_result_is_the_next_revision_and_rejects_the_earlier_objects
         phantom.volume,
         phantom.nodules,
         MODEL,
-        history=[*history, _as_result(second.datasets[:3])],
+        history=[*history, _as_result(_without_notes(second.datasets))],
         created=created,
     )
     assert [_bytes(ds) for ds in same_again.datasets] == [_bytes(ds) for ds in second.datasets]
@@ -408,7 +414,7 @@ def test_a_replacing_result_is_the_next_revision_and_rejects_the_earlier_objects
         phantom.volume,
         phantom.nodules,
         MODEL,
-        history=[*history, _as_result(by_newer.datasets[:3], newer)],
+        history=[*history, _as_result(_without_notes(by_newer.datasets), newer)],
     )
     assert int(back.datasets[1].InstanceNumber) == 3
     assert str(back.datasets[1].SOPInstanceUID) != str(phantom.objects[1].SOPInstanceUID)

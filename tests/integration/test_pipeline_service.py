@@ -277,7 +277,8 @@ def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
     ]
     assert min(distances) < 10.0
     modalities = sorted(pydicom.dcmread(out / name).Modality for name in report["objects"])
-    assert modalities == ["PR", "SEG", "SR"]
+    # SEG, SR, GSPS and one key image (Secondary Capture, OT) per nodule
+    assert modalities == sorted(["PR", "SEG", "SR", *["OT"] * len(report["nodules"])])
 
     bad = tmp_path / "bad"
     run = subprocess.run(

@@ -113,7 +113,7 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
     first_job = _run_job(settings, db, worker, files[:-1])
     delivery.deliver_due()
     first = _results_in(orthanc)
-    assert sorted(first) == ["PR", "SEG", "SR"]
+    assert sorted(first) == ["OT", "PR", "SEG", "SR"]  # OT: the key image
     assert all(len(v) == 1 and v[0]["InstanceNumber"] == "1" for v in first.values())
     first_uids = {v[0]["SOPInstanceUID"] for v in first.values()}
 
@@ -134,10 +134,10 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
     assert jobs == {first_job: JobState.DONE, second_job: JobState.DONE}
     now = _results_in(orthanc)
     current = {m: [i for i in now[m] if i["SOPInstanceUID"] not in first_uids] for m in now}
-    assert all(len(current[m]) == 1 for m in ("SEG", "SR", "PR"))
+    assert all(len(current[m]) == 1 for m in ("SEG", "SR", "PR", "OT"))
     assert all(current[m][0]["InstanceNumber"] == "2" for m in ("SEG", "SR", "PR"))
     if retraction is Retraction.ORTHANC:
-        assert sorted(now) == ["PR", "SEG", "SR"], "the replaced objects were deleted"
+        assert sorted(now) == ["OT", "PR", "SEG", "SR"], "the replaced objects were deleted"
         assert {i["SOPInstanceUID"] for v in now.values() for i in v}.isdisjoint(first_uids)
     else:
         (note,) = now["KO"]
@@ -145,7 +145,7 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
         kos = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
         assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
         assert set(rejected_instances(kos)) == first_uids
-        assert all(len(now[m]) == 2 for m in ("SEG", "SR", "PR")), "Orthanc keeps both sets"
+        assert all(len(now[m]) == 2 for m in ("SEG", "SR", "PR", "OT")), "Orthanc keeps both"
     # FHIR never went back: the report went from the first result straight to the second (the
     # server is shared by the tests: its history may hold earlier runs); the Observations are
     # the new SR's nodules, the replaced ones withdrawn.

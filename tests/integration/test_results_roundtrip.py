@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 
+from tests.conftest import REPO
 from tests.fhir_peer import FhirServer
 from tests.helpers import Service, free_port, wait_for
 from tests.peers import Orthanc
 
 TOKEN = "roundtrip-test-token"
+ARTIFACTS = REPO / "test-artifacts" / "roundtrip"
 
 
 def _api(port: str, path: str, method: str = "GET") -> Any:
@@ -105,7 +108,15 @@ def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
         nodules = _nodules(database_url)
         assert len(series.get("SEG", [])) == (1 if nodules else 0)
         assert len(series.get("PR", [])) == (1 if nodules else 0)
+        key_images = [i for s in series.get("OT", []) for i in s["Instances"]]
+        assert len(key_images) == nodules
         _check_objects(orthanc, series, ct_series_uid)
+        # Orthanc renders each key image (its /preview PNG), kept for a look
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for k, instance_id in enumerate(key_images, start=1):
+            png = orthanc.client.get(f"/instances/{instance_id}/preview").content
+            assert png.startswith(b"\x89PNG"), png[:16]
+            (ARTIFACTS / f"key-image-{k}.png").write_bytes(png)
 
         reports = fhir_server.get("DiagnosticReport", identifier=_report_identifier(study_uid))
         assert reports["total"] == 1 if "total" in reports else len(reports["entry"]) == 1
@@ -173,9 +184,17 @@ def _report_identifier(study_uid: str) -> str:
 def _check_objects(
     orthanc: Orthanc, series: dict[str, list[dict[str, Any]]], ct_series_uid: str
 ) -> None:
-    """Every result object references the CT series it was computed from."""
-    for modality in ("SEG", "SR", "PR"):
+    """Every result object references the CT series it was computed from (a key image: the
+    CT slice it shows)."""
+    for modality in ("SEG", "SR", "PR", "OT"):
         for s in series.get(modality, []):
             for instance_id in s["Instances"]:
                 raw = orthanc.client.get(f"/instances/{instance_id}/file").content
+                if modality == "OT":
+                    shown = dcmread(DicomBytesIO(raw)).SourceImageSequence[0]
+                    uid = str(shown.ReferencedSOPInstanceUID).encode()
+                    (hit,) = orthanc.client.post("/tools/lookup", content=uid).json()
+                    parent = orthanc.get(f"/instances/{hit['ID']}/series")
+                    assert parent["MainDicomTags"]["SeriesInstanceUID"] == ct_series_uid
+                    continue
                 assert ct_series_uid.encode() in raw, (modality, "does not reference the CT")
