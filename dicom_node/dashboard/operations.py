@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 
+from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_node.dashboard.actions import ActionError, ActionOutcome, discard, rerun, retry
@@ -32,7 +35,7 @@ from dicom_node.dashboard.queries import (
     totals,
 )
 from dicom_node.db import AuditEntry, Instance, Job, JobState, Study, utcnow
-from dicom_node.results import stored_result
+from dicom_node.results import ObjectKind, stored_result
 from dicom_node.workers import is_alive, list_workers
 
 ROLES = ("work", "dead letters")
@@ -121,6 +124,30 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             patient=patient,
             patient_data_shown=show,
         )
+
+
+#: Longest side of a finding's thumbnail on the study page (pixels).
+THUMBNAIL_PX = 256
+
+
+def finding_thumbnail(dash: Dashboard, study_uid: str, number: int) -> bytes | None:
+    """PNG of finding ``number``'s key image in the study's current result (``None``: no such
+    study, result or finding): the stored Secondary Capture (lung window, outline, finding
+    burned in, nothing of the patient), scaled to :data:`THUMBNAIL_PX`."""
+    with dash.db.session() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        result = stored_result(session, study.current_job_id) if study is not None else None
+    if result is None:
+        return None
+    images = [o for o in result.objects if o.kind is ObjectKind.KEY_IMAGE]  # in finding order
+    if not 1 <= number <= len(images):
+        return None
+    ds = dcmread(dash.settings.spool_dir / images[number - 1].path)
+    image = Image.fromarray(ds.pixel_array, mode="RGB")
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _audit_out(entry: AuditEntry) -> AuditOut:

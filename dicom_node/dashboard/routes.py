@@ -122,6 +122,19 @@ def read_router(dash: Dashboard, registry: CollectorRegistry) -> APIRouter:
             raise HTTPException(404, "no such study")
         return detail
 
+    @router.get(
+        "/api/studies/{study_uid}/findings/{number}/thumbnail.png",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+        tags=["dashboard"],
+    )
+    def thumbnail(study_uid: str, number: int) -> Response:
+        """Finding ``number``'s key image as a PNG thumbnail (lung window, outline)."""
+        png = operations.finding_thumbnail(dash, study_uid, number)
+        if png is None:
+            raise HTTPException(404, "no such finding")
+        return Response(png, media_type="image/png")
+
     @router.get("/api/failures", response_model=FailuresOut, tags=["dashboard"])
     def failures(
         include_history: bool = False, limit: Annotated[int, Query(ge=1, le=1000)] = 200

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dicom_node import demo
@@ -18,6 +22,8 @@ from dicom_node.node import Node
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "models" / "weights"
+E2E = REPO / "tests" / "e2e"
+ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -77,6 +83,43 @@ def test_demo_sends_a_phantom_and_reports_its_nodules_against_the_truth(
     assert found is not None, text
     assert int(found[1]) == rows.count("FOUND")
     assert f"/dashboard/studies/{_study_uid(text)}" in text
+    assert "study Lung-RADS v2022 category" in text
+    _check_study_page_in_a_browser(serving, _study_uid(text))
+
+
+def _check_study_page_in_a_browser(settings: Settings, study_uid: str) -> None:
+    """The study page in Chromium: a row per finding with its thumbnail loaded, the same
+    Lung-RADS and risk as the findings API; a screenshot in ``test-artifacts/dashboard``."""
+    if shutil.which("chromium") is None or not (E2E / "node_modules" / "playwright-core").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("chromium and playwright-core are needed (make test installs them)")
+        pytest.skip("chromium or playwright-core not installed")
+    base = f"http://127.0.0.1:{settings.http_port}"
+    findings = httpx.get(f"{base}/api/studies/{study_uid}/findings", timeout=10).json()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driven = subprocess.run(
+        ["node", str(E2E / "study_page.mjs")],
+        env={
+            **os.environ,
+            "E2E_URL": f"{base}/dashboard/studies/{study_uid}",
+            "E2E_OUT": str(ARTIFACTS),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert driven.returncode == 0, driven.stderr[-4000:]
+    seen = json.loads(driven.stdout)
+    assert seen["errors"] == []
+    nodules = findings["nodules"]
+    assert [r["number"] for r in seen["rows"]] == [n["number"] for n in nodules]
+    for row, nodule in zip(seen["rows"], nodules, strict=True):
+        assert row["thumbnailWidth"] > 0
+        assert row["lungRads"] == nodule["lung_rads"]
+        risk = nodule["malignancy_risk"]  # the phantom's header has birth date and sex
+        assert risk is not None and row["risk"] == f"{100 * risk:.1f} %"
+    assert f"category {findings['lung_rads']}" in seen["studyLungRads"]
 
 
 def _study_uid(text: str) -> str:

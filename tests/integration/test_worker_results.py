@@ -452,6 +452,11 @@ def test_lung_rads_and_risk_are_the_same_in_sr_fhir_json_and_the_study_page(
         uid = result.study_instance_uid
         findings = http.get(f"/api/studies/{uid}/findings").json()
         page = http.get(f"/dashboard/studies/{uid}").text
+        thumbnail = http.get(f"/api/studies/{uid}/findings/1/thumbnail.png")
+        missing = http.get(f"/api/studies/{uid}/findings/2/thumbnail.png")
+    assert thumbnail.headers["content-type"] == "image/png"
+    assert thumbnail.content.startswith(b"\x89PNG") and missing.status_code == 404
+    assert f"/api/studies/{uid}/findings/1/thumbnail.png" in page
     (listed,) = findings["nodules"]
     assert (listed["lung_rads"], listed["malignancy_risk"]) == (
         nodule.lung_rads,
