@@ -88,7 +88,6 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     from dicom_node.results import ModelIdentity
     from pipelines.analysis import analyse
     from pipelines.detect import Detector
-    from pipelines.lungrads import LungRads, study_category
     from pipelines.outputs import encode_results
     from pipelines.worker import detector_config
 
@@ -106,7 +105,7 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
             "series_instance_uid": detection.series_instance_uid,
             "nodules": [n.to_json() for n in encoded.nodules],
             "not_encoded": encoded.not_encoded,
-            "lung_rads": study_category(LungRads(n.lung_rads) for n in encoded.nodules).value,
+            "lung_rads": encoded.lung_rads,
             "candidates": detection.candidates,
             "timings_ms": {k: round(v, 1) for k, v in detection.timings_ms.items()},
             "backend": detection.backend,

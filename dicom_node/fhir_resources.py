@@ -39,7 +39,9 @@ the same concepts the TID 1500 SR uses, so the two outputs say the same thing):
 - report category ``v2-0074#RAD`` "Radiology"; report code LOINC ``24627-2`` "CT Chest" (PS3.16
   CID 7000 "CT Chest Report": the document is a chest CT report, more specific than ``18748-4``
   "Diagnostic imaging study");
-- Observation category ``observation-category#imaging``; code SNOMED CT ``27925004`` "Nodule";
+- Observation category ``observation-category#imaging``; code by the finding's class
+  (:data:`FINDING_CODES`): SNOMED CT ``27925004`` "Nodule", ``4147007`` "Mass", or
+  ``DCM#112001`` "Opacity" for an opacity of diffuse disease;
   body site SNOMED CT ``39607008`` "Lung structure" qualified by the mCODE laterality extension
   (:data:`LATERALITY_EXTENSION`) with ``7771000`` "Left" or ``24028007`` "Right" from the sign of
   the LPS x coordinate (+x is patient left, PS3.3 C.7.6.2.1.1);
@@ -132,6 +134,18 @@ IMAGING: Final[JSON] = {
 NODULE_CODE: Final[JSON] = {
     "coding": [{"system": SNOMED, "code": "27925004", "display": "Nodule"}],
     "text": "Lung nodule",
+}
+#: Observation.code per lesion class (``pipelines.lesions``), the SR's finding types.
+FINDING_CODES: Final[dict[str, JSON]] = {
+    "nodule": NODULE_CODE,
+    "mass": {
+        "coding": [{"system": SNOMED, "code": "4147007", "display": "Mass"}],
+        "text": "Lung mass (over 30 mm)",
+    },
+    "diffuse": {
+        "coding": [{"system": DCM, "code": "112001", "display": "Opacity"}],
+        "text": "Opacity of diffuse lung disease (not a nodule)",
+    },
 }
 LUNG: Final[JSON] = {"system": SNOMED, "code": "39607008", "display": "Lung structure"}
 #: Laterality qualifier of a body site (HL7 mCODE STU2, laterality qualifier extension; R4 has no
@@ -408,7 +422,7 @@ def build_observation(
         "identifier": [dicom_uid_identifier(tracking_uid)],
         "status": status,
         "category": [IMAGING],
-        "code": NODULE_CODE,
+        "code": FINDING_CODES[str(nodule.get("lesion_class", "nodule"))],
         "subject": patient_reference(study),
         "focus": [imaging_study_reference(study.study_instance_uid)],
         "bodySite": {
@@ -590,16 +604,25 @@ def _risk(probability: Any) -> JSON | None:
 
 
 def summary(observations: Sequence[Mapping[str, Any]], model: ModelIdentity | None = None) -> str:
-    """A one-sentence conclusion: how many nodules, how many need review, by which model."""
-    n = len(observations)
+    """A one-sentence conclusion: what was found by class, how many need review, by which model."""
+    kinds = [obs["code"]["coding"][0]["code"] for obs in observations]
     review = sum(
         1
         for obs in observations
         for c in obs.get("component", [])
         if c["code"]["coding"][0] == NEEDS_REVIEW and c.get("valueBoolean")
     )
-    text = "No lung nodules detected." if n == 0 else f"{n} lung nodule{'s' * (n != 1)} detected"
-    if n:
+    counts = [
+        (kinds.count(code["coding"][0]["code"]), word)
+        for code, word in (
+            (FINDING_CODES["nodule"], "lung nodule"),
+            (FINDING_CODES["mass"], "lung mass"),
+            (FINDING_CODES["diffuse"], "opacity of diffuse lung disease"),
+        )
+    ]
+    found = [f"{n} {word}{'s' * (n != 1)}" for n, word in counts if n]
+    text = "No lung nodules detected." if not found else ", ".join(found) + " detected"
+    if found:
         text += f" ({review} to review)." if review else "."
     if model is not None:
         text += f" Preliminary AI result ({model.display}); not reviewed by a radiologist."

@@ -100,6 +100,8 @@ class ReportedNodule:
     solid_mean_diameter_mm: float = 0.0
     #: Lung-RADS v2022 category, baseline rules (``pipelines.lungrads``); "" if not assessed.
     lung_rads: str = ""
+    #: ``nodule``, ``mass`` or ``diffuse`` (``pipelines.lesions``); "nodule" in older documents.
+    lesion_class: str = "nodule"
     #: ``left`` or ``right`` lung (from the centre's LPS x); "" in older documents.
     side: str = ""
     #: Centre in the cranial half of the lung mask (the Brock model's "upper lobe" proxy).
@@ -127,6 +129,7 @@ class ReportedNodule:
             "mean_diameter_mm": self.mean_diameter_mm,
             "solid_mean_diameter_mm": self.solid_mean_diameter_mm,
             "lung_rads": self.lung_rads,
+            "lesion_class": self.lesion_class,
             "side": self.side,
             "upper_zone": self.upper_zone,
             "malignancy_risk": (
@@ -155,6 +158,7 @@ class ReportedNodule:
             mean_diameter_mm=float(data.get("mean_diameter_mm", 0.0)),
             solid_mean_diameter_mm=float(data.get("solid_mean_diameter_mm", 0.0)),
             lung_rads=str(data.get("lung_rads", "")),
+            lesion_class=str(data.get("lesion_class", "nodule")),
             side=str(data.get("side", "")),
             upper_zone=None if data.get("upper_zone") is None else bool(data["upper_zone"]),
             malignancy_risk=(
@@ -166,7 +170,8 @@ class ReportedNodule:
 
 @dataclass(frozen=True)
 class ResultObject:
-    """One stored DICOM result object; ``path`` is relative to the spool root."""
+    """One stored DICOM result object; ``path`` is relative to the spool root; ``finding`` the
+    number of the finding a key image shows (``None`` for the other kinds)."""
 
     kind: ObjectKind
     modality: str
@@ -175,6 +180,7 @@ class ResultObject:
     series_instance_uid: str
     study_instance_uid: str
     path: str
+    finding: int | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResultObject:

@@ -2,8 +2,9 @@
 
 For PACS viewers that draw neither SEG nor SR: per nodule, on the stored image of its largest
 extent, the closed outline (a POLYLINE graphic object in PIXEL units, PS3.3 C.10.5) and a short
-text label such as ``N1 33.5 mm solid 0.93`` (nodule number, long axis, attenuation type,
-detection probability; ``?`` appended when review is recommended) placed just above the outline.
+text label such as ``Nodule 1 12.5 mm solid 0.93`` (tracking identifier with the finding's
+class, long axis, attenuation type, detection probability; ``?`` appended when review is
+recommended) placed just above the outline.
 Graphics go on one layer ("NODULES", yellow). The presentation state references every image of
 the series, so its lung window (Softcopy VOI LUT, C.11.8: width 1500, centre -600) applies to the
 whole series; each annotation references only its own image (and frame, for multi-frame).
@@ -41,15 +42,17 @@ class GspsNodule:
     outline: Outline
     tracking_id: str
     tracking_uid: str
+    needs_review: bool
 
 
-def label(number: int, item: GspsNodule) -> str:
-    """Short text: ``N<number> <long axis> mm <type> <probability>`` (64 characters at most);
-    the long axis is the one measured on the drawn outline, as in the SR."""
+def label(item: GspsNodule) -> str:
+    """Short text: ``<tracking id> <long axis> mm <type> <probability>`` ("Mass 1 34.3 mm solid
+    1.00", 64 characters at most, `` ?`` when it needs review); the long axis is the one measured
+    on the drawn outline, as in the SR."""
     nodule = item.nodule
-    flag = " ?" if nodule.needs_review else ""
+    flag = " ?" if item.needs_review else ""
     size = item.outline.long_axis_mm
-    return f"N{number} {size:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}"[:64]
+    return f"{item.tracking_id} {size:.1f} mm {nodule.type} {nodule.probability:.2f}{flag}"[:64]
 
 
 def _label_box(outline: Outline) -> tuple[float, float, float, float]:
@@ -64,7 +67,7 @@ def _label_box(outline: Outline) -> tuple[float, float, float, float]:
 
 
 def annotation(
-    number: int, item: GspsNodule, image: Dataset, layer: hd.pr.GraphicLayer
+    item: GspsNodule, image: Dataset, layer: hd.pr.GraphicLayer
 ) -> hd.pr.GraphicAnnotation:
     """Graphic Annotation Sequence item (PS3.3 C.10.5) for one nodule."""
     frame = item.outline.plane.source.frame_number
@@ -84,7 +87,7 @@ def annotation(
         ],
         text_objects=[
             hd.pr.TextObject(
-                text_value=label(number, item),
+                text_value=label(item),
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
                 bounding_box=_label_box(item.outline),
                 text_justification=hd.pr.TextJustificationValues.LEFT,
@@ -107,7 +110,7 @@ def encode_gsps(
     source_datasets : sequence of pydicom.Dataset
         Every instance of the series (headers suffice).
     items : sequence of GspsNodule
-        Nodules with outlines; numbered 1.. in this order by their tracking identifier.
+        Findings with outlines, labelled by their tracking identifier.
     uids : ResultUIDs
         GSPS SeriesInstanceUID and SOPInstanceUID.
     model_name, model_version : str
@@ -124,9 +127,8 @@ def encode_gsps(
     )
     annotations = []
     for item in items:
-        number = int(item.tracking_id.rsplit(" ", 1)[-1]) if item.tracking_id[-1:].isdigit() else 0
         image = by_uid[item.outline.plane.source.sop_instance_uid]
-        annotations.append(annotation(number, item, image, layer))
+        annotations.append(annotation(item, image, layer))
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=list(source_datasets),
         series_instance_uid=uids.gsps_series_uid,

@@ -91,11 +91,15 @@ def caption(finding: KeyFinding) -> list[str]:
     outline, assessed = finding.outline, finding.assessment
     size = f"{outline.long_axis_mm:.1f} x {outline.short_axis_mm:.1f} mm"
     risk = assessed.risk.probability
-    lines = [
-        f"Finding {finding.number}: {finding.type} nodule, {size}",
-        f"Lung-RADS v2022 {assessed.lung_rads} (baseline)"
-        + (f", Brock risk {100 * risk:.1f} %" if risk is not None else ""),
-    ]
+    kind = assessed.lesion_class.label.lower()
+    lines = [f"Finding {finding.number}: {finding.type} {kind}, {size}"]
+    if assessed.lung_rads:
+        lines.append(
+            f"Lung-RADS v2022 {assessed.lung_rads} (baseline)"
+            + (f", Brock risk {100 * risk:.1f} %" if risk is not None else "")
+        )
+    if assessed.needs_review:
+        lines.append("Needs review")
     return lines
 
 

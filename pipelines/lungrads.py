@@ -11,8 +11,11 @@ mean diameter, the mean of long and short axis rounded half up to one decimal pl
   ≥ 6 to < 8 mm 4A; solid component ≥ 8 mm 4B;
 - ground-glass (non-solid): < 30 mm 2; ≥ 30 mm 3.
 
-A study without nodules is category 1; a study's category is its highest nodule's. Not applied
-(they need what the detector does not measure): category 0, calcification and fat (benign
+A study without nodules is category 1; a study's category is its highest nodule's; a study with
+diffuse disease (multifocal sub-solid opacity, :mod:`pipelines.lesions`) is category 0 ("findings
+suggestive of an inflammatory or infectious process", new in v2022) unless a nodule or mass of its
+own is 4A or 4B. Not applied (they need what the detector does not measure): category 0 for its
+other reasons (priors being located, lungs not evaluable), calcification and fat (benign
 category 1/2 features), perifissural and airway nodules, cysts, and the 4X modifier (additional
 suspicious features such as spiculation). Lung-RADS applies to lung-cancer screening CT; the node
 does not know whether a study is one, so the category is reported as decision support, **not
@@ -32,6 +35,8 @@ VERSION = "v2022"
 class LungRads(StrEnum):
     """Lung-RADS v2022 assessment categories (those the baseline rules here can give)."""
 
+    #: Incomplete; here only for "findings suggestive of an inflammatory or infectious process".
+    CATEGORY_0 = "0"
     CATEGORY_1 = "1"
     CATEGORY_2 = "2"
     CATEGORY_3 = "3"
@@ -94,6 +99,14 @@ def nodule_category(attenuation: str, mean_mm: float, solid_mean_mm: float = 0.0
     raise ValueError(f"unknown attenuation type {attenuation!r}")
 
 
-def study_category(categories: Iterable[LungRads]) -> LungRads:
-    """The study's category: its most suspicious nodule's, 1 without nodules."""
-    return max(categories, key=ORDER.index, default=LungRads.CATEGORY_1)
+def study_category(categories: Iterable[LungRads], diffuse_disease: bool = False) -> LungRads:
+    """The study's category: its most suspicious nodule's, 1 without nodules.
+
+    With diffuse disease (:mod:`pipelines.lesions`: multifocal sub-solid opacity) the study is 0,
+    "findings suggestive of an inflammatory or infectious process" (v2022 category 0, CT again in
+    1-3 months), unless a nodule or mass of its own is 4A or 4B, which stays.
+    """
+    highest = max(categories, key=ORDER.index, default=LungRads.CATEGORY_1)
+    if diffuse_disease and highest not in (LungRads.CATEGORY_4A, LungRads.CATEGORY_4B):
+        return LungRads.CATEGORY_0
+    return highest

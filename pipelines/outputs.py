@@ -10,7 +10,8 @@ Observations are built from those same nodules, so SR, SEG and FHIR always list 
 * Comprehensive 3D SR, TID 1500 (:mod:`pipelines.sr`): always; a negative report when there are
   no nodules. Names ``predecessor`` when given (rerun after late instances).
 * GSPS (PS3.3 C.11.10, :mod:`pipelines.gsps`): only when there are nodules.
-* Key images (Secondary Capture, :mod:`pipelines.keyimages`): one per nodule.
+* Key images (Secondary Capture, :mod:`pipelines.keyimages`): one per nodule or mass (none for
+  the opacities of diffuse disease: they are many and not focal).
 * The IOCM rejection note (:mod:`pipelines.rejection`): only when the study has earlier results
   of other content; it lists every earlier object the new ones replace.
 
@@ -52,11 +53,12 @@ from dicom_node.results import (
     ResultObject,
     ResultSet,
 )
-from pipelines.brock import Patient, nodule_risk, patient_of
+from pipelines.brock import BrockRisk, Patient, nodule_risk, patient_of
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.keyimages import KeyFinding, encode_key_images
-from pipelines.lungrads import mean_diameter_mm, nodule_category
+from pipelines.lesions import Focus, LesionClass, classify
+from pipelines.lungrads import LungRads, mean_diameter_mm, nodule_category, study_category
 from pipelines.masks import Outline, nodule_outline, project_mask, source_planes
 from pipelines.rejection import encode_rejection_note
 from pipelines.seg import SegmentInput, encode_segmentation
@@ -96,6 +98,14 @@ class EncodedResults:
     not_encoded: int
     instance_number: int = 1
     retracted: tuple[str, ...] = ()
+
+    @property
+    def lung_rads(self) -> str:
+        """The study's Lung-RADS v2022 category (:func:`pipelines.lungrads.study_category`)."""
+        return study_category(
+            (LungRads(n.lung_rads) for n in self.nodules if n.lung_rads),
+            diffuse_disease=any(n.lesion_class == LesionClass.DIFFUSE for n in self.nodules),
+        ).value
 
 
 @dataclass(frozen=True)
@@ -231,13 +241,17 @@ def _encode(
         if outline is not None:
             drawn.append((nodule, masks, outline))
     patient = patient_of(used[0]) if used else Patient(None, None)
+    classes = classify([Focus(n.type, o.long_axis_mm, float(n.center_mm[0])) for n, _, o in drawn])
+    count = classes.count(LesionClass.NODULE)
     segments: list[SegmentInput] = []
     reports: list[NoduleReport] = []
-    for number, (nodule, masks, outline) in enumerate(drawn, start=1):
-        tracking_id = f"Nodule {number}"
+    for number, ((nodule, masks, outline), kind) in enumerate(
+        zip(drawn, classes, strict=True), start=1
+    ):
+        tracking_id = f"{kind.label} {number}"
         tracking_uid = uids.tracking_uid(number - 1)
-        assessment = assess(nodule, outline, patient, len(drawn))
-        segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id))
+        assessment = assess(nodule, outline, kind, patient, count)
+        segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id, kind.code))
         reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number, assessment))
     if nodules and not reports:
         # a "without findings" SR would be false; the job must fail instead
@@ -252,7 +266,12 @@ def _encode(
         sr = encode_sr(reports, used, uids, name, version, seg=seg, predecessor=predecessor)
         gsps = encode_gsps(
             used,
-            [GspsNodule(r.nodule, r.outline, r.tracking_id, r.tracking_uid) for r in reports],
+            [
+                GspsNodule(
+                    r.nodule, r.outline, r.tracking_id, r.tracking_uid, r.assessment.needs_review
+                )
+                for r in reports
+            ],
             uids,
             name,
             version,
@@ -263,7 +282,11 @@ def _encode(
     objects += encode_key_images(
         volume,
         by_uid,
-        [KeyFinding(r.segment_number, r.outline, r.nodule.type, r.assessment) for r in reports],
+        [
+            KeyFinding(r.segment_number, r.outline, r.nodule.type, r.assessment)
+            for r in reports
+            if r.assessment.lesion_class is not LesionClass.DIFFUSE
+        ],
         uids,
         name,
         version,
@@ -301,13 +324,22 @@ def _pin_clock(ds: Dataset, created: datetime) -> None:
                     item.DimensionOrganizationUID = uid
 
 
-def assess(nodule: Nodule, outline: Outline, patient: Patient, count: int) -> Assessment:
-    """Lung-RADS category and Brock risk of one nodule from its outline's axes."""
+def assess(
+    nodule: Nodule, outline: Outline, lesion_class: LesionClass, patient: Patient, nodules: int
+) -> Assessment:
+    """Lung-RADS category and Brock risk of one finding from its outline's axes and its class
+    (:mod:`pipelines.lesions`); ``nodules`` is the study's count of class ``nodule``."""
     mean = mean_diameter_mm(outline.long_axis_mm, outline.short_axis_mm)
     solid_mean = mean_diameter_mm(nodule.solid_long_axis_mm, nodule.solid_short_axis_mm)
+    if lesion_class is LesionClass.DIFFUSE:
+        reason = "no risk: part of diffuse disease, not a nodule"
+        return Assessment(lesion_class, mean, solid_mean, "", BrockRisk(None, reason), True)
     category = nodule_category(nodule.type, mean, solid_mean).value
-    risk = nodule_risk(patient, outline.long_axis_mm, nodule.type, nodule.upper_zone, count)
-    return Assessment(mean, solid_mean, category, risk)
+    if lesion_class is LesionClass.MASS:
+        reason = "no risk: a mass (over 30 mm), outside the nodules the Brock model was built on"
+        return Assessment(lesion_class, mean, solid_mean, category, BrockRisk(None, reason), True)
+    risk = nodule_risk(patient, outline.long_axis_mm, nodule.type, nodule.upper_zone, nodules)
+    return Assessment(lesion_class, mean, solid_mean, category, risk, bool(nodule.needs_review))
 
 
 def _reported(report: NoduleReport) -> ReportedNodule:
@@ -327,10 +359,11 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         mean_hu=float(n.mean_hu),
         type=n.type,
         probability=float(n.probability),
-        needs_review=bool(n.needs_review),
+        needs_review=assessed.needs_review,
         mean_diameter_mm=assessed.mean_diameter_mm,
         solid_mean_diameter_mm=assessed.solid_mean_diameter_mm,
         lung_rads=assessed.lung_rads,
+        lesion_class=assessed.lesion_class.value,
         side="left" if x > 0 else "right",
         upper_zone=None if n.upper_zone is None else bool(n.upper_zone),
         malignancy_risk=assessed.risk.probability,

@@ -40,6 +40,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.results import MANUFACTURER
 from pipelines.masks import PlaneMask
@@ -70,12 +71,14 @@ def segment_color(number: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class SegmentInput:
-    """What one segment needs: its masks on stored frames and its tracking identity."""
+    """What one segment needs: its masks on stored frames, its tracking identity and what it is
+    (segmented property type: SCT Nodule, SCT Mass or DCM Opacity)."""
 
     masks: Sequence[PlaneMask]
     tracking_id: str
     tracking_uid: str
     label: str
+    property_type: Code = codes.SCT.Nodule
 
 
 def algorithm_identification(
@@ -97,7 +100,7 @@ def segment_description(
         segment_number=number,
         segment_label=segment.label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Nodule,
+        segmented_property_type=segment.property_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(model_name, model_version),
         tracking_uid=segment.tracking_uid,

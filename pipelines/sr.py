@@ -22,10 +22,13 @@ Content tree (PS3.16 TID 1500 Measurement Report):
     Brock probability of cancer (DCM 111047 "Probability of cancer", %, algorithm "Brock (PanCan)
     full model", :mod:`pipelines.brock`).
 
-  Both groups carry finding type "Nodule" (SCT 27925004), finding site "Lung" (SCT 39607008),
+  Both groups carry the finding's class as finding type (:class:`pipelines.lesions.LesionClass`:
+  "Nodule" SCT 27925004, "Mass" SCT 4147007, "Opacity" DCM 112001 for diffuse disease),
+  finding site "Lung" (SCT 39607008),
   the algorithm (name, version) and the same tracking identifier ``Nodule <n>`` and
   TrackingUniqueIdentifier (derived, so it persists across reruns of the same input; OHIF merges
-  groups sharing it into one annotation labelled with all their measurements).
+  groups sharing it into one annotation labelled with all their measurements). The identifier
+  names the class: ``Nodule 1``, ``Mass 2``, ``Opacity 3``.
 
 * A Qualitative Evaluations container (TID 1500 row "Qualitative Evaluations", UMLS C0034375) with
   DCM 111017 "CAD Processing and Findings Summary": DCM 111242 "All algorithms succeeded; with
@@ -53,6 +56,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.results import COMPREHENSIVE_3D_SR, MANUFACTURER, SEGMENTATION_STORAGE
 from pipelines.brock import BrockRisk
 from pipelines.findings import Nodule
+from pipelines.lesions import LesionClass
 from pipelines.masks import Outline
 from pipelines.uids import ResultUIDs, derive_uid
 
@@ -102,12 +106,15 @@ Predecessor = Dataset | tuple[str, str, str]
 
 @dataclass(frozen=True)
 class Assessment:
-    """A nodule's clinical assessment: Lung-RADS (from its outline's mean diameter) and risk."""
+    """A finding's clinical assessment: its class, Lung-RADS (from its outline's mean diameter;
+    "" for diffuse disease), risk, and whether a radiologist should review it."""
 
+    lesion_class: LesionClass
     mean_diameter_mm: float
     solid_mean_diameter_mm: float
     lung_rads: str
     risk: BrockRisk
+    needs_review: bool
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ def planar_group(
             uid=report.tracking_uid, identifier=report.tracking_id
         ),
         referenced_region=region,
-        finding_type=codes.SCT.Nodule,
+        finding_type=report.assessment.lesion_class.code,
         algorithm_id=algo,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
         measurements=[
@@ -211,12 +218,15 @@ def volumetric_group(
     evaluations = [
         hd.sr.QualitativeEvaluation(name=TYPE_CONCEPT, value=TYPE_VALUES[nodule.type]),
         hd.sr.QualitativeEvaluation(
-            name=REVIEW_CONCEPT, value=codes.SCT.Yes if nodule.needs_review else codes.SCT.No
-        ),
-        hd.sr.QualitativeEvaluation(
-            name=LUNG_RADS_CONCEPT, value=lung_rads_value(assessment.lung_rads)
+            name=REVIEW_CONCEPT, value=codes.SCT.Yes if assessment.needs_review else codes.SCT.No
         ),
     ]
+    if assessment.lung_rads:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=LUNG_RADS_CONCEPT, value=lung_rads_value(assessment.lung_rads)
+            )
+        )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=report.tracking_uid, identifier=report.tracking_id
@@ -227,7 +237,7 @@ def volumetric_group(
             segment_number=report.segment_number,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         ),
-        finding_type=codes.SCT.Nodule,
+        finding_type=report.assessment.lesion_class.code,
         algorithm_id=algo,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
         measurements=measurements,

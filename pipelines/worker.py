@@ -67,7 +67,6 @@ from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detector, DetectorConfig
-from pipelines.lungrads import LungRads, study_category
 from pipelines.outputs import KIND_BY_SOP_CLASS, encode_results
 
 LOGGER = logging.getLogger(__name__)
@@ -233,7 +232,7 @@ class Worker:
         )
         folder = f"{results_path(job_id)}/{attempt}"
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
-        lung_rads = study_category(LungRads(n.lung_rads) for n in encoded.nodules).value
+        lung_rads = encoded.lung_rads
         sr = next(o for o in objects if o.kind is ObjectKind.SR)
         seg = next((o for o in objects if o.kind is ObjectKind.SEG), None)
         report, observations = build_results(
@@ -298,14 +297,17 @@ class Worker:
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         self.spool.write(relpath, buffer.getvalue())
+        kind = KIND_BY_SOP_CLASS[str(ds.SOPClassUID)]
         return ResultObject(
-            kind=KIND_BY_SOP_CLASS[str(ds.SOPClassUID)],
+            kind=kind,
             modality=str(ds.Modality),
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
             study_instance_uid=str(ds.StudyInstanceUID),
             path=relpath,
+            # a key image's InstanceNumber is the number of the finding it shows
+            finding=int(ds.InstanceNumber) if kind is ObjectKind.KEY_IMAGE else None,
         )
 
     def _history(self, job_id: str) -> list[ResultSet]:

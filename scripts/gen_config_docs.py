@@ -64,7 +64,9 @@ MEANINGS: dict[str, str] = {
     "models_dir": "folder of ONNX models and their manifests; unset: the shipped `models/weights`",
     "inference_threads": "CPU threads per inference session; unset: onnxruntime's choice",
     "operating_threshold": "detection probability threshold; unset: the model manifest's",
-    "review_band": "findings within this much below the threshold are reported as needing review",
+    "review_band": (
+        "findings less than this much above the operating threshold are reported as needing review"
+    ),
     "min_slices": "series with fewer slices are not eligible",
     "max_attempts": "attempts per job before it fails and is dead-lettered",
     "retry_backoff_seconds": "first retry delay of a job (doubles per attempt)",

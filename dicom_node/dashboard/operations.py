@@ -139,14 +139,16 @@ def finding_thumbnail(dash: Dashboard, study_uid: str, number: int) -> bytes | N
         result = stored_result(session, study.current_job_id) if study is not None else None
     if result is None:
         return None
-    images = [o for o in result.objects if o.kind is ObjectKind.KEY_IMAGE]  # in finding order
-    if not 1 <= number <= len(images):
+    image = next(
+        (o for o in result.objects if o.kind is ObjectKind.KEY_IMAGE and o.finding == number), None
+    )
+    if image is None:  # no such finding, or one without a key image (diffuse disease)
         return None
-    ds = dcmread(dash.settings.spool_dir / images[number - 1].path)
-    image = Image.fromarray(ds.pixel_array, mode="RGB")
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    ds = dcmread(dash.settings.spool_dir / image.path)
+    thumbnail = Image.fromarray(ds.pixel_array, mode="RGB")
+    thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    thumbnail.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

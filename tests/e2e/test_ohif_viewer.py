@@ -405,7 +405,8 @@ def test_ohif_draws_our_seg_overlay_and_sr_outline_with_diameter_on_the_lidc_nod
 ) -> None:
     seen = _drive(ohif, results)
     seg, sr = seen["seg"], seen["sr"]
-    assert [s["title"] for s in seg["segments"]] == ["Nodule 1", "Nodule 2"]
+    # the readers' lesion (about 34 mm) and its copy are masses (pipelines.lesions)
+    assert [s["title"] for s in seg["segments"]] == ["Mass 1", "Mass 2"]
     colours = [[int(v) for v in s["color"].strip("rgb()").split(",")] for s in seg["segments"]]
     assert_seg_overlay_on_the_nodule(seg, colours[0], results.center_mm, results.segment_rgb)
     # segment 2's frames follow a gap of omitted empty slices: still drawn on its own slices

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -38,7 +39,7 @@ from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.volume import Volume, build_volume
 from pipelines.worker import Settle, Worker
 from tests.helpers import wait_for
-from tests.nodule_fixtures import FixedDetector, lidc_nodules
+from tests.nodule_fixtures import FixedDetector, grid_mask_to_nodule, lidc_nodules
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +158,8 @@ def test_a_nodule_that_cannot_be_outlined_is_in_none_of_sr_seg_and_fhir(
         result = ResultSet.from_json(row.detail)
     spool = LocalSpool(settings.spool_dir, 0)
     (nodule,) = result.nodules
-    assert (nodule.number, nodule.tracking_id, result.not_encoded) == (1, "Nodule 1", 1)
+    # the readers' lesion is about 34 mm long: a mass (pipelines.lesions)
+    assert (nodule.number, nodule.tracking_id, result.not_encoded) == (1, "Mass 1", 1)
     assert row.nodules == [nodule.to_json()]
     paths = {o.modality: spool.path(o.path) for o in result.objects}
     sr, seg = pydicom.dcmread(paths["SR"]), pydicom.dcmread(paths["SEG"])
@@ -415,14 +417,23 @@ def _sr_axes(sr: pydicom.Dataset) -> tuple[float, float]:
 def test_lung_rads_and_risk_are_the_same_in_sr_fhir_json_and_the_study_page(
     node: tuple[Settings, Database], shared_data: Path
 ) -> None:
-    """A 70-year-old woman (age and sex in the header), the readers' nodule in the upper zone."""
+    """A 70-year-old woman (age and sex in the header), a 12 mm nodule in the upper zone (a
+    sphere at the readers' lesion: the lesion itself is a mass, without a Brock risk)."""
     from fastapi.testclient import TestClient
 
     from dicom_node.api import create_app
 
     settings, db = node
     files = _lidc_files(shared_data)
-    readers = dataclasses.replace(_readers_nodule(shared_data, files), upper_zone=True)
+    volume = build_volume(files)
+    zz, yy, xx = np.indices(volume.hu.shape)
+    cx, cy, cz = _readers_nodule(shared_data, files).center_mm
+    ox, oy, oz = volume.origin_mm
+    dz, dy, dx = volume.spacing_mm
+    sphere = (
+        (xx * dx + ox - cx) ** 2 + (yy * dy + oy - cy) ** 2 + (zz * dz + oz - cz) ** 2
+    ) <= 6.0**2
+    readers = dataclasses.replace(grid_mask_to_nodule(sphere, volume), upper_zone=True)
     job_id = _store_study(
         settings, db, files, new_uids=True, header={"PatientAge": "070Y", "PatientSex": "F"}
     )
