@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,3 +150,16 @@ class Service:
         self.process.kill()
         self.process.wait(timeout=30)
         self._out.close()
+
+
+def sr_items(items: Any) -> Iterator[Any]:
+    """Every SR content item below ``items`` (a ContentSequence), depth first, in order."""
+    for item in items:
+        yield item
+        yield from sr_items(item.get("ContentSequence", []))
+
+
+def sr_code(item: Any) -> str:
+    """The CodeValue of a content item's concept name ("" for an unnamed item)."""
+    names = item.get("ConceptNameCodeSequence")
+    return str(names[0].CodeValue) if names else ""

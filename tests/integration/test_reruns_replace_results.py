@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydantic import SecretStr
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.config import (
@@ -39,6 +40,7 @@ from dicom_node.spool import LocalSpool
 from pipelines.volume import build_volume
 from pipelines.worker import Settle, Worker
 from tests.fhir_peer import FhirServer
+from tests.helpers import sr_code, sr_items
 from tests.nodule_fixtures import FixedDetector, lidc_nodules
 from tests.peers import Orthanc
 
@@ -57,6 +59,21 @@ def node(tmp_path: Path) -> Iterator[tuple[Settings, Database]]:
 
 def _slice_position(path: Path) -> float:
     return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
+
+
+def _fresh_uids(files: list[Path], folder: Path) -> list[Path]:
+    """Copies of ``files`` as a study of their own: new study, series and instance UIDs (same
+    geometry and pixels, so the readers' nodule stays where it is)."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(folder / f"{k:03d}.dcm")
+        ds.save_as(copies[-1], enforce_file_format=True)
+    return copies
 
 
 def _run_job(settings: Settings, db: Database, worker: Worker, files: list[Path]) -> str:
@@ -89,12 +106,14 @@ def test_a_late_slice_replaces_the_results_in_the_pacs_with_the_next_revision(
     orthanc: Orthanc,
     fhir_server: FhirServer,
     shared_data: Path,
+    tmp_path: Path,
     retraction: Retraction,
 ) -> None:
     settings, db = node
-    files = sorted((shared_data / "lidc-small").rglob("*.dcm"), key=_slice_position)
+    source = sorted((shared_data / "lidc-small").rglob("*.dcm"), key=_slice_position)
+    files = _fresh_uids(source, tmp_path / "study")  # the FHIR server is shared by the tests
     (xml,) = (shared_data / "lidc-small").rglob("*.xml")
-    detector = FixedDetector(lidc_nodules(xml, build_volume(files))[:1])
+    detector = FixedDetector(lidc_nodules(xml, build_volume(source))[:1])
     pacs = DimseDestination(
         name="pacs",
         ae_title=orthanc.aet,
@@ -190,15 +209,4 @@ def _report_statuses(fhir_server: FhirServer, path: Path) -> list[str]:
 
 def _tracking_uids(sr: pydicom.Dataset) -> set[str]:
     """Every TID 1500 Tracking Unique Identifier (DCM 112040) in the SR."""
-    found: set[str] = set()
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if "ConceptNameCodeSequence" in item and (
-                item.ConceptNameCodeSequence[0].CodeValue == "112040"
-            ):
-                found.add(str(item.UID))
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
+    return {str(i.UID) for i in sr_items(sr.ContentSequence) if sr_code(i) == "112040"}

@@ -38,7 +38,7 @@ from pipelines.findings import Nodule
 from pipelines.lungrads import mean_diameter_mm, nodule_category
 from pipelines.volume import Volume, build_volume
 from pipelines.worker import Settle, Worker
-from tests.helpers import wait_for
+from tests.helpers import sr_code, sr_items, wait_for
 from tests.nodule_fixtures import FixedDetector, grid_mask_to_nodule, lidc_nodules
 
 pytestmark = pytest.mark.integration
@@ -121,22 +121,8 @@ def _job(db: Database, job_id: str) -> Job:
 
 def _sr_tracking_uids(ds: pydicom.Dataset) -> list[str]:
     """Every TID 1500 Tracking Unique Identifier in the SR, in content order, once each."""
-    found: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            name = (
-                item.ConceptNameCodeSequence[0].CodeValue
-                if "ConceptNameCodeSequence" in item
-                else ""
-            )
-            if name == TRACKING_UID and item.UID not in found:
-                found.append(str(item.UID))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(ds.ContentSequence)
-    return found
+    uids = [str(i.UID) for i in sr_items(ds.ContentSequence) if sr_code(i) == TRACKING_UID]
+    return list(dict.fromkeys(uids))
 
 
 def test_a_nodule_that_cannot_be_outlined_is_in_none_of_sr_seg_and_fhir(
@@ -372,7 +358,8 @@ def test_the_study_page_and_its_api_list_the_nodules_of_the_current_result(
     assert nodule["number"] == 1 and nodule["type"] == readers.type
     # the axes are measured on the outline the SR draws, on the stored slice
     (sr,) = (o for o in ResultSet.from_json(_result_row(db, job_id)).objects if o.modality == "SR")
-    sr_axes = _sr_axes(pydicom.dcmread(LocalSpool(settings.spool_dir, 0).path(sr.path)))
+    values = _sr_items(pydicom.dcmread(LocalSpool(settings.spool_dir, 0).path(sr.path)))
+    sr_axes = values["103339001"], values["103340004"]  # long and short axis
     assert (nodule["long_axis_mm"], nodule["short_axis_mm"]) == pytest.approx(sr_axes, abs=0.01)
     assert nodule["long_axis_mm"] == pytest.approx(readers.long_axis_mm, rel=0.15)
     assert (
@@ -393,25 +380,6 @@ def _result_row(db: Database, job_id: str) -> dict[str, Any]:
         row = session.scalar(select(Result).where(Result.job_id == job_id))
         assert row is not None
         return dict(row.detail)
-
-
-def _sr_axes(sr: pydicom.Dataset) -> tuple[float, float]:
-    """Long and short axis (SCT 103339001, 103340004) of the SR's one planar group."""
-    found: dict[str, float] = {}
-
-    def walk(items: Any) -> None:
-        for item in items:
-            code = (
-                item.ConceptNameCodeSequence[0].CodeValue
-                if "ConceptNameCodeSequence" in item
-                else ""
-            )
-            if code in ("103339001", "103340004"):
-                found[code] = float(item.MeasuredValueSequence[0].NumericValue)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found["103339001"], found["103340004"]
 
 
 def test_lung_rads_and_risk_are_the_same_in_sr_fhir_json_and_the_study_page(
@@ -480,16 +448,9 @@ def test_lung_rads_and_risk_are_the_same_in_sr_fhir_json_and_the_study_page(
 def _sr_items(sr: pydicom.Dataset) -> dict[str, Any]:
     """Code value of each concept name in the SR -> its coded value or numeric value."""
     found: dict[str, Any] = {}
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if "ConceptNameCodeSequence" in item:
-                name = str(item.ConceptNameCodeSequence[0].CodeValue)
-                if item.ValueType == "CODE":
-                    found[name] = str(item.ConceptCodeSequence[0].CodeValue)
-                elif item.ValueType == "NUM":
-                    found[name] = float(item.MeasuredValueSequence[0].NumericValue)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
+    for item in sr_items(sr.ContentSequence):
+        if item.get("ValueType") == "CODE":
+            found[sr_code(item)] = str(item.ConceptCodeSequence[0].CodeValue)
+        elif item.get("ValueType") == "NUM":
+            found[sr_code(item)] = float(item.MeasuredValueSequence[0].NumericValue)
     return found
