@@ -13,6 +13,7 @@ nothing.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -68,6 +69,9 @@ class InstanceHeader:
     modality: str | None
     #: Keywords of attributes the IOD requires that the dataset lacks (stored with a warning).
     missing: tuple[str, ...] = ()
+    #: Identifying UIDs that break PS3.5 9.1 only in form (stored with a warning), each as
+    #: ``"<keyword>: <what>"``; never the value (source UIDs stay out of logs).
+    nonconforming: tuple[str, ...] = ()
     #: Manufacturer (0008,0070), to recognise our own result objects.
     manufacturer: str | None = None
 
@@ -98,7 +102,11 @@ def read_header(data: bytes) -> InstanceHeader:
         Not DICOM, or truncated: an element shorter than its declared length, or an image whose
         pixel data is missing (PS3.4 B.2.3 status C210).
     DatasetMismatchError
-        A required identifier (SOP class/instance, study, series UID) is missing (status A900).
+        A required identifier (SOP class/instance, study, series UID) is missing, or holds
+        characters other than digits and dots, so it is not a UID (status A900). A UID of digits
+        and dots that breaks PS3.5 9.1 only in form (too long, an empty component, a leading
+        zero) is stored, with the problem in ``nonconforming`` (a warning status): archives hold
+        such UIDs from older modalities, and refusing them would lose the instance.
     """
     try:
         ds = dcmread(BytesIO(data))
@@ -125,6 +133,12 @@ def read_header(data: bytes) -> InstanceHeader:
     missing = [kw for kw, value in values.items() if not value]
     if missing:
         raise DatasetMismatchError(f"dataset lacks {', '.join(missing)}")
+    not_uids = [kw for kw, value in values.items() if not _UID_CHARACTERS.fullmatch(value)]
+    if not_uids:
+        raise DatasetMismatchError(
+            f"{', '.join(not_uids)} not a UID (PS3.5 9.1: digits and dots only)"
+        )
+    problems = ((kw, uid_form_problem(value)) for kw, value in values.items())
     return InstanceHeader(
         sop_class_uid=values["SOPClassUID"],
         sop_instance_uid=values["SOPInstanceUID"],
@@ -134,7 +148,28 @@ def read_header(data: bytes) -> InstanceHeader:
         modality=modality,
         missing=absent,
         manufacturer=manufacturer,
+        nonconforming=tuple(f"{kw}: {problem}" for kw, problem in problems if problem),
     )
+
+
+#: The characters a UID may hold (PS3.5 9.1); anything else cannot name an instance.
+_UID_CHARACTERS = re.compile(r"[0-9.]+")
+
+
+def uid_form_problem(uid: str) -> str | None:
+    """What makes a UID of digits and dots break PS3.5 9.1, or ``None`` when it conforms.
+
+    The rules: at most 64 characters; components separated by ".", none empty; no component
+    with a leading zero (a component "0" is allowed).
+    """
+    if len(uid) > 64:
+        return "longer than 64 characters"
+    components = uid.split(".")
+    if any(not c for c in components):
+        return "an empty component"
+    if any(len(c) > 1 and c.startswith("0") for c in components):
+        return "a component with a leading zero"
+    return None
 
 
 def _check_whole(ds: Dataset) -> None:

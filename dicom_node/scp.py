@@ -360,13 +360,17 @@ class StorageSCP:
             log.outcomes["OWN_RESULT"] += 1
             return int(Status.SUCCESS)
         log.studies.add(stored.header.study_instance_uid)
-        if stored.header.missing:
+        problems = [
+            *(f"lacks {kw}" for kw in stored.header.missing),
+            *(f"non-conforming {what}" for what in stored.header.nonconforming),
+        ]
+        if problems:
             log.outcomes[Status.DATASET_MISMATCH_WARNING.name] += 1
             LOGGER.warning(
-                "C-STORE of %s from %s stored with warning 0xB007: lacks %s",
+                "C-STORE of %s from %s stored with warning 0xB007: %s",
                 sop_class,
                 log.calling_ae,
-                ", ".join(stored.header.missing),
+                "; ".join(problems),
             )
             return int(Status.DATASET_MISMATCH_WARNING)
         log.outcomes["DUPLICATE" if stored.duplicate else "SUCCESS"] += 1

@@ -83,6 +83,26 @@ def test_a_truncated_file_is_refused_as_not_understood_and_nothing_is_written(
     assert _spooled(node) == []
 
 
+def test_a_uid_that_is_not_a_uid_is_refused_and_one_of_bad_form_stored_with_a_warning(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path, raw_sending: None
+) -> None:
+    """PS3.5 9.1: "../../etc/x" as a study UID is refused (0xA900), nothing kept; a series UID
+    with a leading zero, as older modalities write them, is stored with the warning 0xB007."""
+    node = make_node()
+    source = sorted((shared_data / "lidc-small").rglob("*.dcm"))[0]
+    hostile = pydicom.dcmread(source)
+    hostile.StudyInstanceUID = "../../etc/x"
+    hostile.SOPInstanceUID = hostile.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    hostile.save_as(tmp_path / "hostile.dcm")
+    assert _store(node.scp.port, tmp_path / "hostile.dcm") == Status.DATASET_MISMATCH
+    assert _instances(node) == 0 and _spooled(node) == []
+    old_style = pydicom.dcmread(source)
+    old_style.SeriesInstanceUID = "1.2.840.0113654.2.70.1"
+    old_style.save_as(tmp_path / "old-style.dcm")
+    assert _store(node.scp.port, tmp_path / "old-style.dcm") == Status.DATASET_MISMATCH_WARNING
+    assert _instances(node) == 1
+
+
 def test_a_dataset_without_identifying_uids_is_refused_as_not_matching_its_sop_class(
     make_node: Callable[..., Node], shared_data: Path, tmp_path: Path, raw_sending: None
 ) -> None:

@@ -17,7 +17,7 @@ from dicom_node.errors import (
     StorageFullError,
     UndecodableDatasetError,
 )
-from dicom_node.ingest import read_header
+from dicom_node.ingest import read_header, uid_form_problem
 from dicom_node.policy import AssociationPolicy
 from dicom_node.spool import LocalSpool, instance_path, safe_uid
 from dicom_node.status import Status, status_for
@@ -148,3 +148,29 @@ def test_the_ae_policy_checks_titles_and_source_networks() -> None:
     assert policy.for_ae("CT1").completeness is Completeness.RELEASE
     assert policy.for_ae("OTHER").completeness is Completeness.QUIET
     assert AssociationPolicy(NodeConfig(), 5).allows("ANYONE", "192.0.2.1")
+
+
+@pytest.mark.parametrize(
+    ("uid", "problem"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", None),
+        ("0.1.0.2", None),
+        ("2.25." + "9" * 59, None),  # exactly 64 characters
+        ("2.25." + "9" * 60, "longer than 64 characters"),
+        ("1.2..3", "an empty component"),
+        ("1.2.3.", "an empty component"),
+        ("1.02.3", "a component with a leading zero"),
+    ],
+)
+def test_uid_form_follows_ps3_5_9_1(uid: str, problem: str | None) -> None:
+    assert uid_form_problem(uid) == problem
+
+
+def test_a_uid_of_other_characters_is_refused_and_one_of_bad_form_stored_with_its_problem() -> None:
+    for hostile in ("../../etc/x", "1.2.3a", "1.2 .3"):
+        with pytest.raises(DatasetMismatchError, match="SOPInstanceUID not a UID") as refused:
+            read_header(_encoded(**{**IDS, "SOPInstanceUID": hostile}, Modality="CT"))
+        assert hostile not in str(refused.value)  # source UIDs stay out of messages and logs
+    header = read_header(_encoded(**{**IDS, "SeriesInstanceUID": "1.02.3"}, Modality="CT"))
+    assert header.nonconforming == ("SeriesInstanceUID: a component with a leading zero",)
+    assert read_header(_encoded(**IDS, Modality="CT")).nonconforming == ()
