@@ -277,6 +277,7 @@ class Settings(BaseSettings):
 
     dashboard_token: SecretStr | None = None
     dashboard_users: SecretStr | None = None  # "alice:password,bob:password" (basic auth)
+    dashboard_readers: SecretStr | None = None  # read-only users, same form
     dashboard_public_read: bool = True
     show_patient_data: bool = False
 

@@ -78,7 +78,9 @@ MEANINGS: dict[str, str] = {
     "300 s)",
     "dashboard_token": "bearer token for dashboard actions; unset (and no users): generated into "
     "`DATA_DIR/dashboard-token`",
-    "dashboard_users": "basic-auth users for dashboard actions, `alice:pw,bob:pw`",
+    "dashboard_users": "basic-auth users for dashboard actions (operators), `alice:pw,bob:pw`",
+    "dashboard_readers": "read-only users, `carol:pw`: they sign in and read, every action is "
+    "refused (403, audited)",
     "dashboard_public_read": "dashboard pages, their JSON API and `/metrics` readable without "
     "credentials",
     "show_patient_data": "the study page shows patient name, ID and birth date (read from the "

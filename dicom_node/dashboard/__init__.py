@@ -17,7 +17,7 @@ from dicom_node.dashboard.context import Dashboard
 from dicom_node.dashboard.metrics import make_registry
 from dicom_node.dashboard.pages import page_router
 from dicom_node.dashboard.queue_stats import QueueInspector, make_inspector
-from dicom_node.dashboard.routes import action_router, read_router
+from dicom_node.dashboard.routes import action_router, read_router, session_router
 from dicom_node.db import Database
 
 STATIC = Path(__file__).with_name("static")
@@ -67,6 +67,7 @@ def mount_dashboard(
     )
     app.include_router(read_router(dash, make_registry(db, dash.queues)))
     app.include_router(action_router(dash))
+    app.include_router(session_router(dash))
     app.include_router(page_router(dash))
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
     return dash

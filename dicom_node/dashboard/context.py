@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dicom_node.config import NodeConfig, Settings
-from dicom_node.dashboard.auth import Credentials
+from dicom_node.dashboard.auth import Credentials, Sessions, SignInLimiter
 from dicom_node.dashboard.queue_stats import QueueInspector
 from dicom_node.db import Database
 
@@ -28,6 +28,8 @@ class Dashboard:
     creds: Credentials
     queues: QueueInspector
     on_job: Callable[[], None]
+    sessions: Sessions = field(default_factory=Sessions)
+    limiter: SignInLimiter = field(default_factory=SignInLimiter)
 
 
 def mask_secrets(value: Any) -> Any:

@@ -244,3 +244,10 @@ class ConfigOut(BaseModel):
     ae_policies: list[dict[str, Any]]
     destinations: list[dict[str, Any]]
     auth: dict[str, Any]
+
+
+class SessionOut(BaseModel):
+    """Who a request is signed in as: the actor (``token`` or a user name) and the role."""
+
+    actor: str | None
+    role: str

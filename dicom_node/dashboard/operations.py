@@ -194,6 +194,7 @@ def config_out(dash: Dashboard) -> ConfigOut:
         auth={
             "token": dash.creds.token is not None,
             "basic_users": sorted(dash.creds.users),
+            "read_only_users": sorted(dash.creds.readers),
             "public_read": dash.creds.public_read,
             "show_patient_data": dash.settings.show_patient_data,
         },

@@ -13,7 +13,15 @@ from prometheus_client.registry import CollectorRegistry
 
 from dicom_node.dashboard import operations
 from dicom_node.dashboard.actions import ActionError
-from dicom_node.dashboard.auth import authenticate, refuse
+from dicom_node.dashboard.auth import (
+    COOKIE,
+    SESSION_SECONDS,
+    audit,
+    authenticate,
+    client_of,
+    from_header,
+    refuse,
+)
 from dicom_node.dashboard.context import Dashboard
 from dicom_node.dashboard.models import (
     ActionOut,
@@ -23,6 +31,7 @@ from dicom_node.dashboard.models import (
     LatencyPoint,
     OverviewOut,
     QueueOut,
+    SessionOut,
     StudyDetail,
     StudyPage,
     ThroughputPoint,
@@ -38,7 +47,7 @@ def reader(dash: Dashboard) -> Callable[[Request], None]:
     """A dependency that lets reads through when public, else asks for credentials."""
 
     def check(request: Request) -> None:
-        if dash.creds.public_read or authenticate(request, dash.creds, allow_cookie=True):
+        if dash.creds.public_read or authenticate(request, dash.creds, dash.sessions):
             return
         raise HTTPException(
             401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="NoduleAI"'}
@@ -48,14 +57,19 @@ def reader(dash: Dashboard) -> Callable[[Request], None]:
 
 
 def actor(dash: Dashboard, action: str) -> Callable[[Request], str]:
-    """A dependency that returns the authenticated actor, or audits the refusal and answers 401."""
+    """A dependency that returns the acting operator; a request without credentials is audited
+    and answered 401, a read-only user's is audited and answered 403."""
 
     def check(request: Request) -> str:
-        who = authenticate(request, dash.creds, allow_cookie=False)
-        if who is None:
-            target = request.path_params.get("study_uid") or request.path_params.get("job_id")
+        principal = authenticate(request, dash.creds, dash.sessions, acting=True)
+        target = request.path_params.get("study_uid") or request.path_params.get("job_id")
+        if principal is None:
             raise refuse(dash.db, request, action, target)
-        return who
+        if not principal.may_act:
+            detail = f"{principal.role} {principal.actor} from {client_of(request)}"
+            audit(dash.db, principal.actor, f"{action}.forbidden", target, detail)
+            raise HTTPException(403, "this user may read, not act")
+        return principal.actor
 
     return check
 
@@ -181,5 +195,54 @@ def action_router(dash: Dashboard) -> APIRouter:
     def discard(job_id: str, who: str = Depends(actor(dash, "discard"))) -> ActionOut:
         """Acknowledge a failed job and remove its dead letters."""
         return _run(dash, who, "discard", job_id)
+
+    return router
+
+
+def session_router(dash: Dashboard) -> APIRouter:
+    """Sign in (``POST``), who am I (``GET``) and sign out (``DELETE``) at ``/api/session``."""
+    router = APIRouter(tags=["session"])
+
+    @router.post("/api/session", response_model=SessionOut)
+    def sign_in(request: Request, response: Response) -> SessionOut:
+        """Check the ``Authorization`` header's credentials; set the HttpOnly session cookie."""
+        client = client_of(request)
+        wait = dash.limiter.retry_after(client)
+        if wait > 0:
+            audit(dash.db, "anonymous", "signin.limited", None, f"from {client}")
+            raise HTTPException(
+                429, "too many failed sign-ins", headers={"Retry-After": str(int(wait) + 1)}
+            )
+        principal = from_header(request, dash.creds)
+        if principal is None:
+            dash.limiter.failed(client)
+            audit(dash.db, "anonymous", "signin.refused", None, f"from {client}")
+            raise HTTPException(401, "credentials rejected")
+        response.set_cookie(
+            COOKIE,
+            dash.sessions.open(principal),
+            max_age=SESSION_SECONDS,
+            path="/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        audit(dash.db, principal.actor, "signin", None, f"{principal.role} from {client}")
+        return SessionOut(actor=principal.actor, role=principal.role)
+
+    @router.get("/api/session", response_model=SessionOut)
+    def who(request: Request) -> SessionOut:
+        """Who the request is signed in as (``anonymous`` without a session)."""
+        principal = authenticate(request, dash.creds, dash.sessions)
+        if principal is None:
+            return SessionOut(actor=None, role="anonymous")
+        return SessionOut(actor=principal.actor, role=principal.role)
+
+    @router.delete("/api/session", response_model=SessionOut)
+    def sign_out(request: Request, response: Response) -> SessionOut:
+        """End the session and clear its cookie."""
+        dash.sessions.close(request.cookies.get(COOKIE))
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return SessionOut(actor=None, role="anonymous")
 
     return router

@@ -74,6 +74,10 @@ async function failures(page) {
   const refused = (await page.textContent("#flash")).trim();
   await page.fill("#token", token);
   await page.click("#signin-button");
+  // The server sets the session cookie (HttpOnly: the page cannot read it, only ask who it is).
+  await page.waitForFunction(() => /^signed in: token/.test(document.getElementById("signed-in").textContent), null, { timeout: TIMEOUT });
+  const cookies = (await page.context().cookies()).filter((c) => c.name === "noduleai_session");
+  const cookieFromScript = await page.evaluate(() => document.cookie);
   await page.click(`${row} button[data-action=retry]`);
   await page.waitForSelector("#flash.ok", { timeout: TIMEOUT });
   const accepted = (await page.textContent("#flash")).trim();
@@ -82,7 +86,8 @@ async function failures(page) {
   await page.goto(`${base}/dashboard/studies/${failedUid}`);
   await page.waitForFunction(() => document.querySelector("[data-testid=study-state]").textContent.trim() === "queued", null, { timeout: TIMEOUT });
   await page.screenshot({ path: `${out}/study-after-retry.png`, fullPage: true });
-  return { before, refused, accepted };
+  const session = cookies.map((c) => ({ httpOnly: c.httpOnly, sameSite: c.sameSite, path: c.path }));
+  return { before, refused, accepted, session, cookieFromScript };
 }
 
 async function config(page) {

@@ -233,6 +233,9 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
     ]
     assert "401" in failures["refused"]
     assert "retry done" in failures["accepted"]
+    # signed in by a server-set session cookie that scripts cannot read
+    assert failures["session"] == [{"httpOnly": True, "sameSite": "Strict", "path": "/"}]
+    assert "noduleai_session" not in failures["cookieFromScript"]
     assert seen["config"]["settings"]["amqp_url"] == "**********"
     assert seen["config"]["settings"]["dashboard_token"] == "**********"
     assert TOKEN not in seen["config"]["html"] and "guest:guest" not in seen["config"]["html"]
@@ -242,8 +245,9 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
     assert detail["jobs"][0]["published_at"] is not None
     assert wait_for(lambda: _rabbit_depth(serve["NODULEAI_AMQP_QUEUE"]) == 4)
     audit = httpx.get(f"{base}/api/audit").json()
-    assert [(a["actor"], a["action"]) for a in audit[:2]] == [
+    assert [(a["actor"], a["action"]) for a in audit[:3]] == [
         ("token", "retry"),
+        ("token", "signin"),
         ("anonymous", "retry.refused"),
     ]
     worker_env = {k: v for k, v in serve.items() if k.startswith("NODULEAI_")}

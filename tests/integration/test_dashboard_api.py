@@ -154,7 +154,7 @@ def test_an_action_without_credentials_is_refused_and_audited_with_credentials_i
         assert http.post(f"/api/studies/{uid}/retry").status_code == 401
         wrong = {"Authorization": "Bearer nope"}
         assert http.post(f"/api/studies/{uid}/retry", headers=wrong).status_code == 401
-        http.cookies.set("noduleai_token", TOKEN)  # a cookie alone never authorises an action
+        http.cookies.set("noduleai_session", TOKEN)  # a token is not a session id
         assert http.post(f"/api/studies/{uid}/retry").status_code == 401
         http.cookies.clear()
         assert http.get(f"/api/studies/{uid}").json()["study"]["state"] == "failed"
@@ -204,6 +204,60 @@ def test_basic_auth_users_can_act_and_reads_can_be_protected(
         assert http.get("/api/overview").status_code == 200
         assert http.post(f"/api/studies/{uid}/rerun").status_code == 200
     assert _audit(node)[-2:] == [("anonymous", "rerun.refused", uid), ("alice", "rerun", uid)]
+
+
+def test_sign_in_gives_an_httponly_session_readers_cannot_act_and_failures_are_rate_limited(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(
+        dashboard_token=TOKEN, dashboard_readers="carol:r3ad", dashboard_public_read=False
+    )
+    act = {"X-NoduleAI-Action": "1"}
+    with _client(node) as http:
+        signed = http.post("/api/session", auth=("carol", "r3ad"))
+        assert signed.json() == {"actor": "carol", "role": "reader"}
+        cookie = signed.headers["set-cookie"]
+        assert "noduleai_session=" in cookie and "HttpOnly" in cookie
+        assert "SameSite=strict" in cookie.replace("Strict", "strict") and "Path=/" in cookie
+        assert "Secure" not in cookie  # plain HTTP here; over TLS it is set (below)
+        assert http.get("/api/overview").status_code == 200  # the session reads
+        refused = http.post("/api/jobs/none/discard", headers=act)
+        assert refused.status_code == 403
+        assert http.delete("/api/session").json()["role"] == "anonymous"
+        assert http.get("/api/overview").status_code == 401
+
+    with _client(node) as http:
+        assert http.post("/api/session", headers={"Authorization": f"Bearer {TOKEN}"}).is_success
+        assert http.get("/api/session").json() == {"actor": "token", "role": "operator"}
+        # the cookie acts only together with the page's own header
+        assert http.post("/api/jobs/none/discard").status_code == 401
+        assert http.post("/api/jobs/none/discard", headers=act).status_code == 404
+
+    with _client(node) as http:
+        for _ in range(5):
+            assert http.post("/api/session", auth=("carol", "guess")).status_code == 401
+        limited = http.post("/api/session", auth=("carol", "r3ad"))
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    actions = [a[1] for a in _audit(node)]
+    assert actions[:3] == ["signin", "discard.forbidden", "signin"]
+    assert actions.count("signin.refused") == 5 and actions[-1] == "signin.limited"
+
+
+def test_over_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.api import create_app
+    from dicom_node.config import NodeConfig, Settings
+    from dicom_node.db import Database
+    from dicom_node.migrate import upgrade
+
+    settings = Settings(data_dir=tmp_path, dashboard_token=TOKEN)
+    db = Database(settings.database_url)
+    upgrade(db)
+    with TestClient(create_app(db, settings, NodeConfig()), base_url="https://node") as http:
+        signed = http.post("/api/session", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert "Secure" in signed.headers["set-cookie"]
+    db.dispose()
 
 
 def test_without_configured_credentials_a_token_is_generated_once_and_kept_private(

@@ -1,20 +1,21 @@
 /* NoduleAI dashboard: live refresh of the page's fragment, charts, sign-in and actions. */
 (function () {
   "use strict";
-  var TOKEN_KEY = "noduleai.token";
   var live = document.getElementById("live");
   var flash = document.getElementById("flash");
 
-  function credentials() { return window.localStorage.getItem(TOKEN_KEY) || ""; }
-
-  function authHeader() {
-    var c = credentials();
-    if (!c) return {};
-    return { Authorization: c.indexOf(":") > 0 ? "Basic " + btoa(c) : "Bearer " + c };
+  // Credentials typed into the sign-in form, as an Authorization header (sent once, to sign in).
+  function credentialHeader(value) {
+    return { Authorization: value.indexOf(":") > 0 ? "Basic " + btoa(value) : "Bearer " + value };
   }
 
+  // The server holds the session (an HttpOnly cookie this script cannot read): ask who we are.
   function showSignedIn() {
-    document.getElementById("signed-in").textContent = credentials() ? "signed in" : "read-only";
+    return fetch("/api/session").then(function (r) { return r.json(); }).then(function (s) {
+      document.getElementById("signed-in").textContent = s.actor
+        ? "signed in: " + s.actor + (s.role === "reader" ? " (read-only)" : "")
+        : "read-only";
+    }).catch(function () { /* the next refresh tells */ });
   }
 
   function say(text, ok) {
@@ -47,7 +48,7 @@
   function drawCharts() {
     var canvases = live.querySelectorAll("canvas[data-src]");
     return Promise.all(Array.prototype.map.call(canvases, function (canvas) {
-      return fetch(canvas.dataset.src, { headers: authHeader() }).then(function (r) { return r.json(); }).then(function (data) {
+      return fetch(canvas.dataset.src).then(function (r) { return r.json(); }).then(function (data) {
         var spec = canvas.dataset.kind === "latency" ? drawLatency(canvas, data) : drawThroughput(canvas, data);
         var win = Number(new URL(canvas.dataset.src, location.href).searchParams.get("window") || 60) * 60000;
         var now = Date.now();
@@ -61,8 +62,7 @@
   function refresh() {
     if (refreshing) return Promise.resolve();
     refreshing = true;
-    var headers = Object.assign({ "X-Partial": "1" }, authHeader());
-    return fetch(location.href, { headers: headers }).then(function (r) {
+    return fetch(location.href, { headers: { "X-Partial": "1" } }).then(function (r) {
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.text();
     }).then(function (html) {
@@ -82,7 +82,8 @@
     var url = action === "discard" ? "/api/jobs/" + encodeURIComponent(target) + "/discard"
       : "/api/studies/" + encodeURIComponent(target) + "/" + action;
     button.disabled = true;
-    return fetch(url, { method: "POST", headers: authHeader() }).then(function (r) {
+    // The session cookie goes along by itself; the header marks the request as this page's own.
+    return fetch(url, { method: "POST", headers: { "X-NoduleAI-Action": "1" } }).then(function (r) {
       return r.json().then(function (body) {
         if (r.ok) say(action + " done: " + body.detail, true);
         else say(action + " refused (" + r.status + "): " + (body.detail || ""), false);
@@ -99,16 +100,14 @@
   document.getElementById("signin").addEventListener("submit", function (event) {
     event.preventDefault();
     var value = document.getElementById("token").value.trim();
-    if (value) {
-      window.localStorage.setItem(TOKEN_KEY, value);
-      if (value.indexOf(":") < 0) document.cookie = "noduleai_token=" + encodeURIComponent(value) + "; path=/; SameSite=Strict";
-    } else {
-      window.localStorage.removeItem(TOKEN_KEY);
-      document.cookie = "noduleai_token=; path=/; max-age=0";
-    }
     document.getElementById("token").value = "";
-    showSignedIn();
-    refresh();
+    var request = value
+      ? fetch("/api/session", { method: "POST", headers: credentialHeader(value) })
+      : fetch("/api/session", { method: "DELETE" });
+    request.then(function (r) {
+      if (!r.ok) say("sign-in refused (" + r.status + ")", false);
+    }).catch(function (err) { say("sign-in failed: " + err.message, false); })
+      .then(showSignedIn).then(refresh);
   });
 
   var pct = document.getElementById("percentile");
