@@ -50,21 +50,26 @@ def queues_out(dash: Dashboard) -> list[QueueOut]:
 
 
 def workers_out(dash: Dashboard) -> list[WorkerOut]:
-    """Every worker with the age of its last heartbeat."""
+    """Every worker with the age of its last heartbeat. A worker whose heartbeat went stale is
+    working on nothing (its job's lease runs out and another worker takes the job over): its
+    current job is shown as none, not as the one it held when it died."""
     now = utcnow()
-    return [
-        WorkerOut(
-            id=w.id,
-            host=w.host,
-            backend=w.backend,
-            started_at=w.started_at,
-            last_heartbeat=w.last_heartbeat,
-            age_seconds=(now - w.last_heartbeat).total_seconds(),
-            alive=is_alive(w, now),
-            current_job_id=w.current_job_id,
+    workers = []
+    for w in list_workers(dash.db):
+        alive = is_alive(w, now)
+        workers.append(
+            WorkerOut(
+                id=w.id,
+                host=w.host,
+                backend=w.backend,
+                started_at=w.started_at,
+                last_heartbeat=w.last_heartbeat,
+                age_seconds=(now - w.last_heartbeat).total_seconds(),
+                alive=alive,
+                current_job_id=w.current_job_id if alive else None,
+            )
         )
-        for w in list_workers(dash.db)
-    ]
+    return workers
 
 
 def overview(dash: Dashboard, window: timedelta) -> OverviewOut:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
-from dicom_node.db import AuditEntry, Job, Study
+from dicom_node.db import AuditEntry, Job, Study, WorkerHeartbeat, utcnow
 from dicom_node.errors import ErrorCode
 from dicom_node.lifecycle import settle_failure
 from dicom_node.node import Node
@@ -107,6 +108,14 @@ def test_every_read_endpoint_answers_with_numbers_matching_the_database(
         assert overview["last_hour"]["instances"] == 16
         assert [w["id"] for w in overview["workers"]] == ["host-a:1"]
         assert overview["workers"][0]["current_job_id"] is None
+        # a worker killed mid-job: its row keeps the job, the dashboard shows it working on nothing
+        record_heartbeat(node.db, "host-b:2", "host-b", "onnx-cpu", "job-y")
+        with node.db.session() as session:
+            dead = session.get(WorkerHeartbeat, "host-b:2")
+            assert dead is not None
+            dead.last_heartbeat = utcnow() - timedelta(minutes=5)
+        (gone,) = [w for w in http.get("/api/workers").json() if w["id"] == "host-b:2"]
+        assert (gone["alive"], gone["current_job_id"]) == (False, None)
         assert overview["latency"][0]["stage"] == "ingest"
 
         page = http.get("/api/dashboard/studies", params={"q": uid[-12:]}).json()
