@@ -17,6 +17,7 @@ from dicom_node import __version__
 from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database, Job, Study, StudyState
 from dicom_node.results import stored_result
+from dicom_node.scp import Refusals
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def create_app(
     settings: Settings | None = None,
     config: NodeConfig | None = None,
     on_job: Callable[[], None] | None = None,
+    refusals: Refusals | None = None,
 ) -> FastAPI:
     """Build the app over ``db``; with ``settings``, mount the dashboard and ``/metrics`` too.
 
@@ -72,6 +74,8 @@ def create_app(
         The node configuration read at start (empty if not given).
     on_job : callable, optional
         Called after a dashboard action committed a new job (wakes the publisher).
+    refusals : Refusals, optional
+        The DICOM listener's refusal counts (``noduleai_association_refusals_total``).
     """
     app = FastAPI(title="NoduleAI", version=__version__)
     app.middleware("http")(_security_headers)
@@ -79,7 +83,9 @@ def create_app(
     if settings is not None:
         from dicom_node.dashboard import mount_dashboard
 
-        dashboard = mount_dashboard(app, db, settings, config or NodeConfig(), on_job)
+        dashboard = mount_dashboard(
+            app, db, settings, config or NodeConfig(), on_job, refusals=refusals
+        )
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -68,7 +68,7 @@ class Node:
 
     def _start_http(self) -> None:
         config = uvicorn.Config(
-            create_app(self.db, self.settings, self.config, self.publisher.wake),
+            create_app(self.db, self.settings, self.config, self.publisher.wake, self.scp.refusals),
             host=self.settings.http_host,
             port=self.settings.http_port,
             log_level="warning",

@@ -63,6 +63,7 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import cast
 
 import pynetdicom
@@ -95,11 +96,12 @@ def supported() -> str | None:
     return None
 
 
-def install(assoc: Association) -> Association:
+def install(assoc: Association, on_malformed: Callable[[], None] | None = None) -> Association:
     """Make the acceptor ``assoc`` (created, not yet started) wait for work instead of polling.
 
     Returns ``assoc`` itself, changed in place, or unchanged (stock pynetdicom behaviour, with a
     warning logged once) when :func:`supported` says no or ``assoc`` is not an acceptor.
+    ``on_malformed`` is called when the peer's malformed request is aborted (for counting).
     """
     global _warned
     reason = supported()
@@ -120,7 +122,7 @@ def install(assoc: Association) -> Association:
     dul.__class__ = EventDrivenDUL
     activity = threading.Event()
     cast(EventDrivenAssociation, assoc)._activity = activity
-    cast(EventDrivenDUL, dul)._init_wakeups(activity)
+    cast(EventDrivenDUL, dul)._init_wakeups(activity, on_malformed)
     return assoc
 
 
@@ -198,11 +200,15 @@ class EventDrivenDUL(DULServiceProvider):
     _wake_r: socket.socket | None
     _wake_w: socket.socket | None
     _wake_pending: bool
+    _on_malformed: Callable[[], None] | None
 
-    def _init_wakeups(self, activity: threading.Event) -> None:
+    def _init_wakeups(
+        self, activity: threading.Event, on_malformed: Callable[[], None] | None = None
+    ) -> None:
         self._activity = activity
         self._wake_r = self._wake_w = None
         self._wake_pending = False
+        self._on_malformed = on_malformed
 
     def wake(self) -> None:
         """Wake the reactor if it is waiting (callable from any thread; cheap when repeated)."""
@@ -342,6 +348,8 @@ class EventDrivenDUL(DULServiceProvider):
                     exc,
                 )
                 self._abort_on_error()
+                if self._on_malformed is not None:
+                    self._on_malformed()
                 return
             wait = False
             if self._user_has_work():

@@ -16,12 +16,14 @@ yet; further connections from it are closed at once (logged).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from pydicom.pixels.decoders.base import get_decoder
@@ -98,6 +100,37 @@ class _AssociationLog:
     sop_classes: Counter[str] = field(default_factory=Counter)
 
 
+class Refusal(StrEnum):
+    """Why a connection or association was refused (the ``reason`` label on ``/metrics``)."""
+
+    #: The association cap (``MAX_ASSOCIATIONS``) was reached: A-ASSOCIATE-RJ, transient.
+    LOCAL_LIMIT = "local_limit"
+    #: The calling AE, or its address, is not allowed by ``ae_policies``: A-ASSOCIATE-RJ.
+    NOT_ALLOWED = "not_allowed"
+    #: The peer holds ``MAX_PENDING_PER_PEER`` connections without a request: closed at once.
+    PENDING_PER_PEER = "pending_per_peer"
+    #: A malformed request: A-ABORT, closed.
+    MALFORMED = "malformed"
+
+
+class Refusals:
+    """How many connections and associations were refused, by :class:`Refusal` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(Refusal, 0)
+
+    def count(self, reason: Refusal) -> None:
+        """Count one refusal."""
+        with self._lock:
+            self._counts[reason] += 1
+
+    def snapshot(self) -> dict[Refusal, int]:
+        """The counts so far."""
+        with self._lock:
+            return dict(self._counts)
+
+
 class Admission:
     """Connections that have not sent their A-ASSOCIATE-RQ yet, per peer address.
 
@@ -147,11 +180,13 @@ class _PolicyACSE(ACSE):
         policy: AssociationPolicy,
         admission: Admission,
         acse_timeout: float,
+        refusals: Refusals,
     ) -> None:
         super().__init__(assoc)
         self._policy = policy
         self._admission = admission
         self._acse_timeout = acse_timeout
+        self._refusals = refusals
 
     def _negotiate_as_acceptor(self) -> None:
         self._admission.settle(self.assoc)
@@ -165,6 +200,7 @@ class _PolicyACSE(ACSE):
         # "local limit exceeded"; say so in our log, which pynetdicom's WARNING level would not.
         acceptors = [a for a in self.assoc.ae.active_associations if a.is_acceptor]
         if len(acceptors) > self.assoc.ae.maximum_associations:
+            self._refusals.count(Refusal.LOCAL_LIMIT)
             LOGGER.warning(
                 "association from AE %s at %s refused: local limit (%d associations active)",
                 calling_ae,
@@ -172,6 +208,7 @@ class _PolicyACSE(ACSE):
                 len(acceptors) - 1,
             )
         if not self._policy.allows(calling_ae, address):
+            self._refusals.count(Refusal.NOT_ALLOWED)
             LOGGER.warning(
                 "association from AE %s at %s rejected: not allowed", calling_ae, address
             )
@@ -183,7 +220,7 @@ class _PolicyACSE(ACSE):
 
 
 def _request_handler(
-    policy: AssociationPolicy, admission: Admission, settings: Settings
+    policy: AssociationPolicy, admission: Admission, settings: Settings, refusals: Refusals
 ) -> type[RequestHandler]:
     class PolicyRequestHandler(RequestHandler):
         """Admits the connection, sets TCP_NODELAY, installs the event-driven reactors, the
@@ -192,6 +229,7 @@ def _request_handler(
         def handle(self) -> None:
             address = str(self.client_address[0])
             if not admission.allows(address):
+                refusals.count(Refusal.PENDING_PER_PEER)
                 LOGGER.warning(
                     "connection from %s closed: %d connections from it have sent no association "
                     "request yet",
@@ -205,9 +243,10 @@ def _request_handler(
         def _create_association(self) -> Association:
             sock = self.request
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            assoc = reactor.install(super()._create_association())
+            malformed = functools.partial(refusals.count, Refusal.MALFORMED)
+            assoc = reactor.install(super()._create_association(), malformed)
             admission.add(assoc, str(self.client_address[0]))
-            assoc.acse = _PolicyACSE(assoc, policy, admission, settings.acse_timeout)
+            assoc.acse = _PolicyACSE(assoc, policy, admission, settings.acse_timeout, refusals)
             # Until its A-ASSOCIATE-RQ arrives, a connection has the request deadline only.
             assoc.acse_timeout = settings.association_request_timeout
             assoc.dul.artim_timer.timeout = settings.association_request_timeout
@@ -247,6 +286,8 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.admission = Admission(settings.max_pending_per_peer)
+        #: Refused connections and associations by reason (``/metrics``).
+        self.refusals = Refusals()
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -301,7 +342,9 @@ class StorageSCP:
             ssl_context=self._ssl_context(),
             evt_handlers=handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=_request_handler(self.policy, self.admission, self.settings),
+            request_handler=_request_handler(
+                self.policy, self.admission, self.settings, self.refusals
+            ),
         )
         self._server = server
         # As AE.start_server does: AE.shutdown() then stops the server and its associations.

@@ -163,3 +163,18 @@ def sr_code(item: Any) -> str:
     """The CodeValue of a content item's concept name ("" for an unnamed item)."""
     names = item.get("ConceptNameCodeSequence")
     return str(names[0].CodeValue) if names else ""
+
+
+def refusals_on_metrics(http_port: int) -> dict[str, float]:
+    """``noduleai_association_refusals_total`` by reason, scraped from the node's ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "noduleai_association_refusals"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }

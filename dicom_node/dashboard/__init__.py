@@ -19,6 +19,7 @@ from dicom_node.dashboard.pages import page_router
 from dicom_node.dashboard.queue_stats import QueueInspector, make_inspector
 from dicom_node.dashboard.routes import action_router, read_router, session_router
 from dicom_node.db import Database
+from dicom_node.scp import Refusals
 
 STATIC = Path(__file__).with_name("static")
 
@@ -34,6 +35,7 @@ def mount_dashboard(
     config: NodeConfig,
     on_job: Callable[[], None] | None = None,
     queues: QueueInspector | None = None,
+    refusals: Refusals | None = None,
 ) -> Dashboard:
     """Add the dashboard's pages, JSON API, actions and ``/metrics`` to ``app``.
 
@@ -51,6 +53,8 @@ def mount_dashboard(
         Called after an action committed a new job (wakes the outbox publisher).
     queues : QueueInspector, optional
         Queue inspector; by default RabbitMQ's or the embedded queue's per the settings.
+    refusals : Refusals, optional
+        The DICOM listener's refusal counts, when it runs in this process (``/metrics``).
 
     Returns
     -------
@@ -65,7 +69,7 @@ def mount_dashboard(
         queues=queues or make_inspector(settings, db),
         on_job=on_job or _nothing,
     )
-    app.include_router(read_router(dash, make_registry(db, dash.queues)))
+    app.include_router(read_router(dash, make_registry(db, dash.queues, refusals)))
     app.include_router(action_router(dash))
     app.include_router(session_router(dash))
     app.include_router(page_router(dash))

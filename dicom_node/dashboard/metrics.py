@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from dicom_node.dashboard.queries import counts_by, job_durations, jobs_with_received
 from dicom_node.dashboard.queue_stats import QueueInspector
 from dicom_node.db import Database, Delivery, Instance, Job, Study, WorkerHeartbeat
+from dicom_node.scp import Refusals
 from dicom_node.workers import is_alive
 
 #: Histogram buckets of stage durations, in seconds.
@@ -45,14 +46,31 @@ def _histogram(name: str, doc: str, samples: dict[str, list[float]]) -> Histogra
 class NodeCollector(Collector):
     """Collects the node's metrics from the database and the queue inspector."""
 
-    def __init__(self, db: Database, queues: QueueInspector) -> None:
+    def __init__(
+        self, db: Database, queues: QueueInspector, refusals: Refusals | None = None
+    ) -> None:
         self.db = db
         self.queues = queues
+        self.refusals = refusals
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family (called on each scrape)."""
         yield from self._from_database()
         yield from self._queues()
+        if self.refusals is not None:
+            yield self._refused(self.refusals)
+
+    @staticmethod
+    def _refused(refusals: Refusals) -> Metric:
+        """Connections and associations the DICOM listener refused, by reason, since start."""
+        family = CounterMetricFamily(
+            "noduleai_association_refusals",
+            "DICOM connections and associations refused since start, by reason",
+            labels=["reason"],
+        )
+        for reason, count in refusals.snapshot().items():
+            family.add_metric([reason.value], count)
+        return family
 
     def _from_database(self) -> Iterable[Metric]:
         with self.db.session() as session:
@@ -115,8 +133,11 @@ def _worker_metrics(workers: list[WorkerHeartbeat]) -> Iterable[Metric]:
     yield last
 
 
-def make_registry(db: Database, queues: QueueInspector) -> CollectorRegistry:
-    """A registry holding only the node's collector (no process-global state)."""
+def make_registry(
+    db: Database, queues: QueueInspector, refusals: Refusals | None = None
+) -> CollectorRegistry:
+    """A registry holding only the node's collector (no process-global state); ``refusals`` are
+    the DICOM listener's, when it runs in this process."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(db, queues))
+    registry.register(NodeCollector(db, queues, refusals))
     return registry

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from dicom_node.db import Instance
 from dicom_node.node import Node
 from dicom_node.status import Status
-from tests.helpers import echoscu, storescu
+from tests.helpers import echoscu, refusals_on_metrics, storescu
 
 
 def _write_config(tmp_path: Path, text: str) -> Path:
@@ -64,6 +64,7 @@ def test_an_unknown_calling_ae_is_rejected_as_not_recognised(
     allowed = _associate(node.scp.port, "MODALITY")
     assert allowed.send_c_echo().Status == Status.SUCCESS
     allowed.release()
+    assert refusals_on_metrics(node.http_port)["not_allowed"] == 2
 
 
 def test_a_known_ae_calling_from_an_address_not_its_own_is_rejected(
@@ -233,3 +234,5 @@ def test_idle_connections_cannot_lock_a_pacs_out(make_node: Callable[..., Node])
         finally:
             for peer in peers:
                 peer.close()
+    # counted on /metrics (how many exactly depends on which the deadline closed first)
+    assert refusals_on_metrics(node.http_port)["pending_per_peer"] > 0

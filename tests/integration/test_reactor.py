@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from dicom_node import reactor
 from dicom_node.db import Instance
 from dicom_node.node import Node
-from tests.helpers import echoscu, storescu, wait_for
+from tests.helpers import echoscu, refusals_on_metrics, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -250,8 +250,8 @@ def test_an_unsupported_pynetdicom_falls_back_to_the_stock_reactor_with_a_warnin
     seen: list[type[Association]] = []
     original = reactor.install
 
-    def spy(assoc: Association) -> Association:
-        result = original(assoc)
+    def spy(assoc: Association, on_malformed: Callable[[], None] | None = None) -> Association:
+        result = original(assoc, on_malformed)
         seen.append(type(result))
         return result
 
@@ -347,3 +347,4 @@ def test_a_malformed_associate_request_is_aborted_at_once_and_kills_no_thread(
             assert time.monotonic() - started < 5
     assert crashes == []
     assert echoscu(node.scp.port, "MODALITY").returncode == 0
+    assert refusals_on_metrics(node.http_port)["malformed"] == 6
