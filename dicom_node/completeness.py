@@ -3,7 +3,10 @@
 DICOM has no "end of study" message, so completeness is a policy per calling AE (DESIGN.md):
 ``quiet`` (no new instance for N seconds) or ``release`` (the association that brought it was
 released). Quiet applies to every study as the fallback (an aborted association, a study spread
-over several associations). Instances that arrive after a study was queued reopen it
+over several associations). A study whose instances failed to commit (database unavailable:
+the sender was answered 0xA700, retry later) is held back for :data:`HOLD_SECONDS` after the
+last failure, so that a partial study does not become a job before the sender's resend.
+Instances that arrive after a study was queued reopen it
 (:func:`dicom_node.lifecycle.reopen_study`); completing it again makes a new job that supersedes
 the previous one.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
@@ -29,6 +33,10 @@ from dicom_node.policy import AssociationPolicy
 
 LOGGER = logging.getLogger(__name__)
 
+#: A study one of whose instances failed to commit (the database was unavailable, the sender was
+#: told to retry later) is not complete until this long after the last such failure.
+HOLD_SECONDS = 60.0
+
 
 class CompletenessTracker:
     """Decides when studies are complete and creates their jobs.
@@ -43,10 +51,33 @@ class CompletenessTracker:
         Called (without arguments) after new jobs were committed; wakes the publisher.
     """
 
-    def __init__(self, db: Database, policy: AssociationPolicy, on_job: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        policy: AssociationPolicy,
+        on_job: Callable[[], None],
+        hold_seconds: float = HOLD_SECONDS,
+    ) -> None:
         self.db = db
         self.policy = policy
         self.on_job = on_job
+        self.hold_seconds = hold_seconds
+        self._held: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, study_uid: str) -> None:
+        """An instance of the study failed to commit: it is not complete for ``hold_seconds``
+        (from this failure on), so a sender told to retry later can send it again first."""
+        with self._lock:
+            self._held[study_uid] = time.monotonic() + self.hold_seconds
+
+    def _is_held(self, study_uid: str) -> bool:
+        with self._lock:
+            until = self._held.get(study_uid)
+            if until is not None and until <= time.monotonic():
+                del self._held[study_uid]
+                until = None
+        return until is not None
 
     def association_released(self, calling_ae: str, study_uids: Iterable[str]) -> None:
         """Complete the studies of a released association when the AE's policy says so."""
@@ -76,7 +107,10 @@ class CompletenessTracker:
         return policy.quiet_seconds or self.policy.default_quiet_seconds
 
     def complete(self, study_uid: str) -> str | None:
-        """Create the job of a receiving study; return its id (``None`` if not receiving)."""
+        """Create the job of a receiving study; return its id (``None`` if not receiving, or
+        held because its instances failed to commit lately)."""
+        if self._is_held(study_uid):
+            return None
         with self.db.session() as session:
             study = session.scalar(
                 select(Study).where(Study.study_instance_uid == study_uid).with_for_update()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -194,11 +195,18 @@ class Ingest:
         Where instances, series and studies are recorded.
     spool : Spool
         Where the files go.
+    on_unrecorded : callable, optional
+        ``on_unrecorded(study_instance_uid)`` when an instance of that study could not be
+        recorded (the database failed): the study must not count as complete meanwhile
+        (:meth:`dicom_node.completeness.CompletenessTracker.hold`).
     """
 
-    def __init__(self, db: Database, spool: Spool) -> None:
+    def __init__(
+        self, db: Database, spool: Spool, on_unrecorded: Callable[[str], None] | None = None
+    ) -> None:
         self.db = db
         self.spool = spool
+        self.on_unrecorded = on_unrecorded
 
     def store(self, data: bytes, calling_ae: str) -> Stored:
         """Make one received dataset durable, or raise the error that explains why not.
@@ -216,6 +224,8 @@ class Ingest:
                 return self._store_returned(header, data, calling_ae)
             return self._store_instance(header, data, calling_ae)
         except SQLAlchemyError as exc:
+            if self.on_unrecorded is not None:
+                self.on_unrecorded(header.study_instance_uid)
             raise DatabaseUnavailableError(
                 f"instance not recorded (database unavailable: {type(exc).__name__})"
             ) from exc

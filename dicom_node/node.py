@@ -49,7 +49,10 @@ class Node:
         self.tracker = CompletenessTracker(self.db, self.policy, self.publisher.wake)
         self.completeness = CompletenessLoop(self.tracker)
         self.scp = StorageSCP(
-            settings, self.policy, Ingest(self.db, self.spool), self.tracker.association_released
+            settings,
+            self.policy,
+            Ingest(self.db, self.spool, self.tracker.hold),
+            self.tracker.association_released,
         )
         self.delivery = DeliveryLoop(settings, self.db, self.config)
         self._http: uvicorn.Server | None = None

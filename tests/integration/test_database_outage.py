@@ -10,17 +10,22 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from dicom_node.db import Database, Instance
+from dicom_node.completeness import CompletenessTracker
+from dicom_node.config import AEPolicy, Completeness, NodeConfig
+from dicom_node.db import Database, Instance, Job
 from dicom_node.errors import DatabaseUnavailableError
 from dicom_node.ingest import Ingest
 from dicom_node.migrate import upgrade
 from dicom_node.node import Node
+from dicom_node.policy import AssociationPolicy
 from dicom_node.spool import LocalSpool
 from dicom_node.status import Status, status_for
 from tests.conftest import PG_BASE
@@ -163,3 +168,38 @@ def test_storescu_sees_out_of_resources_while_the_database_is_down_and_a_resend_
 
     wait_for(lambda: stored() == 16, timeout=30)
     assert len(list(node.spool.root.rglob("*.dcm"))) == 16
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_study_whose_instances_failed_to_commit_is_not_complete_until_the_hold_has_passed(
+    forwarded_url: tuple[str, Forwarder], shared_data: Path, tmp_path: Path
+) -> None:
+    """5 of 16 stored, then the database goes: the 6th is refused (retry later) and holds the
+    study; quiet or released, it does not become a job while held, and does after the hold (or
+    when the resend completes it first)."""
+    url, forwarder = forwarded_url
+    files = sorted((shared_data / "lidc-small").rglob("*.dcm"))
+    db = Database(url)
+    upgrade(db)
+    config = NodeConfig(ae_policies=[AEPolicy(ae_title="CT", completeness=Completeness.RELEASE)])
+    policy = AssociationPolicy(config, default_quiet_seconds=0.1)
+    tracker = CompletenessTracker(db, policy, lambda: None, hold_seconds=2.0)
+    ingest = Ingest(db, LocalSpool(tmp_path / "spool", 0), tracker.hold)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    try:
+        for path in files[:5]:
+            ingest.store(path.read_bytes(), "CT")
+        forwarder.cut()
+        with pytest.raises(DatabaseUnavailableError):
+            ingest.store(files[5].read_bytes(), "CT")
+        forwarder.start()
+        tracker.association_released("CT", [study_uid])  # the sender gave up and released
+        time.sleep(0.2)  # quiet too
+        assert tracker.sweep() == 0, "a partial study must not become a job while held"
+        with db.session() as session:
+            assert session.scalar(select(func.count()).select_from(Job)) == 0
+        wait_for(lambda: tracker.sweep() == 1, timeout=10, interval=0.2)  # the hold has passed
+        with db.session() as session:
+            assert session.scalar(select(Job.instances)) == 5
+    finally:
+        db.dispose()
