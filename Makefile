@@ -9,11 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+## Installs are editable: code changes need none; a stamp per install redoes it only when
+## pyproject.toml changed (so `make serve` does not reinstall on every start).
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
-install-dev: $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@ $(VENV)/.installed
 
 system-deps:
 	./scripts/system-deps.sh
