@@ -195,7 +195,7 @@ class NodeConfig(BaseModel):
         ConfigError
             When the AE's ``results_to`` names an unknown destination.
         """
-        policy = next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+        policy = self.policy_of(calling_ae)
         by_name = {d.name: d for d in self.destinations}
         if policy is not None and policy.results_to is not None:
             unknown = [n for n in policy.results_to if n not in by_name]
@@ -213,9 +213,13 @@ class NodeConfig(BaseModel):
             chosen = [d for d in chosen if isinstance(d, FhirDestination)]
         return chosen
 
+    def policy_of(self, calling_ae: str) -> AEPolicy | None:
+        """The ``ae_policies`` entry of ``calling_ae``, if it has one."""
+        return next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+
     def patient_identifier_system(self, calling_ae: str) -> str | None:
         """The FHIR patient identifier system configured for ``calling_ae``, if any."""
-        policy = next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+        policy = self.policy_of(calling_ae)
         return policy.patient_identifier_system if policy is not None else None
 
     @field_validator("ae_policies")
