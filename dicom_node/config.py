@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,6 +49,33 @@ class Completeness(StrEnum):
     RELEASE = "release"  # the association that sent it was released
 
 
+class RetrieveMethod(StrEnum):
+    """How a prior study is fetched from the PACS (PS3.4 C.4).
+
+    ``move``: C-MOVE to our own AE title, so the PACS must know our AE's host and port (its
+    instances arrive through the node's C-STORE SCP); ``get``: C-GET, the instances come back
+    on the worker's own association (no registration of our AE at the PACS needed).
+    """
+
+    MOVE = "move"
+    GET = "get"
+
+
+class PriorsPolicy(BaseModel):
+    """Comparison with the patient's prior CT (:mod:`pipelines.priors`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    #: The DIMSE destination (by name) that is also the Query/Retrieve SCP holding the priors.
+    source: str
+    #: Only studies at most this many days older than the current one are priors.
+    max_age_days: int = Field(default=3 * 365, ge=1)
+    #: The most the current result waits for the prior (query and retrieval together).
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    retrieve: RetrieveMethod = RetrieveMethod.MOVE
+
+
 class AEPolicy(BaseModel):
     """What a calling AE may do, how its studies are judged complete, where results go."""
 
@@ -65,6 +93,8 @@ class AEPolicy(BaseModel):
     #: FHIR Identifier.system of this AE's PatientIDs (e.g. ``urn:oid:1.2.3.4`` or the
     #: hospital's MRN namespace URI); default: from IssuerOfPatientID, else none.
     patient_identifier_system: str | None = None
+    #: Compare this AE's studies with the patient's prior CT (off by default).
+    priors: PriorsPolicy | None = None
 
     def networks(self) -> list[IPNetwork]:
         """Return the networks this AE may connect from (empty: any address)."""
@@ -143,6 +173,16 @@ class DimseDestination(_DicomDestination):
     port: int = Field(ge=1, le=65535)
     tls: TLSFiles | None = None
 
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for an association with this AE (``None``: no TLS)."""
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.tls.ca))
+        context.check_hostname = False
+        if self.tls.cert is not None and self.tls.key is not None:
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+        return context, self.host
+
 
 class DicomWebDestination(_DicomDestination):
     """A DICOMweb server that takes results by STOW-RS (PS3.18 10.5)."""
@@ -216,6 +256,25 @@ class NodeConfig(BaseModel):
     def policy_of(self, calling_ae: str) -> AEPolicy | None:
         """The ``ae_policies`` entry of ``calling_ae``, if it has one."""
         return next((p for p in self.ae_policies if p.ae_title == calling_ae.strip()), None)
+
+    def priors_of(self, calling_ae: str) -> tuple[PriorsPolicy, DimseDestination] | None:
+        """The priors policy of ``calling_ae`` and its source, when comparison is enabled.
+
+        Raises
+        ------
+        ConfigError
+            When ``priors.source`` does not name a DIMSE destination.
+        """
+        policy = self.policy_of(calling_ae)
+        if policy is None or policy.priors is None or not policy.priors.enabled:
+            return None
+        source = next((d for d in self.destinations if d.name == policy.priors.source), None)
+        if not isinstance(source, DimseDestination):
+            raise ConfigError(
+                f"ae_policies.{policy.ae_title}.priors.source: {policy.priors.source!r} is not "
+                "a DIMSE destination"
+            )
+        return policy.priors, source
 
     def patient_identifier_system(self, calling_ae: str) -> str | None:
         """The FHIR patient identifier system configured for ``calling_ae``, if any."""
@@ -312,6 +371,7 @@ class Settings(BaseSettings):
         for policy in node.ae_policies:
             policy.networks()  # resolve now so that a bad host fails at start
             node.destinations_for(policy.ae_title)  # and an unknown destination name
+            node.priors_of(policy.ae_title)  # and a priors source that is no DIMSE destination
         return node
 
     def effective(self) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class StudyState(StrEnum):
     DONE = "done"
     REJECTED = "rejected"
     FAILED = "failed"
+    #: Retrieved from a PACS as another study's prior (:mod:`pipelines.priors`): stored, never
+    #: study input (instances arriving for it later neither reopen it nor make a job).
+    PRIOR = "prior"
 
 
 class JobState(StrEnum):

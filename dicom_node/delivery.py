@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -119,16 +118,6 @@ class DimseSender:
         self.calling_ae = calling_ae
         self.timeout = timeout
 
-    def _ssl(self) -> tuple[ssl.SSLContext, str] | None:
-        tls = self.destination.tls
-        if tls is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-        context.check_hostname = False
-        if tls.cert is not None and tls.key is not None:
-            context.load_cert_chain(tls.cert, tls.key)
-        return context, self.destination.host
-
     def send(self, paths: Sequence[Path]) -> SendOutcome:
         """Store ``paths`` over one association proposing exactly what they need."""
         metas = {path: _meta(path) for path in paths}
@@ -140,7 +129,7 @@ class DimseSender:
         for sop_class, names in sorted(syntaxes.items()):
             ae.add_requested_context(sop_class, sorted(names))
         d = self.destination
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self._ssl())
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=d.tls_args())
         if not assoc.is_established:
             raise DestinationUnavailableError(
                 f"association with {d.ae_title}@{d.host}:{d.port} not established"

@@ -48,14 +48,19 @@ the same concepts the TID 1500 SR uses, so the two outputs say the same thing):
 - components: ``SCT#103339001`` "Long axis" and ``SCT#103340004`` "Short axis" (UCUM ``mm``),
   ``SCT#118565006`` "Volume" (UCUM ``mm3``), ``DCM#112031`` "Attenuation Coefficient" as the
   mean over the nodule (UCUM ``[hnsf'U]``), attenuation type, detection probability (UCUM ``1``)
-  and the needs-review flag, the nodule's Lung-RADS v2022 category (baseline rules,
+  and the needs-review flag, the nodule's Lung-RADS v2022 category (baseline or follow-up rules,
   :mod:`pipelines.lungrads`), and its malignancy risk as ``DCM#111047`` "Probability of cancer"
   (UCUM ``%``, the Brock model, :mod:`pipelines.brock`; what it assumed, or why it is missing,
-  in ``note``). The last four have no standard code we could verify (SNOMED CT's
-  solid / part-solid / ground-glass *nodule* concepts were not checkable offline; ``DCM#111047``
-  means probability of *cancer*, not of detection), so they use the local code system
-  :data:`COMPONENT_SYSTEM`, with ``DCM#112120`` "Ground glass opacity" added to the ground-glass
-  type as a second coding.
+  in ``note``). Attenuation type, detection probability, needs-review and Lung-RADS have no
+  standard code we could verify (SNOMED CT's solid / part-solid / ground-glass *nodule*
+  concepts were not checkable offline; ``DCM#111047`` means probability of *cancer*, not of
+  detection), so they use the local code system :data:`COMPONENT_SYSTEM`, with ``DCM#112120``
+  "Ground glass opacity" added to the ground-glass type as a second coding;
+- against a prior CT (:mod:`pipelines.priors`): the change (``DCM#111424`` "Comparison to
+  previous studies" valued with SNOMED CT ``129721008`` New finding, ``129723006`` No
+  significant changes in the finding, ``15454001`` Increased size, ``19776001`` Decreased
+  size), the volume change (UCUM ``%``) and the volume doubling time (UCUM ``d``), both local
+  codes; the report's conclusion sums the comparison up and ``imagingStudy`` lists the prior.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from pydicom import dcmread
 
-from dicom_node.results import ModelIdentity
+from dicom_node.results import ModelIdentity, PriorComparison, PriorOutcome
 
 JSON = dict[str, Any]
 ReportStatus = Literal["registered", "preliminary", "final", "amended", "cancelled"]
@@ -183,10 +188,33 @@ CANCER_PROBABILITY: Final[JSON] = {
     "code": "111047",
     "display": "Probability of cancer",
 }
+#: Against the prior CT: the change (DCM 111424 "Comparison to previous studies", valued with
+#: SNOMED CT findings as the SR does), the volume change (%) and the volume doubling time (d).
+CHANGE: Final[JSON] = {"system": DCM, "code": "111424", "display": "Comparison to previous studies"}
+CHANGE_VALUES: Final[dict[str, JSON]] = {
+    "new": {"system": SNOMED, "code": "129721008", "display": "New finding"},
+    "stable": {
+        "system": SNOMED,
+        "code": "129723006",
+        "display": "No significant changes in the finding",
+    },
+    "grown": {"system": SNOMED, "code": "15454001", "display": "Increased size"},
+    "shrunk": {"system": SNOMED, "code": "19776001", "display": "Decreased size"},
+}
+VOLUME_CHANGE: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "volume-change",
+    "display": "Volume change since the prior study",
+}
+DOUBLING_TIME: Final[JSON] = {
+    "system": COMPONENT_SYSTEM,
+    "code": "volume-doubling-time",
+    "display": "Volume doubling time",
+}
 LUNG_RADS: Final[JSON] = {
     "system": COMPONENT_SYSTEM,
     "code": "lung-rads-v2022",
-    "display": "Lung-RADS v2022 category (baseline screening rules)",
+    "display": "Lung-RADS v2022 category",
 }
 #: Attenuation types (Fleischner Society glossary) as ``pipelines.findings`` names them.
 NODULE_TYPES: Final[dict[str, JSON]] = {
@@ -415,6 +443,7 @@ def build_observation(
         {"code": {"coding": [NEEDS_REVIEW]}, "valueBoolean": bool(nodule["needs_review"])},
         _lung_rads(nodule.get("lung_rads")),
         _risk(nodule.get("malignancy_risk")),
+        *_change(nodule),
     ]
     x, y, z = (float(v) for v in nodule["center_mm"])
     resource: JSON = {
@@ -527,10 +556,13 @@ def build_results(
     seg_uid: str | None = None,
     issued: datetime | None = None,
     lung_rads: str | None = None,
+    prior: PriorComparison | None = None,
 ) -> tuple[JSON, list[JSON]]:
     """The ``preliminary`` report with one Observation per nodule.
 
-    ``lung_rads``, the study's Lung-RADS v2022 category, is stated in the conclusion.
+    ``lung_rads``, the study's Lung-RADS v2022 category, is stated in the conclusion, and so is
+    ``prior``, the comparison with the prior CT (or why there was none); a compared prior is
+    also listed in ``imagingStudy``.
 
     Parameters
     ----------
@@ -559,11 +591,12 @@ def build_results(
         for nodule, uid in zip(nodules, tracking_uids, strict=True)
     ]
     conclusion = summary(observations, model)
+    compared = prior is not None and prior.outcome is PriorOutcome.COMPARED
     if lung_rads:
-        conclusion += (
-            f" Lung-RADS v2022 category {lung_rads} (baseline screening rules; not for clinical"
-            " use)."
-        )
+        rules = "follow-up rules against the prior CT" if compared else "baseline screening rules"
+        conclusion += f" Lung-RADS v2022 category {lung_rads} ({rules}; not for clinical use)."
+    if prior is not None:
+        conclusion += " " + prior_sentence(prior, nodules)
     report = build_report(
         study,
         "preliminary",
@@ -573,7 +606,24 @@ def build_results(
         sr_uid=sr_uid,
         issued=issued,
     )
+    if compared and prior is not None:
+        report["imagingStudy"].append(imaging_study_reference(prior.study_instance_uid))
     return report, observations
+
+
+def prior_sentence(prior: PriorComparison, nodules: Sequence[Mapping[str, Any]]) -> str:
+    """The comparison with the prior CT in one sentence (counts by change), or why none."""
+    if prior.outcome is PriorOutcome.BASELINE:
+        return f"No comparison with a prior CT ({prior.reason.replace('_', ' ')})."
+    changes = [str(n.get("change", "")) for n in nodules]
+    counts = [f"{changes.count(word)} {word}" for word in ("new", "grown", "stable", "shrunk")] + [
+        f"{len(prior.resolved)} resolved"
+    ]
+    return (
+        f"Compared with the prior CT of {prior.study_date} ({prior.interval_days:.0f} days): "
+        + ", ".join(counts)
+        + "."
+    )
 
 
 def _lung_rads(category: Any) -> JSON | None:
@@ -588,6 +638,21 @@ def _lung_rads(category: Any) -> JSON | None:
             "text": text,
         },
     }
+
+
+def _change(nodule: Mapping[str, Any]) -> list[JSON | None]:
+    """The components of the comparison with the prior CT (none when not compared)."""
+    change = str(nodule.get("change") or "")
+    if change not in CHANGE_VALUES:
+        return []
+    return [
+        {
+            "code": {"coding": [CHANGE]},
+            "valueCodeableConcept": {"coding": [CHANGE_VALUES[change]], "text": change},
+        },
+        _quantity(VOLUME_CHANGE, nodule.get("volume_change_percent"), "%", "%"),
+        _quantity(DOUBLING_TIME, nodule.get("doubling_time_days"), "days", "d"),
+    ]
 
 
 def _risk(probability: Any) -> JSON | None:

@@ -116,7 +116,10 @@ def reopen_study(study: Study) -> bool:
     """A new instance arrived: the study is ``receiving`` again; return whether it had moved on.
 
     Completing it again makes a new job that supersedes the previous one (:func:`queue_job`).
+    A study retrieved as a prior stays ``prior``: its instances are never study input.
     """
+    if study.state == StudyState.PRIOR:
+        return False
     reopened = study.state != StudyState.RECEIVING
     study.state = StudyState.RECEIVING
     study.error_code, study.error = None, None

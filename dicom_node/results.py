@@ -110,6 +110,14 @@ class ReportedNodule:
     malignancy_risk: float | None = None
     #: What the risk assumed, or why there is none.
     risk_note: str = ""
+    #: Against the prior CT (:mod:`pipelines.comparison`): ``new``, ``stable``, ``grown`` or
+    #: ``shrunk``; "" when the study was not compared.
+    change: str = ""
+    #: The matched prior nodule's volume, the volume change and the volume doubling time (days;
+    #: only for a grown nodule); ``None`` when there is no matched prior nodule.
+    prior_volume_mm3: float | None = None
+    volume_change_percent: float | None = None
+    doubling_time_days: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The nodule as ``findings.json`` and ``GET /api/studies/{uid}/findings`` show it."""
@@ -136,6 +144,10 @@ class ReportedNodule:
                 None if self.malignancy_risk is None else round(self.malignancy_risk, 4)
             ),
             "risk_note": self.risk_note,
+            "change": self.change,
+            "prior_volume_mm3": _rounded(self.prior_volume_mm3, 1),
+            "volume_change_percent": _rounded(self.volume_change_percent, 1),
+            "doubling_time_days": _rounded(self.doubling_time_days, 0),
         }
 
     @classmethod
@@ -165,6 +177,123 @@ class ReportedNodule:
                 None if data.get("malignancy_risk") is None else float(data["malignancy_risk"])
             ),
             risk_note=str(data.get("risk_note", "")),
+            change=str(data.get("change", "")),
+            prior_volume_mm3=_optional_float(data.get("prior_volume_mm3")),
+            volume_change_percent=_optional_float(data.get("volume_change_percent")),
+            doubling_time_days=_optional_float(data.get("doubling_time_days")),
+        )
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class ResolvedNodule:
+    """A prior nodule with no counterpart in the current study: centre in the *prior* study's
+    patient coordinates, its volume and Lung-RADS mean diameter there."""
+
+    center_mm: tuple[float, float, float]
+    volume_mm3: float
+    mean_diameter_mm: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (the API's)."""
+        return {
+            "center_mm": [round(float(v), 2) for v in self.center_mm],
+            "volume_mm3": round(self.volume_mm3, 1),
+            "mean_diameter_mm": round(self.mean_diameter_mm, 1),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResolvedNodule:
+        """Inverse of :meth:`to_json`."""
+        x, y, z = (float(v) for v in data["center_mm"])
+        return cls((x, y, z), float(data["volume_mm3"]), float(data["mean_diameter_mm"]))
+
+
+class PriorOutcome(StrEnum):
+    """Whether a study was compared with a prior CT."""
+
+    COMPARED = "compared"
+    BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class PriorComparison:
+    """The study against the patient's prior CT, or why it is reported as a baseline.
+
+    Attributes
+    ----------
+    outcome : PriorOutcome
+        ``compared``, or ``baseline`` (no prior used).
+    reason, detail : str
+        For a baseline: a code (``no_prior``, ``timeout``, ``query_refused``,
+        ``association_rejected``, ``retrieve_refused``, ``retrieve_incomplete``,
+        ``unreachable``, ``no_patient_id``, ``no_study_date``, ``prior_not_analysable``,
+        ``registration_failed``, ``comparison_failed``) and a sentence without identifiers.
+    study_instance_uid, study_date : str
+        The prior study (ISO date).
+    interval_days : float
+        Days between the two StudyDates.
+    findings_from : str
+        Where the prior's nodules came from: ``result`` (this node's stored result),
+        ``report`` (our SR in the prior study, read back) or ``detector`` (detected now).
+    rotation_deg, translation_mm : float
+        The rigid alignment of the prior to the current study.
+    resolved : tuple of ResolvedNodule
+        Prior nodules not found again.
+    """
+
+    outcome: PriorOutcome
+    reason: str = ""
+    detail: str = ""
+    study_instance_uid: str = ""
+    study_date: str = ""
+    interval_days: float = 0.0
+    findings_from: str = ""
+    rotation_deg: float = 0.0
+    translation_mm: float = 0.0
+    resolved: tuple[ResolvedNodule, ...] = ()
+
+    @classmethod
+    def baseline(cls, reason: str, detail: str) -> PriorComparison:
+        """A study reported without comparison, and why."""
+        return cls(PriorOutcome.BASELINE, reason=reason, detail=detail)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``resultset.json`` and the API)."""
+        return {
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "detail": self.detail,
+            "study_instance_uid": self.study_instance_uid,
+            "study_date": self.study_date,
+            "interval_days": round(self.interval_days, 1),
+            "findings_from": self.findings_from,
+            "rotation_deg": round(self.rotation_deg, 2),
+            "translation_mm": round(self.translation_mm, 1),
+            "resolved": [r.to_json() for r in self.resolved],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PriorComparison:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            outcome=PriorOutcome(data["outcome"]),
+            reason=str(data.get("reason", "")),
+            detail=str(data.get("detail", "")),
+            study_instance_uid=str(data.get("study_instance_uid", "")),
+            study_date=str(data.get("study_date", "")),
+            interval_days=float(data.get("interval_days", 0.0)),
+            findings_from=str(data.get("findings_from", "")),
+            rotation_deg=float(data.get("rotation_deg", 0.0)),
+            translation_mm=float(data.get("translation_mm", 0.0)),
+            resolved=tuple(ResolvedNodule.from_json(r) for r in data.get("resolved", ())),
         )
 
 
@@ -224,6 +353,9 @@ class ResultSet:
     retracted : tuple of str
         SOP Instance UIDs of the earlier results this one replaces (listed by the rejection
         note; destinations retract them once this result's objects are confirmed).
+    prior : PriorComparison or None
+        The comparison with the prior CT, or why there is none; ``None`` when the calling AE
+        has no priors policy.
     """
 
     job_id: str
@@ -242,6 +374,7 @@ class ResultSet:
     lung_rads: str = ""
     instance_number: int = 1
     retracted: tuple[str, ...] = ()
+    prior: PriorComparison | None = None
 
     def object(self, kind: ObjectKind) -> ResultObject | None:
         """The stored object of ``kind``, if this result has one."""
@@ -278,6 +411,7 @@ class ResultSet:
             "lung_rads": self.lung_rads,
             "instance_number": self.instance_number,
             "retracted": list(self.retracted),
+            "prior": None if self.prior is None else self.prior.to_json(),
         }
 
     @classmethod
@@ -307,6 +441,7 @@ class ResultSet:
             lung_rads=str(data.get("lung_rads", "")),
             instance_number=int(data.get("instance_number", 1)),
             retracted=tuple(str(u) for u in data.get("retracted", ())),
+            prior=None if data.get("prior") is None else PriorComparison.from_json(data["prior"]),
         )
 
 

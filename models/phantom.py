@@ -31,6 +31,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
+from pipelines.registration import RigidTransform, move_volume
+
 FloatArray = npt.NDArray[np.float32]
 Rng = np.random.Generator
 
@@ -476,10 +478,8 @@ def _add_nodules(
             val = val * (1.0 - core_in) + solid * core_in
         if shape == "irregular" and kind != "ground-glass":
             _add_spicules(rng, grid, centre, radius, hu)
-        region = hu[box]
-        hu[box] = np.where(occ > 0, np.maximum(region, region * (1 - occ) + val * occ), region)
         label = len(nodules) + 1
-        labels[box][occ >= 0.5] = label
+        _paint(hu, labels, box, occ, val, label)
         nodules.append(
             PhantomNodule(
                 centre_xyz_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
@@ -491,6 +491,21 @@ def _add_nodules(
             )
         )
     return nodules
+
+
+def _paint(
+    hu: FloatArray,
+    labels: npt.NDArray[np.uint8],
+    box: tuple[slice, slice, slice],
+    occ: FloatArray,
+    value: FloatArray | float,
+    label: int,
+) -> None:
+    """Blend a nodule of occupancy ``occ`` and HU ``value`` into ``hu`` (never darkening it) and
+    mark its voxels of occupancy at least 0.5 with ``label``."""
+    region = hu[box]
+    hu[box] = np.where(occ > 0, np.maximum(region, region * (1 - occ) + value * occ), region)
+    labels[box][occ >= 0.5] = label
 
 
 def _add_spicules(
@@ -569,6 +584,50 @@ def make_phantom(
     """
     rng = np.random.default_rng(seed)
     shape, spacing_mm = _draw_geometry(rng, shape, spacing_mm)
+    scene = _draw_scene(rng, shape, spacing_mm)
+    labels = np.zeros(shape, np.uint8)
+    if n_nodules is None:
+        n_nodules = (0, 4)
+    n = (
+        n_nodules
+        if isinstance(n_nodules, int)
+        else int(rng.integers(n_nodules[0], n_nodules[1] + 1))
+    )
+    nodules = _add_nodules(rng, n, scene.grid, scene.lungs, scene.anat, scene.hu, labels)
+    hu = _scanner(rng, scene.hu, spacing_mm)
+    if fov_padding is None:
+        fov_padding = bool(rng.random() < 0.4)
+    if fov_padding:
+        yy, xx = np.meshgrid(
+            np.arange(shape[1]) - shape[1] / 2, np.arange(shape[2]) - shape[2] / 2, indexing="ij"
+        )
+        hu[:, (yy / shape[1]) ** 2 + (xx / shape[2]) ** 2 > 0.25] = -2048.0
+    vol = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
+    return Phantom(
+        volume_hu=vol,
+        spacing_mm=spacing_mm,
+        origin_mm=scene.origin,
+        nodules=nodules,
+        labels=labels,
+        seed=seed,
+    )
+
+
+@dataclass
+class _Scene:
+    """Noise-free anatomy of one phantom on its grid, before nodules and scanner effects."""
+
+    grid: _Grid
+    anat: _Anatomy
+    hu: FloatArray
+    lungs: npt.NDArray[np.bool_]
+    origin: tuple[float, float, float]
+
+
+def _draw_scene(
+    rng: Rng, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]
+) -> _Scene:
+    """Place the grid (origin drawn), draw the anatomy to fit the field of view and render it."""
     fov = (shape[2] * spacing_mm[2], shape[1] * spacing_mm[1])
     origin = (
         -fov[0] / 2 + rng.uniform(-10, 10),
@@ -588,32 +647,7 @@ def make_phantom(
     anat.body_a *= scale
     anat.body_b *= scale
     hu, lungs = _anatomy_volume(rng, grid, anat, shape)
-    labels = np.zeros(shape, np.uint8)
-    if n_nodules is None:
-        n_nodules = (0, 4)
-    n = (
-        n_nodules
-        if isinstance(n_nodules, int)
-        else int(rng.integers(n_nodules[0], n_nodules[1] + 1))
-    )
-    nodules = _add_nodules(rng, n, grid, lungs, anat, hu, labels)
-    hu = _scanner(rng, hu, spacing_mm)
-    if fov_padding is None:
-        fov_padding = bool(rng.random() < 0.4)
-    if fov_padding:
-        yy, xx = np.meshgrid(
-            np.arange(shape[1]) - shape[1] / 2, np.arange(shape[2]) - shape[2] / 2, indexing="ij"
-        )
-        hu[:, (yy / shape[1]) ** 2 + (xx / shape[2]) ** 2 > 0.25] = -2048.0
-    vol = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
-    return Phantom(
-        volume_hu=vol,
-        spacing_mm=spacing_mm,
-        origin_mm=origin,
-        nodules=nodules,
-        labels=labels,
-        seed=seed,
-    )
+    return _Scene(grid, anat, hu, lungs, origin)
 
 
 def _anatomy_volume(
@@ -650,9 +684,9 @@ def _anatomy_volume(
 _UID_NAMESPACE = uuid.UUID("6f1b2c9e-2d0a-5c3e-9a57-4e0d6a1c8b21")
 
 
-def _uid(seed: int, *parts: str) -> str:
-    """Deterministic ``2.25`` UID (PS3.5 B.2) from a uuid5 of the seed and ``parts``."""
-    name = "/".join(["noduleai-phantom", str(seed), *parts])
+def _uid(seed: int, *parts: str, key: str = "") -> str:
+    """Deterministic ``2.25`` UID (PS3.5 B.2) from a uuid5 of the seed, ``key`` and ``parts``."""
+    name = "/".join(["noduleai-phantom", str(seed), *([key] if key else []), *parts])
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
@@ -666,6 +700,9 @@ def write_dicom_series(
     patient_name: str | None = None,
     study_uid: str | None = None,
     series_number: int = 1,
+    study_date: str = "20260101",
+    uid_key: str = "",
+    accession_number: str | None = None,
 ) -> list[Path]:
     """Write ``volume_hu`` as a DICOM CT Image Storage series, one file per slice.
 
@@ -673,8 +710,9 @@ def write_dicom_series(
     (HU = stored - 1024), Explicit VR Little Endian. Slice ``k`` has ImagePositionPatient
     ``origin_mm + (0, 0, k * dz)``, ImageOrientationPatient ``[1, 0, 0, 0, 1, 0]``,
     PixelSpacing ``[dy, dx]`` and SliceThickness ``dz``. Study, series, frame-of-reference and
-    instance UIDs are ``2.25`` UIDs derived from ``seed`` (same seed, same UIDs); patient
-    attributes are synthetic and derived from the seed unless given.
+    instance UIDs are ``2.25`` UIDs derived from ``seed`` and ``uid_key`` (same seed and key,
+    same UIDs); patient attributes are synthetic and derived from the seed unless given, so two
+    studies of one patient share a seed and differ in ``uid_key``.
 
     Parameters
     ----------
@@ -692,6 +730,12 @@ def write_dicom_series(
         Overrides for the synthetic values (e.g. to put several series in one study).
     series_number : int
         SeriesNumber; also part of the series UID derivation.
+    study_date : str
+        StudyDate, SeriesDate and ContentDate (``YYYYMMDD``).
+    uid_key : str
+        Extra key of the UID derivation ("" derives them from ``seed`` alone).
+    accession_number : str, optional
+        AccessionNumber; default ``PH`` and the seed.
 
     Returns
     -------
@@ -704,11 +748,13 @@ def write_dicom_series(
         np.int16
     )
     base = _series_dataset(
-        seed, spacing_mm, stored.shape, patient_id, patient_name, study_uid, series_number
+        seed, spacing_mm, stored.shape, patient_id, patient_name, study_uid, series_number, uid_key
     )
+    base.StudyDate = base.SeriesDate = base.ContentDate = study_date
+    base.AccessionNumber = accession_number or f"PH{seed:08d}"
     paths = []
     for k in range(stored.shape[0]):
-        ds = _slice_dataset(base, k, stored[k], spacing_mm, origin_mm, seed, series_number)
+        ds = _slice_dataset(base, k, stored[k], spacing_mm, origin_mm, seed, series_number, uid_key)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -728,6 +774,7 @@ def _series_dataset(
     patient_name: str | None,
     study_uid: str | None,
     series_number: int,
+    uid_key: str,
 ) -> Dataset:
     rng = np.random.default_rng(seed)
     birth = _dt.date(1940, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 45)))
@@ -738,12 +785,10 @@ def _series_dataset(
     ds.PatientID = patient_id or f"NAI-PH-{seed:06d}"
     ds.PatientBirthDate = birth.strftime("%Y%m%d")
     ds.PatientSex = str(rng.choice(["F", "M"]))
-    ds.StudyInstanceUID = study_uid or _uid(seed, "study")
-    ds.SeriesInstanceUID = _uid(seed, "series", str(series_number))
-    ds.FrameOfReferenceUID = _uid(seed, "frame")
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyInstanceUID = study_uid or _uid(seed, "study", key=uid_key)
+    ds.SeriesInstanceUID = _uid(seed, "series", str(series_number), key=uid_key)
+    ds.FrameOfReferenceUID = _uid(seed, "frame", key=uid_key)
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = f"PH{seed:08d}"
     ds.StudyID = str(seed % 100000)
     ds.ReferringPhysicianName = ""
     ds.Manufacturer = "NoduleAI phantom"
@@ -784,14 +829,354 @@ def _slice_dataset(
     origin_mm: tuple[float, float, float],
     seed: int,
     series_number: int,
+    uid_key: str,
 ) -> Dataset:
     from copy import deepcopy
 
     ds = deepcopy(base)
     z = origin_mm[2] + k * spacing_mm[0]
-    ds.SOPInstanceUID = _uid(seed, "instance", str(series_number), str(k))
+    ds.SOPInstanceUID = _uid(seed, "instance", str(series_number), str(k), key=uid_key)
     ds.InstanceNumber = k + 1
     ds.ImagePositionPatient = [f"{origin_mm[0]:.6g}", f"{origin_mm[1]:.6g}", f"{z:.6g}"]
     ds.SliceLocation = f"{z:.6g}"
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
     return ds
+
+
+# --------------------------------------------------------------------------- prior/current pairs
+
+#: StudyDate of a pair's baseline; the follow-up is ``interval_days`` later.
+PAIR_BASELINE_DATE = _dt.date(2025, 1, 6)
+#: Anatomy drawn beyond each end of the slab (mm), so that the moved follow-up has no empty slices.
+PAIR_MARGIN_MM = 36.0
+#: Largest slice spacing (mm) of the anatomy that is moved and then sampled at the scans' slices:
+#: interpolating between thick slices would smear thin vessels into faint ground-glass blobs.
+PAIR_FINE_MM = 1.0
+#: Least distance of a nodule's edge from the lung wall, of nodules' centres from each other, of
+#: a nodule's edge from a large vessel, and of a nodule's edge from the slab's ends (mm).
+PAIR_WALL_MM, PAIR_GAP_MM, PAIR_VESSEL_MM, PAIR_END_MM = 6.0, 25.0, 1.5, 8.0
+#: The nodules of a pair: status, baseline diameter range (mm), volume factor range.
+PAIR_PLAN: tuple[tuple[str, tuple[float, float], tuple[float, float]], ...] = (
+    ("stable", (6.0, 12.0), (1.0, 1.0)),
+    ("grown", (6.0, 9.5), (1.8, 3.0)),
+    ("grown", (6.0, 9.5), (1.8, 3.0)),
+    ("new", (6.0, 12.0), (1.0, 1.0)),
+    ("resolved", (6.0, 12.0), (1.0, 1.0)),
+)
+
+
+@dataclass(frozen=True)
+class PairNodule:
+    """Ground truth of one nodule of a :class:`PhantomPair`.
+
+    Attributes
+    ----------
+    status : str
+        ``stable``, ``grown`` (in both scans), ``new`` (follow-up only) or ``resolved``
+        (baseline only); the values of :class:`pipelines.comparison.Status`.
+    baseline_label, followup_label : int or None
+        Its value in that scan's :attr:`Phantom.labels` (None: absent).
+    baseline_centre_mm, followup_centre_mm : tuple of float or None
+        Centre in that scan's patient LPS mm; the follow-up centre is
+        ``transform.to_current(baseline_centre)``.
+    baseline_volume_mm3, followup_volume_mm3 : float or None
+        Nominal volume ``pi d^3 / 6``.
+    growth_factor : float or None
+        Follow-up over baseline volume (nodules in both scans).
+    doubling_time_days : float or None
+        ``interval ln 2 / ln(growth_factor)`` for grown nodules.
+    """
+
+    status: str
+    baseline_label: int | None
+    baseline_centre_mm: tuple[float, float, float] | None
+    baseline_volume_mm3: float | None
+    followup_label: int | None
+    followup_centre_mm: tuple[float, float, float] | None
+    followup_volume_mm3: float | None
+    growth_factor: float | None
+    doubling_time_days: float | None
+
+
+@dataclass(frozen=True)
+class PhantomPair:
+    """A baseline and a follow-up phantom of one patient, who moved in between.
+
+    Attributes
+    ----------
+    baseline, followup : Phantom
+        The two scans, on the same grid; each scan's :attr:`Phantom.nodules` holds the nodules
+        it shows.
+    interval_days : int
+        Days from baseline to follow-up.
+    transform : RigidTransform
+        Follow-up (current) to baseline (prior) patient space, what
+        ``register_rigid(followup, baseline)`` should find.
+    nodules : tuple of PairNodule
+        Truth per nodule, in :data:`PAIR_PLAN` order.
+    seed : int
+        The seed that made it.
+    """
+
+    baseline: Phantom
+    followup: Phantom
+    interval_days: int
+    transform: RigidTransform
+    nodules: tuple[PairNodule, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class _PairSpec:
+    """A pair nodule to paint: baseline centre, diameters (0: absent), HU and shape seed."""
+
+    status: str
+    centre: npt.NDArray[np.float64]
+    d_baseline: float
+    d_followup: float
+    hu: float
+    shape_seed: int
+
+
+def make_phantom_pair(
+    seed: int,
+    interval_days: int = 365,
+    shape: tuple[int, int, int] | None = None,
+    spacing_mm: tuple[float, float, float] | None = None,
+) -> PhantomPair:
+    """Make a baseline and a follow-up phantom of one patient, deterministically from ``seed``.
+
+    One noise-free anatomy is drawn (:func:`make_phantom`'s) on a slab longer than the scans by
+    :data:`PAIR_MARGIN_MM` at each end. The baseline is its middle; the follow-up is the anatomy
+    moved rigidly (1-4 degrees about each axis, a 5-20 mm shift, by
+    :func:`pipelines.registration.move_volume`) and cut to the same grid. Solid round nodules
+    (:data:`PAIR_PLAN`: stable, two grown by known volume factors, new, resolved) are painted after
+    the move, each in the follow-up at the moved position of its baseline centre, then each scan
+    gets scanner blur and noise of its own.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of every random choice.
+    interval_days : int
+        Days between the scans (the doubling times follow from it).
+    shape : tuple of int, optional
+        ``(slices, rows, columns)`` of each scan. Default: 512 x 512 and a 120-160 mm slab.
+    spacing_mm : tuple of float, optional
+        ``(dz, dy, dx)``. Default: 1.25-2.5 mm slices, 0.6-0.8 mm pixels.
+
+    Returns
+    -------
+    PhantomPair
+        Both scans, the true transform and the truth per nodule.
+
+    Raises
+    ------
+    ValueError
+        When the nodules do not fit in the lungs (a too small slab or field of view).
+    """
+    rng = np.random.default_rng(seed)
+    shape, spacing_mm = _draw_pair_geometry(rng, shape, spacing_mm)
+    pad = int(np.ceil(PAIR_MARGIN_MM / spacing_mm[0]))
+    fine = int(np.ceil(spacing_mm[0] / PAIR_FINE_MM))
+    scene = _draw_scene(
+        rng,
+        ((shape[0] + 2 * pad - 1) * fine + 1, shape[1], shape[2]),
+        (spacing_mm[0] / fine, spacing_mm[1], spacing_mm[2]),
+    )
+    crop = slice(pad * fine, (pad + shape[0] - 1) * fine + 1, fine)
+    grid = _Grid(scene.grid.z[crop], scene.grid.y, scene.grid.x, spacing_mm)
+    transform = _draw_motion(rng, grid)
+    specs = _place_pair_nodules(rng, scene, crop, grid, transform)
+    moved = move_volume(scene.hu, scene.grid.spacing, scene.origin, transform)[crop]
+    origin = (scene.origin[0], scene.origin[1], float(grid.z[0]))
+    baseline, labels_b = _pair_scan(rng, scene.hu[crop], grid, specs, None, origin, seed)
+    followup, labels_f = _pair_scan(rng, moved, grid, specs, transform, origin, seed)
+    truth = tuple(
+        _pair_truth(s, labels_b.get(i), labels_f.get(i), transform, interval_days)
+        for i, s in enumerate(specs)
+    )
+    return PhantomPair(baseline, followup, interval_days, transform, truth, seed)
+
+
+def _draw_pair_geometry(
+    rng: Rng, shape: tuple[int, int, int] | None, spacing_mm: tuple[float, float, float] | None
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    if spacing_mm is None:
+        pix = float(rng.uniform(0.6, 0.8))
+        spacing_mm = (float(rng.choice((1.25, 1.5, 2.0, 2.5))), pix, pix)
+    if shape is None:
+        shape = (round(rng.uniform(120.0, 160.0) / spacing_mm[0]), 512, 512)
+    return shape, spacing_mm
+
+
+def _draw_motion(rng: Rng, grid: _Grid) -> RigidTransform:
+    """Rotation of 1-4 degrees about each axis (random signs) about the slab's centre, then a
+    5-20 mm shift in a random direction."""
+    angles = rng.uniform(1.0, 4.0, 3) * rng.choice((-1.0, 1.0), 3)
+    direction = rng.normal(size=3)
+    shift = direction / np.linalg.norm(direction) * rng.uniform(5.0, 20.0)
+    centre = [float(grid.x.mean()), float(grid.y.mean()), float(grid.z.mean())]
+    return RigidTransform.from_params(angles, shift, centre)
+
+
+def _place_pair_nodules(
+    rng: Rng, scene: _Scene, crop: slice, grid: _Grid, transform: RigidTransform
+) -> list[_PairSpec]:
+    """Draw :data:`PAIR_PLAN`'s nodules and place them where both scans show them clear of the
+    lung wall, large vessels, the slab ends and each other."""
+    wall, free, points = _clearance_maps(scene, crop)
+    specs: list[_PairSpec] = []
+    for status, (lo, hi), (f_lo, f_hi) in PAIR_PLAN:
+        d_baseline = float(rng.uniform(lo, hi))
+        d_followup = d_baseline * float(rng.uniform(f_lo, f_hi)) ** (1.0 / 3.0)
+        radius = max(d_baseline, d_followup) / 2.0
+        ok = (wall >= radius + PAIR_WALL_MM) & (free >= radius + PAIR_VESSEL_MM)
+        ok &= _inside_slab(points, grid, radius) & _inside_slab(
+            transform.to_current(points), grid, radius
+        )
+        for other in specs:
+            ok &= np.linalg.norm(points - other.centre, axis=1) >= PAIR_GAP_MM
+        if not ok.any():
+            raise ValueError(f"no room for a {status} nodule of {2 * radius:.1f} mm")
+        centre = points[int(rng.choice(np.flatnonzero(ok)))]
+        if status == "new":
+            d_baseline = 0.0
+        if status == "resolved":
+            d_followup = 0.0
+        hu = float(rng.uniform(-20.0, 70.0))
+        specs.append(
+            _PairSpec(status, centre, d_baseline, d_followup, hu, int(rng.integers(2**31)))
+        )
+    return specs
+
+
+def _clearance_maps(
+    scene: _Scene, crop: slice
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per lung voxel of the slab (in-plane every ~2 mm): distance to the lung wall, distance to
+    anything dense (wall or a vessel that survives 2 mm smoothing), and its LPS position."""
+    step = max(1, round(2.0 / scene.grid.spacing[1]))
+    sub = (crop, slice(None, None, step), slice(None, None, step))
+    sampling = (
+        scene.grid.spacing[0] * (crop.step or 1),
+        scene.grid.spacing[1] * step,
+        scene.grid.spacing[2] * step,
+    )
+    lungs = scene.lungs[sub]
+    dense = ndimage.gaussian_filter(scene.hu[sub], 1.0) > -600.0
+    wall = ndimage.distance_transform_edt(lungs, sampling=sampling)
+    free = ndimage.distance_transform_edt(lungs & ~dense, sampling=sampling)
+    k, j, i = np.nonzero(lungs)
+    points = np.stack(
+        [scene.grid.x[::step][i], scene.grid.y[::step][j], scene.grid.z[crop][k]], axis=1
+    )
+    return wall[k, j, i], free[k, j, i], points
+
+
+def _inside_slab(
+    points: npt.NDArray[np.float64], grid: _Grid, radius: float
+) -> npt.NDArray[np.bool_]:
+    margin = radius + PAIR_END_MM
+    return np.asarray((points[:, 2] >= grid.z[0] + margin) & (points[:, 2] <= grid.z[-1] - margin))
+
+
+def _pair_scan(
+    rng: Rng,
+    anatomy: FloatArray,
+    grid: _Grid,
+    specs: list[_PairSpec],
+    transform: RigidTransform | None,
+    origin: tuple[float, float, float],
+    seed: int,
+) -> tuple[Phantom, dict[int, int]]:
+    """One scan of a pair: the nodules it shows painted on ``anatomy`` (at
+    ``transform.to_current`` of their baseline centre for the follow-up), then scanner effects.
+    Returns the phantom and each shown spec's label."""
+    hu = np.array(anatomy, dtype=np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    nodules: list[PhantomNodule] = []
+    label_of: dict[int, int] = {}
+    for index, spec in enumerate(specs):
+        diameter = spec.d_baseline if transform is None else spec.d_followup
+        if diameter <= 0.0:
+            continue
+        centre = spec.centre if transform is None else transform.to_current(spec.centre)
+        shape_rng = np.random.default_rng(spec.shape_seed)
+        box, occ = _nodule_occupancy(grid, shape_rng, centre, diameter / 2.0, irregular=False)
+        label = len(nodules) + 1
+        _paint(hu, labels, box, occ, spec.hu, label)
+        label_of[index] = label
+        xyz = (float(centre[0]), float(centre[1]), float(centre[2]))
+        nodules.append(
+            PhantomNodule(xyz, round(diameter, 2), "solid", "round", "parenchymal", label)
+        )
+    hu = _scanner(rng, hu, grid.spacing)
+    volume = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
+    return Phantom(volume, grid.spacing, origin, nodules, labels, seed), label_of
+
+
+def _pair_truth(
+    spec: _PairSpec,
+    label_b: int | None,
+    label_f: int | None,
+    transform: RigidTransform,
+    interval_days: int,
+) -> PairNodule:
+    def xyz(p: npt.NDArray[np.float64]) -> tuple[float, float, float]:
+        return float(p[0]), float(p[1]), float(p[2])
+
+    v_b = np.pi / 6.0 * spec.d_baseline**3 if spec.d_baseline > 0 else None
+    v_f = np.pi / 6.0 * spec.d_followup**3 if spec.d_followup > 0 else None
+    factor = v_f / v_b if v_b is not None and v_f is not None else None
+    doubling = (
+        interval_days * np.log(2.0) / np.log(factor) if spec.status == "grown" and factor else None
+    )
+    return PairNodule(
+        status=spec.status,
+        baseline_label=label_b,
+        baseline_centre_mm=xyz(spec.centre) if v_b is not None else None,
+        baseline_volume_mm3=v_b,
+        followup_label=label_f,
+        followup_centre_mm=xyz(transform.to_current(spec.centre)) if v_f is not None else None,
+        followup_volume_mm3=v_f,
+        growth_factor=factor,
+        doubling_time_days=None if doubling is None else float(doubling),
+    )
+
+
+def write_phantom_pair(pair: PhantomPair, out_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Write a pair as two DICOM CT studies of one patient (``baseline/`` and ``followup/``).
+
+    Both share PatientID, PatientName, birth date and sex (all derived from the pair's seed);
+    study, series, frame-of-reference and instance UIDs differ (derived from the seed and the
+    time point, so deterministic); StudyDates are :data:`PAIR_BASELINE_DATE` and
+    ``interval_days`` later.
+
+    Returns
+    -------
+    tuple of list of pathlib.Path
+        The baseline's files and the follow-up's, in slice order.
+    """
+    out = Path(out_dir)
+    written = []
+    for key, phantom, days in (
+        ("baseline", pair.baseline, 0),
+        ("followup", pair.followup, pair.interval_days),
+    ):
+        date = PAIR_BASELINE_DATE + _dt.timedelta(days=days)
+        written.append(
+            write_dicom_series(
+                phantom.volume_hu,
+                phantom.spacing_mm,
+                out / key,
+                pair.seed,
+                origin_mm=phantom.origin_mm,
+                patient_id=f"NAI-PP-{pair.seed:06d}",
+                patient_name=f"PHANTOM^PAIR{pair.seed:06d}",
+                study_date=date.strftime("%Y%m%d"),
+                uid_key=key,
+                accession_number=f"PP{pair.seed:08d}{key[0].upper()}",
+            )
+        )
+    return written[0], written[1]

@@ -15,6 +15,12 @@ Observations are built from those same nodules, so SR, SEG and FHIR always list 
 * The IOCM rejection note (:mod:`pipelines.rejection`): only when the study has earlier results
   of other content; it lists every earlier object the new ones replace.
 
+With a prior (:class:`pipelines.priors.PriorFindings`) the nodules and masses are matched to the
+prior's (:func:`pipelines.comparison.compare`, on the outline axes every output reports): each
+gets its change, volume change and doubling time, its Lung-RADS category by the follow-up rules
+(:func:`pipelines.lungrads.followup_category`), and the SR references the prior study; prior
+nodules not found again are listed as resolved (:class:`dicom_node.results.PriorComparison`).
+
 Results replace results (:func:`revision`): given the study's earlier results, the new objects
 are the next revision (InstanceNumber one more than the latest's, the latest's SR named as
 predecessor, the earlier objects rejected), unless they are the latest result again (same input,
@@ -49,20 +55,31 @@ from dicom_node.results import (
     SEGMENTATION_STORAGE,
     ModelIdentity,
     ObjectKind,
+    PriorComparison,
+    PriorOutcome,
     ReportedNodule,
+    ResolvedNodule,
     ResultObject,
     ResultSet,
 )
 from pipelines.brock import BrockRisk, Patient, nodule_risk, patient_of
+from pipelines.comparison import Change, Measured, Status, compare, lung_rads_growth
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
 from pipelines.keyimages import KeyFinding, encode_key_images
 from pipelines.lesions import Focus, LesionClass, classify
-from pipelines.lungrads import LungRads, mean_diameter_mm, nodule_category, study_category
+from pipelines.lungrads import (
+    LungRads,
+    followup_category,
+    mean_diameter_mm,
+    nodule_category,
+    study_category,
+)
 from pipelines.masks import Outline, nodule_outline, project_mask, source_planes
+from pipelines.priors import PriorFindings
 from pipelines.rejection import encode_rejection_note
 from pipelines.seg import SegmentInput, encode_segmentation
-from pipelines.sr import Assessment, NoduleReport, Predecessor, encode_sr
+from pipelines.sr import Assessment, NoduleReport, Predecessor, PriorReference, encode_sr
 from pipelines.uids import ResultUIDs, derive_uid
 from pipelines.volume import Volume
 
@@ -90,7 +107,8 @@ class EncodedResults:
 
     ``not_encoded`` counts the detected nodules left out because no stored frame shows them;
     ``instance_number`` is the revision; ``retracted`` the earlier objects' SOP Instance UIDs
-    that the rejection note (the last dataset, when there is one) lists.
+    that the rejection note (the last dataset, when there is one) lists; ``prior`` the
+    comparison with the prior CT when one was given.
     """
 
     datasets: list[Dataset]
@@ -98,6 +116,7 @@ class EncodedResults:
     not_encoded: int
     instance_number: int = 1
     retracted: tuple[str, ...] = ()
+    prior: PriorComparison | None = None
 
     @property
     def lung_rads(self) -> str:
@@ -172,6 +191,7 @@ def encode_results(
     model: ModelIdentity,
     history: Sequence[ResultSet] = (),
     created: datetime | None = None,
+    prior: PriorFindings | None = None,
 ) -> EncodedResults:
     """Encode the findings of one series as SEG, SR (TID 1500), GSPS and a rejection note.
 
@@ -194,6 +214,8 @@ def encode_results(
     created : datetime, optional
         The objects' creation time (a function of the input, so that a redelivered job writes the
         same bytes); the clock when not given.
+    prior : PriorFindings, optional
+        The patient's prior CT, aligned: the nodules are compared with its nodules.
 
     Returns
     -------
@@ -212,7 +234,7 @@ def encode_results(
         would be false. Also when highdicom refuses the content.
     """
     try:
-        encoded = _encode(source_datasets_or_paths, volume, nodules, model, history)
+        encoded = _encode(source_datasets_or_paths, volume, nodules, model, history, prior)
         for ds in encoded.datasets:
             _pin_clock(ds, created or datetime.now(UTC))
         return encoded
@@ -226,6 +248,7 @@ def _encode(
     nodules: Sequence[Nodule],
     model: ModelIdentity,
     history: Sequence[ResultSet],
+    prior: PriorFindings | None,
 ) -> EncodedResults:
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -243,6 +266,9 @@ def _encode(
     patient = patient_of(used[0]) if used else Patient(None, None)
     classes = classify([Focus(n.type, o.long_axis_mm, float(n.center_mm[0])) for n, _, o in drawn])
     count = classes.count(LesionClass.NODULE)
+    focal = [i for i, kind in enumerate(classes) if kind is not LesionClass.DIFFUSE]
+    changes, comparison = _compare([drawn[i] for i in focal], prior)
+    change_of = dict(zip(focal, changes, strict=True))
     segments: list[SegmentInput] = []
     reports: list[NoduleReport] = []
     for number, ((nodule, masks, outline), kind) in enumerate(
@@ -250,20 +276,46 @@ def _encode(
     ):
         tracking_id = f"{kind.label} {number}"
         tracking_uid = uids.tracking_uid(number - 1)
-        assessment = assess(nodule, outline, kind, patient, count)
+        change = change_of.get(number - 1)
+        assessment = assess(nodule, outline, kind, patient, count, change)
         segments.append(SegmentInput(masks, tracking_id, tracking_uid, tracking_id, kind.code))
-        reports.append(NoduleReport(nodule, outline, tracking_id, tracking_uid, number, assessment))
+        reports.append(
+            NoduleReport(
+                nodule,
+                outline,
+                tracking_id,
+                tracking_uid,
+                number,
+                assessment,
+                change,
+                _prior_volume(prior, change),
+            )
+        )
     if nodules and not reports:
         # a "without findings" SR would be false; the job must fail instead
         raise EncodingError("no nodule lies on a stored frame (volume resampled off the source?)")
     encoded = [_reported(r) for r in reports]
     not_encoded = len(nodules) - len(reports)
+    reference = None
+    if prior is not None and comparison is not None:
+        reference = PriorReference(comparison, prior.evidence)
     if not reports:
-        objects = [encode_sr([], used, uids, name, version, predecessor=predecessor)]
+        objects = [
+            encode_sr([], used, uids, name, version, predecessor=predecessor, prior=reference)
+        ]
     else:
         slice_order = [(p.source.sop_instance_uid, p.source.frame_number) for p in planes]
         seg = encode_segmentation(used, slice_order, segments, uids, name, version)
-        sr = encode_sr(reports, used, uids, name, version, seg=seg, predecessor=predecessor)
+        sr = encode_sr(
+            reports,
+            used,
+            uids,
+            name,
+            version,
+            seg=seg,
+            predecessor=predecessor,
+            prior=reference,
+        )
         gsps = encode_gsps(
             used,
             [
@@ -295,7 +347,49 @@ def _encode(
     if rejected:
         objects.append(encode_rejection_note(rejected, used[0], uids, name, version, uids.revision))
     retracted = tuple(obj.sop_instance_uid for obj in rejected)
-    return EncodedResults(objects, encoded, not_encoded, uids.revision, retracted)
+    return EncodedResults(objects, encoded, not_encoded, uids.revision, retracted, comparison)
+
+
+def _prior_volume(prior: PriorFindings | None, change: Change | None) -> float | None:
+    """The volume of the prior nodule ``change`` matched, if any."""
+    if prior is None or change is None or change.prior is None:
+        return None
+    return prior.nodules[change.prior].volume_mm3
+
+
+def _compare(
+    drawn: Sequence[tuple[Nodule, object, Outline]], prior: PriorFindings | None
+) -> tuple[list[Change | None], PriorComparison | None]:
+    """Each focal finding's change against the prior (measured on its outline, as reported),
+    and the study's comparison; ``None`` for both without a prior."""
+    if prior is None:
+        return [None] * len(drawn), None
+    now = [
+        Measured(n.center_mm, n.volume_mm3, o.long_axis_mm, o.short_axis_mm, n.type)
+        for n, _, o in drawn
+    ]
+    transform = prior.registration.transform
+    changes = compare(now, prior.nodules, transform, prior.interval_days)
+    resolved = tuple(
+        ResolvedNodule(
+            prior.nodules[c.prior].centre_mm,
+            prior.nodules[c.prior].volume_mm3,
+            prior.nodules[c.prior].mean_diameter_mm,
+        )
+        for c in changes
+        if c.status is Status.RESOLVED and c.prior is not None
+    )
+    comparison = PriorComparison(
+        PriorOutcome.COMPARED,
+        study_instance_uid=prior.study_instance_uid,
+        study_date=prior.study_date.isoformat(),
+        interval_days=prior.interval_days,
+        findings_from=prior.findings_from,
+        rotation_deg=transform.rotation_deg,
+        translation_mm=transform.translation_mm,
+        resolved=resolved,
+    )
+    return [c for c in changes if c.current is not None], comparison
 
 
 #: The Manufacturer highdicom gives its own Contributing Equipment item.
@@ -325,16 +419,22 @@ def _pin_clock(ds: Dataset, created: datetime) -> None:
 
 
 def assess(
-    nodule: Nodule, outline: Outline, lesion_class: LesionClass, patient: Patient, nodules: int
+    nodule: Nodule,
+    outline: Outline,
+    lesion_class: LesionClass,
+    patient: Patient,
+    nodules: int,
+    change: Change | None = None,
 ) -> Assessment:
     """Lung-RADS category and Brock risk of one finding from its outline's axes and its class
-    (:mod:`pipelines.lesions`); ``nodules`` is the study's count of class ``nodule``."""
+    (:mod:`pipelines.lesions`); ``nodules`` is the study's count of class ``nodule``; with its
+    ``change`` against a prior, the category follows the follow-up rules."""
     mean = mean_diameter_mm(outline.long_axis_mm, outline.short_axis_mm)
     solid_mean = mean_diameter_mm(nodule.solid_long_axis_mm, nodule.solid_short_axis_mm)
     if lesion_class is LesionClass.DIFFUSE:
         reason = "no risk: part of diffuse disease, not a nodule"
         return Assessment(lesion_class, mean, solid_mean, "", BrockRisk(None, reason), True)
-    category = nodule_category(nodule.type, mean, solid_mean).value
+    category = _category(nodule.type, mean, solid_mean, change).value
     if lesion_class is LesionClass.MASS:
         reason = "no risk: a mass (over 30 mm), outside the nodules the Brock model was built on"
         return Assessment(lesion_class, mean, solid_mean, category, BrockRisk(None, reason), True)
@@ -342,11 +442,30 @@ def assess(
     return Assessment(lesion_class, mean, solid_mean, category, risk, bool(nodule.needs_review))
 
 
+def _category(attenuation: str, mean: float, solid_mean: float, change: Change | None) -> LungRads:
+    """Baseline category, or the follow-up category given the change against a prior."""
+    if change is None:
+        return nodule_category(attenuation, mean, solid_mean)
+    prior_mean = None
+    if change.mean_diameter_change_mm is not None:
+        prior_mean = round(mean - change.mean_diameter_change_mm, 1)
+    return followup_category(
+        attenuation,
+        mean,
+        solid_mean,
+        change.status.value,
+        lung_rads_growth(change),
+        change.interval_days,
+        prior_mean,
+    )
+
+
 def _reported(report: NoduleReport) -> ReportedNodule:
     """The record every output shares for one encoded nodule: its axes are those measured on the
     outline the SR draws (the same values in SR, FHIR, JSON and its Lung-RADS category)."""
-    n, outline, assessed = report.nodule, report.outline, report.assessment
+    n, outline, assessed, change = report.nodule, report.outline, report.assessment, report.change
     x, y, z = (float(v) for v in n.center_mm)
+
     return ReportedNodule(
         number=report.segment_number,
         tracking_id=report.tracking_id,
@@ -368,4 +487,8 @@ def _reported(report: NoduleReport) -> ReportedNodule:
         upper_zone=None if n.upper_zone is None else bool(n.upper_zone),
         malignancy_risk=assessed.risk.probability,
         risk_note=assessed.risk.note,
+        change="" if change is None else change.status.value,
+        prior_volume_mm3=report.prior_volume_mm3,
+        volume_change_percent=None if change is None else change.volume_change_percent,
+        doubling_time_days=None if change is None else change.doubling_time_days,
     )

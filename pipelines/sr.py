@@ -39,11 +39,14 @@ Content tree (PS3.16 TID 1500 Measurement Report):
 
 A rerun after late instances names the earlier SR in PredecessorDocumentsSequence
 (PS3.3 C.17.2.3, SR Document General Module).
+
+:func:`read_findings` reads the nodules back from such a document (a prior study's report
+retrieved from the PACS), so that a prior is not analysed twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -53,8 +56,14 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
-from dicom_node.results import COMPREHENSIVE_3D_SR, MANUFACTURER, SEGMENTATION_STORAGE
+from dicom_node.results import (
+    COMPREHENSIVE_3D_SR,
+    MANUFACTURER,
+    SEGMENTATION_STORAGE,
+    PriorComparison,
+)
 from pipelines.brock import BrockRisk
+from pipelines.comparison import Change, Measured, Status
 from pipelines.findings import Nodule
 from pipelines.lesions import LesionClass
 from pipelines.masks import Outline
@@ -77,6 +86,23 @@ REVIEW_CONCEPT = hd.sr.CodedConcept("NAI-0002", PRIVATE_SCHEME, "Radiologist rev
 #: Qualitative evaluation "Lung-RADS v2022 category" (ACR; no standard code we could verify).
 LUNG_RADS_CONCEPT = hd.sr.CodedConcept(
     "NAI-0004", PRIVATE_SCHEME, "Lung-RADS v2022 assessment category"
+)
+#: Qualitative evaluation of a nodule against the prior study (DCM 111424), with SNOMED CT
+#: values; its volume change and volume doubling time have no standard concept: private.
+CHANGE_CONCEPT = codes.DCM.ComparisonToPreviousStudies
+CHANGE_VALUES = {
+    Status.NEW: codes.SCT.NewFinding,
+    Status.STABLE: codes.SCT.NoSignificantChangesInTheFinding,
+    Status.GROWN: codes.SCT.IncreasedSize,
+    Status.SHRUNK: codes.SCT.DecreasedSize,
+    Status.RESOLVED: codes.SCT.Absent,
+}
+VOLUME_CHANGE_CONCEPT = hd.sr.CodedConcept(
+    "NAI-0005", PRIVATE_SCHEME, "Volume change since prior study"
+)
+DOUBLING_TIME_CONCEPT = hd.sr.CodedConcept("NAI-0006", PRIVATE_SCHEME, "Volume doubling time")
+COMPARISON_SUMMARY_CONCEPT = hd.sr.CodedConcept(
+    "NAI-0007", PRIVATE_SCHEME, "Comparison with prior study"
 )
 #: The Brock model as the algorithm of the probability of cancer (DCM 111047).
 BROCK_ALGORITHM = hd.sr.AlgorithmIdentification(
@@ -127,6 +153,18 @@ class NoduleReport:
     tracking_uid: str
     segment_number: int
     assessment: Assessment
+    #: Against the prior CT (``None``: not compared) and the matched prior nodule's volume.
+    change: Change | None = None
+    prior_volume_mm3: float | None = None
+
+
+@dataclass(frozen=True)
+class PriorReference:
+    """The prior CT a report was compared with: its instances (listed as pertinent other
+    evidence, PS3.3 C.17.2.3) and the comparison (summarised in the report)."""
+
+    comparison: PriorComparison
+    evidence: Sequence[Dataset]
 
 
 def algorithm(model_name: str, model_version: str) -> hd.sr.AlgorithmIdentification:
@@ -227,6 +265,13 @@ def volumetric_group(
                 name=LUNG_RADS_CONCEPT, value=lung_rads_value(assessment.lung_rads)
             )
         )
+    if report.change is not None:
+        measurements += _change_measurements(report.change, algo)
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=CHANGE_CONCEPT, value=CHANGE_VALUES[report.change.status]
+            )
+        )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=report.tracking_uid, identifier=report.tracking_id
@@ -243,6 +288,60 @@ def volumetric_group(
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+
+
+def _change_measurements(
+    change: Change, algo: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.Measurement]:
+    """Volume change since the prior (%) and, for a grown nodule, volume doubling time (d)."""
+    found = []
+    if change.volume_change_percent is not None:
+        found.append(
+            hd.sr.Measurement(
+                name=VOLUME_CHANGE_CONCEPT,
+                value=round(change.volume_change_percent, 1),
+                unit=codes.UCUM.Percent,
+                algorithm_id=algo,
+            )
+        )
+    if change.doubling_time_days is not None:
+        found.append(
+            hd.sr.Measurement(
+                name=DOUBLING_TIME_CONCEPT,
+                value=round(change.doubling_time_days),
+                unit=codes.UCUM.Day,
+                algorithm_id=algo,
+            )
+        )
+    return found
+
+
+def _comparison_items(comparison: PriorComparison) -> list[hd.sr.ContentItem]:
+    """The summary's account of the prior: its Study Instance UID, and a sentence naming the
+    interval and each prior nodule not found again (PS3.16 TID 1500 qualitative evaluations)."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    resolved = [
+        f"prior nodule at ({r.center_mm[0]:.0f}, {r.center_mm[1]:.0f}, {r.center_mm[2]:.0f}) mm "
+        f"of the prior, {r.volume_mm3:.0f} mm3, mean diameter {r.mean_diameter_mm:.1f} mm: "
+        "not found again (resolved)"
+        for r in comparison.resolved
+    ]
+    text = (
+        f"Compared with the prior CT of {comparison.study_date} "
+        f"({comparison.interval_days:.0f} days earlier; aligned by "
+        f"{comparison.rotation_deg:.1f} deg, {comparison.translation_mm:.1f} mm)."
+        + "".join(f" {line[0].upper()}{line[1:]}." for line in resolved)
+    )
+    return [
+        hd.sr.UIDRefContentItem(
+            name=codes.DCM.StudyInstanceUID,
+            value=comparison.study_instance_uid,
+            relationship_type=contains,
+        ),
+        hd.sr.TextContentItem(
+            name=COMPARISON_SUMMARY_CONCEPT, value=text[:1024], relationship_type=contains
+        ),
+    ]
 
 
 def device_observer(model_name: str, model_version: str) -> hd.sr.ObserverContext:
@@ -265,7 +364,9 @@ def observation_context(model_name: str, model_version: str) -> hd.sr.Observatio
     )
 
 
-def _summary_container(found: bool) -> hd.sr.ContainerContentItem:
+def _summary_container(
+    found: bool, comparison: PriorComparison | None = None
+) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -274,15 +375,16 @@ def _summary_container(found: bool) -> hd.sr.ContainerContentItem:
         if found
         else codes.DCM.AllAlgorithmsSucceededWithoutFindings
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CodeContentItem(
-                name=CAD_SUMMARY,
-                value=value,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        ]
-    )
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=CAD_SUMMARY,
+            value=value,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    if comparison is not None:
+        items += _comparison_items(comparison)
+    container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 
@@ -307,8 +409,10 @@ def measurement_report(
     model_version: str,
     seg_instance_uid: str | None,
     source_series_uid: str,
+    comparison: PriorComparison | None = None,
 ) -> hd.sr.MeasurementReport:
-    """TID 1500 content: positive (TID 1410 + 1411 per nodule) or negative."""
+    """TID 1500 content: positive (TID 1410 + 1411 per nodule) or negative; with the
+    comparison with a prior CT in the summary when there is one."""
     algo = algorithm(model_name, model_version)
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -344,7 +448,7 @@ def measurement_report(
                 if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
             ]
         )
-    root.ContentSequence.append(_summary_container(not negative))
+    root.ContentSequence.append(_summary_container(not negative, comparison))
     return content
 
 
@@ -378,6 +482,7 @@ def encode_sr(
     model_version: str,
     seg: Dataset | None = None,
     predecessor: Predecessor | None = None,
+    prior: PriorReference | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR document.
 
@@ -397,6 +502,9 @@ def encode_sr(
     predecessor : pydicom.Dataset or (str, str, str), optional
         The SR this one replaces (an earlier run on fewer instances), as a dataset or its
         ``(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)``.
+    prior : PriorReference, optional
+        The prior CT compared with: summarised in the report, its instances listed in
+        PertinentOtherEvidenceSequence.
 
     Returns
     -------
@@ -410,8 +518,11 @@ def encode_sr(
         model_version,
         None if seg is None else str(seg.SOPInstanceUID),
         uids.source_series_uid,
+        None if prior is None else prior.comparison,
     )
     evidence: list[Dataset] = [*source_datasets, *([seg] if seg is not None else [])]
+    if prior is not None:  # another study's instances: PertinentOtherEvidenceSequence
+        evidence += prior.evidence
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content,
@@ -429,3 +540,103 @@ def encode_sr(
     if predecessor is not None:
         sr.PredecessorDocumentsSequence = predecessor_sequence(predecessor)
     return sr
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _code(item: Dataset, attribute: str = "ConceptNameCodeSequence") -> tuple[str, str]:
+    seq = item.get(attribute)
+    if not seq:
+        return "", ""
+    return str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator)
+
+
+def _items(item: Dataset) -> Iterator[Dataset]:
+    yield from item.get("ContentSequence", [])
+
+
+@dataclass
+class _Read:
+    """What one tracking UID's groups say."""
+
+    volume_mm3: float | None = None
+    long_axis_mm: float | None = None
+    short_axis_mm: float | None = None
+    attenuation: str = "solid"
+    centre_mm: tuple[float, float, float] | None = None
+
+
+def _numeric(item: Dataset) -> float | None:
+    values = item.get("MeasuredValueSequence")
+    return float(values[0].NumericValue) if values else None
+
+
+def _polyline_centre(
+    region: Dataset, images: Mapping[str, Dataset]
+) -> tuple[float, float, float] | None:
+    """Centre of a SCOORD polyline in patient coordinates, from the image it lies on."""
+    refs = [r for child in _items(region) for r in child.get("ReferencedSOPSequence", [])]
+    image = images.get(str(refs[0].ReferencedSOPInstanceUID)) if refs else None
+    if image is None or "ImagePositionPatient" not in image:
+        return None
+    points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
+    if len(points) > 1 and np.allclose(points[0], points[-1]):
+        points = points[:-1]
+    column, row = points.mean(axis=0) - 0.5  # image coordinates: (0, 0) is a pixel's corner
+    orientation = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
+    spacing = [float(v) for v in image.PixelSpacing]
+    centre = (
+        np.asarray(image.ImagePositionPatient, dtype=np.float64)
+        + column * spacing[1] * orientation[:3]
+        + row * spacing[0] * orientation[3:]
+    )
+    return (float(centre[0]), float(centre[1]), float(centre[2]))
+
+
+def _read_group(group: Dataset, read: _Read, images: Mapping[str, Dataset]) -> None:
+    types = {(c.value, c.scheme_designator): name for name, c in TYPE_VALUES.items()}
+    for item in _items(group):
+        concept = _code(item)
+        if concept == (codes.SCT.Volume.value, "SCT"):
+            read.volume_mm3 = _numeric(item)
+        elif concept == (codes.SCT.LongAxis.value, "SCT"):
+            read.long_axis_mm = _numeric(item)
+        elif concept == (codes.SCT.ShortAxis.value, "SCT"):
+            read.short_axis_mm = _numeric(item)
+        elif concept == (TYPE_CONCEPT.value, PRIVATE_SCHEME):
+            read.attenuation = types.get(_code(item, "ConceptCodeSequence"), "solid")
+        elif item.get("ValueType") == "SCOORD" and read.centre_mm is None:
+            read.centre_mm = _polyline_centre(item, images)
+
+
+def read_findings(sr: Dataset, images: Mapping[str, Dataset]) -> list[Measured]:
+    """The nodules of one of our TID 1500 reports (:func:`encode_sr`), for comparison.
+
+    Per tracking UID: volume (TID 1411), long and short axis (TID 1410), attenuation type, and a
+    centre: the mean of the outline's points on the image it is drawn on (``images``: headers
+    by SOPInstanceUID), within about half a slice of the nodule's 3D centre. Groups lacking a
+    volume, axes or a locatable outline are skipped; a negative report gives no nodules.
+    """
+    found: dict[str, _Read] = {}
+    containers = [c for c in _items(sr) if _code(c) == (codes.DCM.ImagingMeasurements.value, "DCM")]
+    for container in containers:
+        for group in _items(container):
+            uid = next(
+                (
+                    str(i.UID)
+                    for i in _items(group)
+                    if _code(i) == (codes.DCM.TrackingUniqueIdentifier.value, "DCM")
+                ),
+                None,
+            )
+            if uid is not None:
+                _read_group(group, found.setdefault(uid, _Read()), images)
+    return [
+        Measured(r.centre_mm, r.volume_mm3, r.long_axis_mm, r.short_axis_mm, r.attenuation)
+        for r in found.values()
+        if r.centre_mm is not None
+        and r.volume_mm3 is not None
+        and r.long_axis_mm is not None
+        and r.short_axis_mm is not None
+    ]

@@ -43,7 +43,7 @@ from enum import Enum
 from io import BytesIO
 from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -61,13 +61,21 @@ from dicom_node.lifecycle import (
     store_result,
 )
 from dicom_node.queues import JobSource, Received, make_job_source
-from dicom_node.results import ModelIdentity, ObjectKind, ResultObject, ResultSet, earlier_results
+from dicom_node.results import (
+    ModelIdentity,
+    ObjectKind,
+    PriorComparison,
+    ResultObject,
+    ResultSet,
+    earlier_results,
+)
 from dicom_node.retry import Decision, RetryPolicy, Verdict
 from dicom_node.spool import LocalSpool, results_path, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detector, DetectorConfig
 from pipelines.outputs import KIND_BY_SOP_CLASS, encode_results
+from pipelines.priors import Located, PriorFindings, PriorLocator
 
 LOGGER = logging.getLogger(__name__)
 
@@ -131,6 +139,9 @@ class Worker:
         self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
         self.policy = RetryPolicy(settings.max_attempts, settings.retry_backoff_seconds)
         self._detector = detector
+        self.priors = PriorLocator(
+            db, self.spool, config, settings.ae_title, lambda: self.detector, settings.min_slices
+        )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:04x}"
         self.current_job: str | None = None
         self._stop = threading.Event()
@@ -160,7 +171,9 @@ class Worker:
         try:
             checkpoint = functools.partial(self._checkpoint, job_id)
             analysis = analyse(paths, lambda: self.detector, self.settings.min_slices, checkpoint)
-            result = self._persist(job_id, study_uid, attempt, analysis)
+            prior = self._prior(job_id, study_uid, analysis)
+            checkpoint()
+            result = self._persist(job_id, study_uid, attempt, analysis, prior)
         except JobAbandonedError:
             LOGGER.info("job %s superseded while it ran; abandoned", job_id)
             return Settle.ACK
@@ -216,7 +229,31 @@ class Worker:
             if not holds(session.get(Job, job_id), self.worker_id):
                 raise JobAbandonedError(job_id)
 
-    def _persist(self, job_id: str, study_uid: str, attempt: int, analysis: Analysis) -> ResultSet:
+    def _prior(self, job_id: str, study_uid: str, analysis: Analysis) -> Located | None:
+        """The study's prior CT, aligned (:mod:`pipelines.priors`); why there is none; or
+        ``None`` without a priors policy. Timings go to the detection's; an unexpected fault
+        makes the study a baseline (the result is not held back for it), a database outage is
+        retried like any other."""
+        header = dcmread(analysis.paths[0], stop_before_pixels=True)
+        timings = analysis.detection.timings_ms
+        try:
+            return self.priors.locate(self._calling_ae(study_uid), header, analysis.volume, timings)
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:
+            LOGGER.exception(
+                "job %s: comparison with the prior failed; reported as baseline", job_id
+            )
+            return PriorComparison.baseline("comparison_failed", type(exc).__name__)
+
+    def _persist(
+        self,
+        job_id: str,
+        study_uid: str,
+        attempt: int,
+        analysis: Analysis,
+        prior: Located | None = None,
+    ) -> ResultSet:
         """Encode the findings and write every artifact under ``results/<job>/<attempt>/``."""
         start = time.perf_counter()
         detection = analysis.detection
@@ -229,7 +266,9 @@ class Worker:
             model,
             history=self._history(job_id),
             created=created,
+            prior=prior if isinstance(prior, PriorFindings) else None,
         )
+        comparison = encoded.prior if isinstance(prior, PriorFindings) else prior
         folder = f"{results_path(job_id)}/{attempt}"
         objects = tuple(self._write_object(folder, ds) for ds in encoded.datasets)
         lung_rads = encoded.lung_rads
@@ -244,6 +283,7 @@ class Worker:
             seg_uid=seg.sop_instance_uid if seg is not None else None,
             lung_rads=lung_rads,
             issued=created,
+            prior=comparison,
         )
         fhir_path = f"{folder}/fhir.json"
         fhir = {"report": report, "observations": observations}
@@ -266,6 +306,7 @@ class Worker:
             lung_rads=lung_rads,
             instance_number=encoded.instance_number,
             retracted=encoded.retracted,
+            prior=comparison,
         )
         document = json.dumps(result.to_json(), indent=1).encode()
         self.spool.write(f"{folder}/resultset.json", document)
@@ -282,14 +323,18 @@ class Worker:
             )
         return latest if latest is not None else utcnow()
 
-    def _subject(self, study_uid: str, path: Path) -> ReportSubject:
-        """The FHIR subject: the study, its patient (with the calling AE's identifier system)."""
+    def _calling_ae(self, study_uid: str) -> str:
+        """The AE title that sent the study ("" if unknown)."""
         with self.db.session() as session:
             calling_ae = session.scalar(
                 select(Study.calling_ae).where(Study.study_instance_uid == study_uid)
             )
+        return calling_ae or ""
+
+    def _subject(self, study_uid: str, path: Path) -> ReportSubject:
+        """The FHIR subject: the study, its patient (with the calling AE's identifier system)."""
         return report_subject(
-            study_uid, path, self.config.patient_identifier_system(calling_ae or "")
+            study_uid, path, self.config.patient_identifier_system(self._calling_ae(study_uid))
         )
 
     def _write_object(self, folder: str, ds: Dataset) -> ResultObject:
