@@ -50,8 +50,11 @@ class FindingsOut(BaseModel):
     series_instance_uid: str | None
     nodules: list[dict[str, Any]]
     models: dict[str, str] | None
-    #: Lung-RADS v2022 category of the study (baseline rules; not for clinical use).
+    #: Lung-RADS v2022 category of the study (not for clinical use).
     lung_rads: str | None
+    #: The comparison with the prior CT, or why there is none
+    #: (:meth:`dicom_node.results.PriorComparison.to_json`); ``None`` without a priors policy.
+    prior: dict[str, Any] | None = None
 
 
 def create_app(
@@ -147,6 +150,7 @@ def create_app(
                 nodules=[n.to_json() for n in result.nodules] if result else [],
                 models=result.model_versions if result else None,
                 lung_rads=(result.lung_rads or None) if result else None,
+                prior=result.prior.to_json() if result and result.prior else None,
             )
 
     return app

@@ -132,11 +132,11 @@ class QueryRetrieve:
         s = self.source
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, tls_args=s.tls_args(), **kwargs)
         if not assoc.is_established:
-            code = (
-                RetrieveFailure.ASSOCIATION_REJECTED
-                if assoc.is_rejected
-                else RetrieveFailure.UNREACHABLE
-            )
+            code = RetrieveFailure.UNREACHABLE
+            if assoc.is_rejected:
+                code = RetrieveFailure.ASSOCIATION_REJECTED
+            elif self.remaining() <= 0:  # a peer that accepts the connection but never answers
+                code = RetrieveFailure.TIMEOUT
             raise RetrieveError(code, f"{what}: association with {s.ae_title} not established")
         timer = threading.Timer(max(self.remaining(), 0.0), assoc.abort)
         timer.daemon = True

@@ -136,7 +136,11 @@ class Revision:
 
 
 def revision(
-    history: Sequence[ResultSet], series_uid: str, instance_uids: Sequence[str], model: str
+    history: Sequence[ResultSet],
+    series_uid: str,
+    instance_uids: Sequence[str],
+    model: str,
+    prior: str = "",
 ) -> Revision:
     """The UIDs and predecessor SR of a new result after ``history``.
 
@@ -146,6 +150,8 @@ def revision(
         The study's earlier results, oldest first.
     series_uid, instance_uids, model : str, sequence of str, str
         The new result's source series, its instances and the model (``name version``).
+    prior : str
+        What it was compared with (:func:`pipelines.uids.prior_identity`; "" for nothing).
 
     Returns
     -------
@@ -155,11 +161,13 @@ def revision(
         predecessor is the last earlier SR other than the new one.
     """
     if not history:
-        return Revision(ResultUIDs.create(series_uid, instance_uids, model), None)
+        return Revision(ResultUIDs.create(series_uid, instance_uids, model, prior=prior), None)
     latest = history[-1]
-    uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number)
+    uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number, prior)
     if uids.sr_instance_uid != latest.sr_uid:
-        uids = ResultUIDs.create(series_uid, instance_uids, model, latest.instance_number + 1)
+        uids = ResultUIDs.create(
+            series_uid, instance_uids, model, latest.instance_number + 1, prior
+        )
     earlier_srs = [r.object(ObjectKind.SR) for r in history]
     predecessor = next(
         (
@@ -253,7 +261,10 @@ def _encode(
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     used = [by_uid[uid] for uid in volume.sop_instance_uids if uid in by_uid]
-    place = revision(history, volume.series_instance_uid, volume.sop_instance_uids, model.display)
+    compared = "" if prior is None else prior.identity
+    place = revision(
+        history, volume.series_instance_uid, volume.sop_instance_uids, model.display, compared
+    )
     uids, predecessor = place.uids, place.predecessor
     name, version = model.name, model.version
     planes = source_planes(volume, by_uid)

@@ -58,6 +58,7 @@ from pipelines.detect import Detector
 from pipelines.registration import Registration, register_rigid
 from pipelines.selection import select_series
 from pipelines.sr import read_findings
+from pipelines.uids import prior_identity
 from pipelines.volume import Volume, build_volume
 
 LOGGER = logging.getLogger(__name__)
@@ -83,6 +84,13 @@ class PriorFindings:
     findings_from: str
     registration: Registration
     evidence: tuple[Dataset, ...] = field(repr=False, default=())
+
+    @property
+    def identity(self) -> str:
+        """What the result UIDs derive from besides the current input
+        (:func:`pipelines.uids.prior_identity`)."""
+        uids = [str(ds.SOPInstanceUID) for ds in self.evidence]
+        return prior_identity(self.study_instance_uid, uids, self.findings_from)
 
 
 Located = PriorFindings | PriorComparison

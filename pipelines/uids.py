@@ -58,6 +58,12 @@ def derive_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(NAMESPACE, chr(0x1F).join(parts)).int}"
 
 
+def prior_identity(study_uid: str, instance_uids: Iterable[str], findings_from: str) -> str:
+    """The identity of a comparison's prior in the result UIDs: the prior study, the instances
+    it was read from and where its nodules came from."""
+    return f"prior {study_uid} {instance_set_digest(instance_uids)} {findings_from}"
+
+
 def instance_set_digest(sop_instance_uids: Iterable[str]) -> str:
     """SHA-256 of the sorted, de-duplicated SOPInstanceUIDs (order of arrival does not matter)."""
     joined = "\n".join(sorted(set(sop_instance_uids)))
@@ -78,12 +84,16 @@ class ResultUIDs:
         Model name and version (e.g. ``"noduleai-stage2 1.2.0"``); a new model gives new objects.
     revision : int
         1 for a study's first result; from 2 on part of the instance and tracking UIDs.
+    prior : str
+        What the result was compared with (:func:`prior_identity`; "" for none): part of the
+        instance and tracking UIDs when set, since a comparison changes the content.
     """
 
     source_series_uid: str
     source_instance_uids: tuple[str, ...]
     model_version: str
     revision: int = 1
+    prior: str = ""
     instance_digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,14 +109,17 @@ class ResultUIDs:
         source_instance_uids: Iterable[str],
         model_version: str,
         revision: int = 1,
+        prior: str = "",
     ) -> ResultUIDs:
         """Build from any iterable of instance UIDs."""
-        return cls(source_series_uid, tuple(source_instance_uids), model_version, revision)
+        return cls(source_series_uid, tuple(source_instance_uids), model_version, revision, prior)
 
     def _identity(self) -> tuple[str, ...]:
-        """What instance and tracking UIDs derive from (the revision only from 2 on, so that
-        first results keep the UIDs they always had)."""
-        base = (self.source_series_uid, self.instance_digest, self.model_version)
+        """What instance and tracking UIDs derive from (the revision only from 2 on and the
+        prior only when set, so that first results keep the UIDs they always had)."""
+        base: tuple[str, ...] = (self.source_series_uid, self.instance_digest, self.model_version)
+        if self.prior:
+            base = (*base, self.prior)
         return base if self.revision == 1 else (*base, f"revision {self.revision}")
 
     def series_uid(self, kind: str) -> str:

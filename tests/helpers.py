@@ -178,3 +178,18 @@ def refusals_on_metrics(http_port: int) -> dict[str, float]:
         for sample in family.samples
         if sample.name.endswith("_total")
     }
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """dicom3tools' ``dciodvfy`` on one file: its ``Error -`` and ``Warning -`` lines."""
+    result = subprocess.run(
+        [system_program("dciodvfy"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error -")]
+    warnings = [line for line in lines if line.startswith("Warning -")]
+    return errors, warnings

@@ -187,8 +187,10 @@ class StudyDetail(BaseModel):
     nodules: list[dict[str, Any]]
     #: The model that found them (``name version``), once the current job has a result.
     model: str | None
-    #: The study's Lung-RADS v2022 category (baseline rules), once assessed.
+    #: The study's Lung-RADS v2022 category, once assessed.
     lung_rads: str | None
+    #: The comparison with the prior CT or why there is none (``None``: no priors policy).
+    prior: dict[str, Any] | None = None
     series: list[SeriesOut]
     jobs: list[JobOut]
     deliveries: list[DeliveryOut]

@@ -122,6 +122,7 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             nodules=[n.to_json() for n in result.nodules] if result else [],
             model=result.model.display if result else None,
             lung_rads=(result.lung_rads or None) if result else None,
+            prior=result.prior.to_json() if result and result.prior else None,
             series=series,
             jobs=jobs,
             deliveries=deliveries,

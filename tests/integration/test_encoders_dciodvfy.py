@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from models.phantom import make_phantom, write_dicom_series
 from pipelines.findings import Nodule
 from pipelines.outputs import KIND_BY_SOP_CLASS, encode_results
 from pipelines.volume import Volume, build_volume
+from tests.helpers import dciodvfy
 from tests.nodule_fixtures import grid_mask_to_nodule, lidc_nodules
 
 MODEL = ModelIdentity("noduleai-detector", "1.0.0")
@@ -67,18 +67,8 @@ def _write(objects: list[Dataset], folder: Path) -> dict[str, Path]:
     return files
 
 
-def _validate(path: Path) -> tuple[list[str], list[str]]:
-    result = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
-    )
-    lines = (result.stdout + result.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error -")]
-    warnings = [line for line in lines if line.startswith("Warning -")]
-    return errors, warnings
-
-
 def _assert_no_errors_of_ours(path: Path) -> None:
-    errors, warnings = _validate(path)
+    errors, warnings = dciodvfy(path)
     print(
         f"\ndciodvfy {path.parent.name}/{path.name}: {len(errors)} errors, {len(warnings)} warnings"
     )
@@ -150,7 +140,7 @@ def test_negative_report_passes_dciodvfy_and_says_nothing_was_found(negative: Pa
 def test_the_lidc_source_itself_has_the_errors_we_do_not_copy(lidc: Study) -> None:
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not installed")
-    errors, _ = _validate(lidc.paths[0])
+    errors, _ = dciodvfy(lidc.paths[0])
     assert any("AcquisitionNumber" in e for e in errors)
 
 
