@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
+from pipelines.comparison import Status
 from pipelines.registration import RigidTransform, move_volume
 
 FloatArray = npt.NDArray[np.float32]
@@ -854,14 +855,14 @@ PAIR_MARGIN_MM = 36.0
 PAIR_FINE_MM = 1.0
 #: Least distance of a nodule's edge from the lung wall, of nodules' centres from each other, of
 #: a nodule's edge from a large vessel, and of a nodule's edge from the slab's ends (mm).
-PAIR_WALL_MM, PAIR_GAP_MM, PAIR_VESSEL_MM, PAIR_END_MM = 6.0, 25.0, 1.5, 8.0
+PAIR_WALL_MM, PAIR_GAP_MM, PAIR_VESSEL_MM, PAIR_END_MM = 6.0, 25.0, 3.0, 8.0
 #: The nodules of a pair: status, baseline diameter range (mm), volume factor range.
-PAIR_PLAN: tuple[tuple[str, tuple[float, float], tuple[float, float]], ...] = (
-    ("stable", (6.0, 12.0), (1.0, 1.0)),
-    ("grown", (6.0, 9.5), (1.8, 3.0)),
-    ("grown", (6.0, 9.5), (1.8, 3.0)),
-    ("new", (6.0, 12.0), (1.0, 1.0)),
-    ("resolved", (6.0, 12.0), (1.0, 1.0)),
+PAIR_PLAN: tuple[tuple[Status, tuple[float, float], tuple[float, float]], ...] = (
+    (Status.STABLE, (6.0, 12.0), (1.0, 1.0)),
+    (Status.GROWN, (6.0, 9.5), (1.8, 3.0)),
+    (Status.GROWN, (6.0, 9.5), (1.8, 3.0)),
+    (Status.NEW, (6.0, 12.0), (1.0, 1.0)),
+    (Status.RESOLVED, (6.0, 12.0), (1.0, 1.0)),
 )
 
 
@@ -871,9 +872,8 @@ class PairNodule:
 
     Attributes
     ----------
-    status : str
-        ``stable``, ``grown`` (in both scans), ``new`` (follow-up only) or ``resolved``
-        (baseline only); the values of :class:`pipelines.comparison.Status`.
+    status : Status
+        STABLE or GROWN (in both scans), NEW (follow-up only) or RESOLVED (baseline only).
     baseline_label, followup_label : int or None
         Its value in that scan's :attr:`Phantom.labels` (None: absent).
     baseline_centre_mm, followup_centre_mm : tuple of float or None
@@ -887,7 +887,7 @@ class PairNodule:
         ``interval ln 2 / ln(growth_factor)`` for grown nodules.
     """
 
-    status: str
+    status: Status
     baseline_label: int | None
     baseline_centre_mm: tuple[float, float, float] | None
     baseline_volume_mm3: float | None
@@ -930,7 +930,7 @@ class PhantomPair:
 class _PairSpec:
     """A pair nodule to paint: baseline centre, diameters (0: absent), HU and shape seed."""
 
-    status: str
+    status: Status
     centre: npt.NDArray[np.float64]
     d_baseline: float
     d_followup: float
@@ -1026,23 +1026,22 @@ def _place_pair_nodules(
     """Draw :data:`PAIR_PLAN`'s nodules and place them where both scans show them clear of the
     lung wall, large vessels, the slab ends and each other."""
     wall, free, points = _clearance_maps(scene, crop)
+    z_followup = transform.to_current(points)[:, 2]
     specs: list[_PairSpec] = []
     for status, (lo, hi), (f_lo, f_hi) in PAIR_PLAN:
         d_baseline = float(rng.uniform(lo, hi))
         d_followup = d_baseline * float(rng.uniform(f_lo, f_hi)) ** (1.0 / 3.0)
         radius = max(d_baseline, d_followup) / 2.0
         ok = (wall >= radius + PAIR_WALL_MM) & (free >= radius + PAIR_VESSEL_MM)
-        ok &= _inside_slab(points, grid, radius) & _inside_slab(
-            transform.to_current(points), grid, radius
-        )
+        ok &= _inside_slab(points[:, 2], grid, radius) & _inside_slab(z_followup, grid, radius)
         for other in specs:
             ok &= np.linalg.norm(points - other.centre, axis=1) >= PAIR_GAP_MM
         if not ok.any():
             raise ValueError(f"no room for a {status} nodule of {2 * radius:.1f} mm")
         centre = points[int(rng.choice(np.flatnonzero(ok)))]
-        if status == "new":
+        if status is Status.NEW:
             d_baseline = 0.0
-        if status == "resolved":
+        if status is Status.RESOLVED:
             d_followup = 0.0
         hu = float(rng.uniform(-20.0, 70.0))
         specs.append(
@@ -1054,9 +1053,9 @@ def _place_pair_nodules(
 def _clearance_maps(
     scene: _Scene, crop: slice
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Per lung voxel of the slab (in-plane every ~2 mm): distance to the lung wall, distance to
-    anything dense (wall or a vessel that survives 2 mm smoothing), and its LPS position."""
-    step = max(1, round(2.0 / scene.grid.spacing[1]))
+    """Per lung voxel of the slab (in-plane about every millimetre): distance to the lung wall,
+    distance to anything dense (the wall or a vessel), and its LPS position."""
+    step = max(1, round(1.0 / scene.grid.spacing[1]))
     sub = (crop, slice(None, None, step), slice(None, None, step))
     sampling = (
         scene.grid.spacing[0] * (crop.step or 1),
@@ -1064,7 +1063,7 @@ def _clearance_maps(
         scene.grid.spacing[2] * step,
     )
     lungs = scene.lungs[sub]
-    dense = ndimage.gaussian_filter(scene.hu[sub], 1.0) > -600.0
+    dense = ndimage.gaussian_filter(scene.hu[sub], 0.5) > -650.0
     wall = ndimage.distance_transform_edt(lungs, sampling=sampling)
     free = ndimage.distance_transform_edt(lungs & ~dense, sampling=sampling)
     k, j, i = np.nonzero(lungs)
@@ -1074,11 +1073,10 @@ def _clearance_maps(
     return wall[k, j, i], free[k, j, i], points
 
 
-def _inside_slab(
-    points: npt.NDArray[np.float64], grid: _Grid, radius: float
-) -> npt.NDArray[np.bool_]:
+def _inside_slab(z: npt.NDArray[np.float64], grid: _Grid, radius: float) -> npt.NDArray[np.bool_]:
+    """Whether a nodule of ``radius`` at each ``z`` keeps :data:`PAIR_END_MM` from the slab ends."""
     margin = radius + PAIR_END_MM
-    return np.asarray((points[:, 2] >= grid.z[0] + margin) & (points[:, 2] <= grid.z[-1] - margin))
+    return np.asarray((z >= grid.z[0] + margin) & (z <= grid.z[-1] - margin))
 
 
 def _pair_scan(
@@ -1091,8 +1089,9 @@ def _pair_scan(
     seed: int,
 ) -> tuple[Phantom, dict[int, int]]:
     """One scan of a pair: the nodules it shows painted on ``anatomy`` (at
-    ``transform.to_current`` of their baseline centre for the follow-up), then scanner effects.
-    Returns the phantom and each shown spec's label."""
+    ``transform.to_current`` of their baseline centre for the follow-up; the slight ellipsoids'
+    axes stay along the scanner's), then scanner effects. Returns the phantom and each shown
+    spec's label."""
     hu = np.array(anatomy, dtype=np.float32)
     labels = np.zeros(hu.shape, np.uint8)
     nodules: list[PhantomNodule] = []
@@ -1130,7 +1129,9 @@ def _pair_truth(
     v_f = np.pi / 6.0 * spec.d_followup**3 if spec.d_followup > 0 else None
     factor = v_f / v_b if v_b is not None and v_f is not None else None
     doubling = (
-        interval_days * np.log(2.0) / np.log(factor) if spec.status == "grown" and factor else None
+        interval_days * np.log(2.0) / np.log(factor)
+        if spec.status is Status.GROWN and factor
+        else None
     )
     return PairNodule(
         status=spec.status,

@@ -3,11 +3,14 @@
 A :class:`RigidTransform` maps a point of the **current** study's patient space to the **prior**
 study's, both LPS millimetres: ``q = R p + t``. :func:`register_rigid` finds it from the images
 by intensity: mean squared HU difference (both are CT of one patient, so equal tissue has equal
-HU), minimised with Powell's method over three rotation angles (degrees) and three shifts (mm)
-on a coarse-to-fine pyramid (8, 4, 2 mm), the classic multi-resolution scheme of intensity-based
-registration (Maes F, et al. *Multimodality image registration by maximization of mutual
-information.* IEEE Trans Med Imaging 1997;16:187-98; Klein S, et al. *elastix: a toolbox for
-intensity-based medical image registration.* IEEE Trans Med Imaging 2010;29:196-205).
+HU), minimised over three rotation angles (degrees) and three shifts (mm) by Powell's method
+(Powell MJD. *An efficient method for finding the minimum of a function of several variables
+without calculating derivatives.* Comput J 1964;7:155-62) on a coarse-to-fine pyramid (8, 4,
+2 mm), with the cost evaluated at a random subset of voxels: the scheme of intensity-based
+registration as in Thevenaz P, Ruttimann UE, Unser M. *A pyramid approach to subpixel
+registration based on intensity.* IEEE Trans Image Process 1998;7:27-41, and Klein S, Staring M,
+Murphy K, Viergever MA, Pluim JPW. *elastix: a toolbox for intensity-based medical image
+registration.* IEEE Trans Med Imaging 2010;29:196-205.
 
 Steps:
 
@@ -24,6 +27,10 @@ Steps:
    current level's body voxels; the prior is sampled at the transformed points by trilinear
    interpolation, and only points that land inside the prior count, so partial z overlap is
    handled; below :data:`MIN_OVERLAP` of the points inside, the cost is a flat penalty.
+
+Runtime is about a thousand cost evaluations of at most 40 000 points, nearly independent of the
+matrix: 2-4 s on one core for LIDC-IDRI-0001 (133 x 512 x 512), about 1 s for a 36 x 320 x 320
+phantom; memory is the pyramid (a 2 mm grid is 1/20 of a 0.7 x 0.7 x 2.5 mm volume).
 """
 
 from __future__ import annotations
@@ -45,17 +52,21 @@ BoolArray = npt.NDArray[np.bool_]
 
 #: Isotropic grid spacings of the pyramid, coarse to fine (mm).
 LEVELS_MM = (8.0, 4.0, 2.0)
+#: Most sample points of the cost per level (smoother levels need fewer).
+MAX_POINTS = (10_000, 20_000, 40_000)
 #: HU window of the cost: air to soft tissue; bone and contrast do not dominate it.
 HU_RANGE = (-1000.0, 200.0)
-#: Most sample points of the cost per level.
-MAX_POINTS = 40_000
+#: The level (index into :data:`LEVELS_MM`) on which body and lungs are segmented.
+MASK_LEVEL = 1
 #: Below this fraction of sample points inside the prior, the cost is :data:`PENALTY`.
 MIN_OVERLAP = 0.2
 PENALTY = 10.0
 #: Offsets (mm) of the initial shift search on the coarsest grid, per axis x, y, z.
-SEARCH_MM = ((-16.0, -8.0, 0.0, 8.0, 16.0),) * 2 + (tuple(np.arange(-40.0, 41.0, 8.0)),)
+SEARCH_MM = ((-16.0, -8.0, 0.0, 8.0, 16.0),) * 2 + (tuple(float(z) for z in range(-40, 41, 8)),)
+#: Rounding tolerance (voxels) of "inside the prior" at its first and last voxel.
+EDGE = 1e-6
 #: Powell tolerances on the parameters (degrees and mm) and on the cost.
-XTOL, FTOL = 0.01, 1e-5
+XTOL, FTOL = 0.05, 1e-3
 
 
 @dataclass(frozen=True)
@@ -180,20 +191,25 @@ class _Level:
         """LPS mm of ``(N, 3)`` voxel indices ``(k, j, i)``."""
         return np.asarray(self.origin + index_zyx[:, ::-1] * self.spacing, dtype=np.float64)
 
-    def index(self, world_xyz: FloatArray) -> FloatArray:
-        """Fractional voxel indices ``(3, N)`` in ``(k, j, i)`` order of LPS points."""
-        return np.asarray(((world_xyz - self.origin) / self.spacing)[:, ::-1].T, np.float64)
+    def index_map(self, transform: RigidTransform) -> tuple[FloatArray, FloatArray]:
+        """``(A, b)`` such that ``A p + b`` are the fractional ``(k, j, i)`` indices of
+        ``transform.to_prior(p)`` on this grid."""
+        a = transform.matrix[::-1] / self.spacing
+        b = (transform.vector - self.origin)[::-1] / self.spacing
+        return a, b
 
 
 class _Cost:
     """Normalised mean squared difference of one level at fixed sample points of the current."""
 
-    def __init__(self, current: _Level, body: BoolArray, prior: _Level, seed: int = 0) -> None:
+    def __init__(
+        self, current: _Level, body: BoolArray, prior: _Level, most: int, seed: int = 0
+    ) -> None:
         index = np.argwhere(body)
-        if len(index) > MAX_POINTS:
+        if len(index) > most:
             rng = np.random.default_rng(seed)
-            index = index[np.sort(rng.choice(len(index), MAX_POINTS, replace=False))]
-        self.points = current.world(index)
+            index = index[np.sort(rng.choice(len(index), most, replace=False))]
+        self.points = np.ascontiguousarray(current.world(index).T)
         self.values = current.image[tuple(index.T)].astype(np.float64)
         self.scale = max(float(self.values.var()), 1.0)
         self.prior = prior
@@ -201,8 +217,10 @@ class _Cost:
 
     def inside(self, transform: RigidTransform) -> tuple[BoolArray, FloatArray]:
         """Which points land inside the prior, and their prior voxel coordinates."""
-        coords = self.prior.index(transform.to_prior(self.points))
-        return np.all((coords >= 0.0) & (coords <= self.upper), axis=0), coords
+        a, b = self.prior.index_map(transform)
+        coords = a @ self.points + b[:, None]
+        inside = (coords >= -EDGE) & (coords <= self.upper + EDGE)
+        return np.all(inside, axis=0), coords
 
     def __call__(self, transform: RigidTransform) -> tuple[float, float]:
         """Cost and overlap fraction of ``transform``."""
@@ -210,7 +228,9 @@ class _Cost:
         overlap = float(inside.mean())
         if overlap < MIN_OVERLAP:
             return PENALTY, overlap
-        sampled = ndimage.map_coordinates(self.prior.image, coords[:, inside], order=1)
+        sampled = ndimage.map_coordinates(
+            self.prior.image, coords[:, inside], order=1, mode="nearest"
+        )
         diff = sampled - self.values[inside]
         return float(np.mean(diff * diff)) / self.scale, overlap
 
@@ -231,24 +251,22 @@ def register_rigid(current: Volume, prior: Volume) -> Registration:
         Transform (current LPS to prior LPS), final cost, overlap and wall time.
     """
     start = time.perf_counter()
-    fixed = _pyramid(current)
-    moving = _pyramid(prior)
-    body_c, lungs_c = _masks(fixed[1].image)
-    _, lungs_p = _masks(moving[1].image)
-    centre = _centroid(fixed[1], lungs_c)
-    shift = _initial_shift(fixed[1], lungs_c, moving[1], lungs_p)
-    params = np.concatenate([np.zeros(3), shift])
-    cost = result = None
-    for level, (f, m) in enumerate(zip(fixed, moving, strict=True)):
-        body = _resize_mask(body_c, fixed[1], f)
-        cost = _Cost(f, body, m, seed=level)
-        if level == 0:
-            params = _search_shift(cost, params, centre)
+    fixed, moving = _pyramid(current), _pyramid(prior)
+    grid_c, grid_p = fixed[MASK_LEVEL], moving[MASK_LEVEL]
+    body, lungs_c = _masks(grid_c.image)
+    lungs_p = _masks(grid_p.image)[1]
+    centre = _centroid(grid_c, lungs_c)
+    params = np.concatenate([np.zeros(3), _initial_shift(grid_c, lungs_c, grid_p, lungs_p)])
+    costs = [
+        _Cost(f, _resize_mask(body, grid_c, f), m, most, seed=n)
+        for n, (f, m, most) in enumerate(zip(fixed, moving, MAX_POINTS, strict=True))
+    ]
+    params = _search_shift(costs[0], params, centre)
+    for cost in costs:
         params = _powell(cost, params, centre)
-    assert cost is not None
     transform = RigidTransform.from_params(params[:3], params[3:], centre)
-    result, overlap = cost(transform)
-    return Registration(transform, result, overlap, time.perf_counter() - start)
+    value, overlap = costs[-1](transform)
+    return Registration(transform, value, overlap, time.perf_counter() - start)
 
 
 def _pyramid(volume: Volume) -> list[_Level]:
@@ -280,7 +298,7 @@ def _sample(volume: Volume, spacing: float) -> npt.NDArray[np.float32]:
     k = axes[0]
     jj, ii = np.meshgrid(axes[1], axes[2], indexing="ij")
     for n, z in enumerate(k):
-        z0 = min(int(z), volume.hu.shape[0] - 2) if volume.hu.shape[0] > 1 else 0
+        z0 = min(int(z), max(volume.hu.shape[0] - 2, 0))
         pair = volume.hu[z0 : z0 + 2]
         coords = np.stack([np.full_like(jj, z - z0), jj, ii])
         out[n] = ndimage.map_coordinates(pair, coords, order=1, mode="nearest")

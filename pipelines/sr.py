@@ -615,7 +615,9 @@ def read_findings(sr: Dataset, images: Mapping[str, Dataset]) -> list[Measured]:
 
     Per tracking UID: volume (TID 1411), long and short axis (TID 1410), attenuation type, and a
     centre: the mean of the outline's points on the image it is drawn on (``images``: headers
-    by SOPInstanceUID), within about half a slice of the nodule's 3D centre. Groups lacking a
+    by SOPInstanceUID): the in-plane centre of its largest slice, near the 3D centre (within a
+    slice and a pixel for a round nodule, a few mm for a large irregular lesion; the matching
+    bound is at least 8 mm or the long axis). Groups lacking a
     volume, axes or a locatable outline are skipped; a negative report gives no nodules.
     """
     found: dict[str, _Read] = {}

@@ -6,7 +6,8 @@ days later, pushed to ``noduleai serve`` by Orthanc. The node must find the prio
 retrieve it by C-MOVE (Orthanc knows the node as a modality), never make a job of it, detect its
 nodules, align it and report the readers' nodule as stable, in the SR (with the prior study
 referenced; dciodvfy without errors), in FHIR and in the API. With Orthanc refusing the node's
-queries the same study completes as a baseline with the reason, at once.
+queries the same study completes as a baseline with the reason, at once. A prior that carries
+our SR is fetched by C-GET and its findings are read from the SR, not detected again.
 """
 
 from __future__ import annotations
@@ -20,12 +21,23 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from sqlalchemy import func, select
 
+from dicom_node.config import NodeConfig
+from dicom_node.db import Database, Job, Study, StudyState
 from dicom_node.fhir_resources import report_identifier
+from dicom_node.migrate import upgrade
+from dicom_node.results import ModelIdentity
+from dicom_node.spool import LocalSpool
 from models.followup import write_moved_copy
+from pipelines.detect import Detector
+from pipelines.outputs import encode_results
+from pipelines.priors import PriorFindings, PriorLocator
 from pipelines.registration import RigidTransform
+from pipelines.volume import build_volume
 from tests.fhir_peer import FhirServer
 from tests.helpers import Service, dciodvfy, free_port, sr_code, sr_items, wait_for
+from tests.nodule_fixtures import lidc_nodules
 from tests.peers import Orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -205,3 +217,74 @@ def test_the_prior_is_found_retrieved_aligned_and_the_readers_nodule_reported_st
         assert "111424" in components and "volume-change" in components
     finally:
         serve.stop()
+
+
+def test_a_prior_carrying_our_report_is_fetched_by_c_get_and_its_findings_read_not_detected(
+    orthanc: Orthanc,
+    studies: tuple[list[Path], list[Path], RigidTransform],
+    tmp_path: Path,
+) -> None:
+    prior_paths, current_paths, truth = studies
+    prior_volume = build_volume(prior_paths)
+    xml = next(prior_paths[0].parent.glob("*.xml"))
+    readers = lidc_nodules(xml, prior_volume)
+    model = ModelIdentity("noduleai-detector", "1.0.0")
+    for ds in encode_results(prior_paths, prior_volume, readers, model).datasets:
+        path = tmp_path / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        orthanc.upload(path)
+    for path in [*prior_paths, *current_paths]:
+        orthanc.upload(path)
+    orthanc.client.put(
+        "/modalities/noduleai",
+        json={"AET": "NODULEAI", "Host": "127.0.0.1", "Port": free_port(), "AllowGet": True},
+    ).raise_for_status()
+    config = NodeConfig.model_validate(
+        {
+            "ae_policies": [{"ae_title": "CT1", "priors": {"source": "pacs", "retrieve": "get"}}],
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "type": "dimse",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ],
+        }
+    )
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(db)
+
+    def no_detector() -> Detector:
+        raise AssertionError("the prior's findings must be read from its SR, not detected")
+
+    locator = PriorLocator(
+        db, LocalSpool(tmp_path / "spool", 0), config, "NODULEAI", no_detector, 20
+    )
+    header = dcmread(current_paths[0], stop_before_pixels=True)
+    timings: dict[str, float] = {}
+    located = locator.locate("CT1", header, build_volume(current_paths), timings)
+
+    assert isinstance(located, PriorFindings), located
+    assert located.findings_from == "report"
+    assert len(located.evidence) == len(prior_paths)  # every CT instance came, by C-GET
+    # the readers' nodules, read back from the SR, where they are in the prior
+    assert len(located.nodules) == len(readers)
+    for nodule in readers:
+        nearest = min(
+            located.nodules,
+            key=lambda m: float(np.linalg.norm(np.subtract(m.centre_mm, nodule.center_mm))),
+        )
+        # the SR's centre is its outline's, on the slice of largest extent: within 3 mm, or a
+        # fifth of the long axis for a large irregular lesion
+        bound = max(3.0, 0.2 * nearest.long_axis_mm)
+        assert np.linalg.norm(np.subtract(nearest.centre_mm, nodule.center_mm)) < bound
+    # aligned: the readers' nodule maps to where the motion put it
+    moved = located.registration.transform.to_current(READERS_NODULE_MM)
+    assert np.linalg.norm(moved - truth.to_current(READERS_NODULE_MM)) < 1.5
+    with db.session() as session:
+        states = dict(session.execute(select(Study.study_instance_uid, Study.state)).all())
+        jobs = session.scalar(select(func.count(Job.id)))
+    assert states == {located.study_instance_uid: StudyState.PRIOR} and jobs == 0
+    db.dispose()
