@@ -58,6 +58,13 @@ def _api(port: int, path: str, method: str = "GET") -> Any:
         return json.load(response)
 
 
+def _page(port: int, study_uid: str) -> str:
+    """The dashboard's study page as the server renders it."""
+    url = f"http://127.0.0.1:{port}/dashboard/studies/{study_uid}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
 def _healthy(port: int) -> bool:
     try:
         return bool(_api(port, "/healthz"))
@@ -150,6 +157,8 @@ def test_the_prior_is_found_retrieved_aligned_and_the_readers_nodule_reported_st
         detail = _api(http_port, f"/api/studies/{current_uid}")
         timings = detail["study"]["durations_ms"]
         assert timings["prior_retrieve"] < 10_000, timings  # refused at once, not timed out
+        page = _page(http_port, current_uid)
+        assert "Baseline: no comparison with a prior CT (<code>query_refused</code>" in page
 
         # Allowed: the rerun finds the prior, retrieves it, compares
         orthanc.add_modality("noduleai", "NODULEAI", "127.0.0.1", dicom_port)
@@ -186,6 +195,9 @@ def test_the_prior_is_found_retrieved_aligned_and_the_readers_nodule_reported_st
         assert detail["prior"]["study_instance_uid"] == prior_uid
         print("timings:", detail["study"]["durations_ms"])
         assert "prior_retrieve" in detail["study"]["durations_ms"]
+        page = _page(http_port, current_uid)
+        assert "Compared with the prior CT of <strong>2000-01-01</strong> (200 days" in page
+        assert f'<td data-col="change">stable ({nearest["volume_change_percent"]:+.0f} %' in page
 
         # the SR in the PACS: the change per nodule, the prior referenced; dciodvfy clean
         sr, raw = wait_for(lambda: _sr(orthanc, current_uid, prior_uid), timeout=120)
