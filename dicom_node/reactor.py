@@ -47,9 +47,12 @@ handler itself, whose fsyncs dominate on a shared disk.
 
 Robustness
 ----------
-The loop bodies are copies of pynetdicom 3.0.4's, with one addition: an exception while the DUL
+The loop bodies are copies of pynetdicom 3.0.4's, with two additions: an exception while the DUL
 state machine handles an event (a malformed PDU from the peer) aborts the association instead of
-killing the thread. With any other version, with
+killing the thread; and a DIMSE request lacking a required command element (a C-STORE without
+its Affected SOP Instance UID, say), which pynetdicom drops without a word so that the sender waits
+out its timeout, is answered: a C-STORE with its Message ID gets 0xA900 (data set does not match
+the SOP class), anything else an A-ABORT. With any other version, with
 ``pynetdicom._config.PASS_CONTEXTVARS`` set, or for a requestor association, :func:`install`
 logs a warning (once) and leaves the association as it is: stock behaviour, just slower.
 """
@@ -69,9 +72,12 @@ from typing import cast
 import pynetdicom
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE, DimseServiceType
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import _PDUPrimitiveType
+
+from dicom_node.status import Status
 
 LOGGER = logging.getLogger(__name__)
 
@@ -136,6 +142,26 @@ class EventDrivenAssociation(Association):
         self._kill = True
         self._activity.set()
         super().kill()
+
+    def _serve_request(self, msg: DimseServiceType, context_id: int) -> None:
+        """pynetdicom's dispatch, but an incomplete request is answered, never dropped."""
+        if msg.is_valid_request or self._sent_release:
+            super()._serve_request(msg, context_id)
+            return
+        on_malformed = cast(EventDrivenDUL, self.dul)._on_malformed
+        if on_malformed is not None:
+            on_malformed()
+        if isinstance(msg, C_STORE) and msg.MessageID is not None:
+            LOGGER.warning("C-STORE request without a required element: answered 0xA900")
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = msg.MessageID
+            if msg.AffectedSOPClassUID is not None:
+                rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            rsp.Status = int(Status.DATASET_MISMATCH)
+            self.dimse.send_msg(rsp, context_id)
+            return
+        LOGGER.warning("incomplete %s request without a Message ID: aborted", msg.msg_type)
+        self.abort()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's acceptor loop, waiting for activity instead of ``sleep(0.001)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -118,6 +119,32 @@ def test_a_dataset_without_identifying_uids_is_refused_as_not_matching_its_sop_c
     assert _store(node.scp.port, j2k) == Status.DATASET_MISMATCH
     assert _instances(node) == 0
     assert _spooled(node) == []
+
+
+def test_a_c_store_whose_command_lacks_the_sop_instance_uid_is_answered_at_once(
+    make_node: Callable[..., Node], shared_data: Path, tmp_path: Path
+) -> None:
+    # An empty SOP Instance UID (dataset and file meta): the request's Affected SOP Instance UID,
+    # required in a C-STORE-RQ, is missing; pynetdicom alone drops such a request unanswered.
+    node = make_node()
+    source = sorted((shared_data / "lidc-small").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ""
+    ds.file_meta.MediaStorageSOPInstanceUID = ""
+    empty = tmp_path / "empty-sop-instance-uid.dcm"
+    ds.save_as(empty)
+    assoc = _associate(node.scp.port, empty)
+    assoc.dimse_timeout = 10
+    try:
+        start = time.monotonic()
+        status = assoc.send_c_store(empty)
+        assert int(status.Status) == Status.DATASET_MISMATCH
+        assert time.monotonic() - start < 5.0
+        # the association goes on serving
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+    assert _instances(node) == 0 and _spooled(node) == []
 
 
 def test_garbage_in_a_p_data_pdu_aborts_that_association_and_others_are_served(

@@ -104,6 +104,7 @@ def studies(shared_data: Path, tmp_path: Path) -> tuple[list[Path], list[Path], 
     return prior, current, truth
 
 
+@pytest.mark.timeout(900)  # two jobs, three detections on a 2-core machine
 def test_the_prior_is_found_retrieved_aligned_and_the_readers_nodule_reported_stable(
     orthanc: Orthanc,
     fhir_server: FhirServer,
