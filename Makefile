@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: serve test test-fast check lint types install install-dev system-deps bench e2e-deps fhir-deps ohif-deps
+.PHONY: serve test test-fast check lint types install install-dev system-deps bench chaos e2e-deps fhir-deps ohif-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,8 @@ check: test
 
 bench: install-dev
 	$(BIN)/python benchmarks/ingest.py
+
+## The long fuzz run: 10,000 malformed PDUs and 10,000 mutated datasets against a node of its own
+## (tests/chaos.py; about 15 minutes on two cores). The normal suite runs a short version.
+chaos: install-dev
+	$(BIN)/python -m tests.chaos --pdus 10000 --datasets 10000

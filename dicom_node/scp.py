@@ -16,6 +16,7 @@ yet; further connections from it are closed at once (logged).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -192,6 +193,7 @@ class _PolicyACSE(ACSE):
         self._admission.settle(self.assoc)
         self.assoc.acse_timeout = self._acse_timeout
         self.assoc.dul.artim_timer.timeout = self._acse_timeout
+        _read_deadline(self.assoc, self.assoc.network_timeout)
         primitive = self.requestor.primitive
         calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
 
@@ -217,6 +219,20 @@ class _PolicyACSE(ACSE):
             self.assoc.kill()
             return
         super()._negotiate_as_acceptor()
+
+
+def _read_deadline(assoc: Association, seconds: float | None) -> None:
+    """The longest the association's socket waits for the rest of a PDU it began to receive.
+
+    The DUL reads a PDU only once its first bytes arrived, then reads the rest blocking: without
+    a deadline a peer that stops mid-PDU holds the connection (and its thread) for good; with
+    one, pynetdicom treats the timeout as the connection closing (its event 17) and closes it.
+    """
+    transport = assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(seconds)
 
 
 def _request_handler(
@@ -247,9 +263,11 @@ def _request_handler(
             assoc = reactor.install(super()._create_association(), malformed)
             admission.add(assoc, str(self.client_address[0]))
             assoc.acse = _PolicyACSE(assoc, policy, admission, settings.acse_timeout, refusals)
-            # Until its A-ASSOCIATE-RQ arrives, a connection has the request deadline only.
+            # Until its A-ASSOCIATE-RQ arrives, a connection has the request deadline only, also
+            # for the rest of a PDU it began (a truncated request is closed when it passes).
             assoc.acse_timeout = settings.association_request_timeout
             assoc.dul.artim_timer.timeout = settings.association_request_timeout
+            sock.settimeout(settings.association_request_timeout)
             return assoc
 
     return PolicyRequestHandler
