@@ -4,14 +4,16 @@ The handlers are thin: they hand the encoded dataset to :class:`dicom_node.inges
 what it raises to a DIMSE status through :func:`dicom_node.status.status_for`, the one place that
 does so. Association policy (PS3.8 7.1.1.9 reject reasons): an unknown calling AE, or a known one
 from an address not its own, gets A-ASSOCIATE-RJ *rejected-permanent, service-user, calling AE
-title not recognized*; a wrong called AE gets *called AE title not recognized*; too many
-concurrent associations get *rejected-transient, service-provider (presentation), local limit
-exceeded* (logged).
+title not recognized*; a wrong called AE gets *called AE title not recognized*; more than
+``max_associations`` established associations get *rejected-transient, service-provider
+(presentation), local limit exceeded* (logged, counted).
 
 Admission that a few sockets cannot exhaust (:class:`Admission`): a new connection has
 ``association_request_timeout`` seconds to send its A-ASSOCIATE-RQ (instead of the ACSE timeout),
-and one peer address may hold at most ``max_pending_per_peer`` connections that have not sent one
-yet; further connections from it are closed at once (logged).
+also for the rest of a PDU it began; one peer address may hold at most ``max_pending_per_peer``
+connections that have not sent one yet (further connections from it are closed at once, logged);
+such connections take no association slot (the cap counts established associations), and all
+connections together are bounded by :data:`CONNECTION_FACTOR` times the cap.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ LOGGER = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, reason): PS3.8 Table 9-21.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+#: Rejected-transient, service-provider (presentation related), local limit exceeded.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+#: Every connection, established or not, counts against this multiple of MAX_ASSOCIATIONS
+#: (pynetdicom's own check); established associations alone against MAX_ASSOCIATIONS.
+CONNECTION_FACTOR = 4
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -182,12 +189,14 @@ class _PolicyACSE(ACSE):
         admission: Admission,
         acse_timeout: float,
         refusals: Refusals,
+        max_associations: int,
     ) -> None:
         super().__init__(assoc)
         self._policy = policy
         self._admission = admission
         self._acse_timeout = acse_timeout
         self._refusals = refusals
+        self._max_associations = max_associations
 
     def _negotiate_as_acceptor(self) -> None:
         self._admission.settle(self.assoc)
@@ -198,17 +207,27 @@ class _PolicyACSE(ACSE):
         calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
 
         address = self.assoc.requestor.address
-        # pynetdicom's own check below (acse.py: acceptors beyond maximum_associations) answers
-        # "local limit exceeded"; say so in our log, which pynetdicom's WARNING level would not.
-        acceptors = [a for a in self.assoc.ae.active_associations if a.is_acceptor]
-        if len(acceptors) > self.assoc.ae.maximum_associations:
+        # The cap counts established associations only: connections that have not sent their
+        # request yet have their own limits (per peer, and the request deadline), so idle or
+        # truncated connections cannot take the slots of a PACS. (pynetdicom's own check, in
+        # the super call, counts every connection, against CONNECTION_FACTOR x the cap.)
+        established = [
+            a
+            for a in self.assoc.ae.active_associations
+            if a.is_acceptor and a.is_established and a is not self.assoc
+        ]
+        if len(established) >= self._max_associations:
             self._refusals.count(Refusal.LOCAL_LIMIT)
             LOGGER.warning(
                 "association from AE %s at %s refused: local limit (%d associations active)",
                 calling_ae,
                 address,
-                len(acceptors) - 1,
+                len(established),
             )
+            self.send_reject(*REJECT_LOCAL_LIMIT)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         if not self._policy.allows(calling_ae, address):
             self._refusals.count(Refusal.NOT_ALLOWED)
             LOGGER.warning(
@@ -262,7 +281,14 @@ def _request_handler(
             malformed = functools.partial(refusals.count, Refusal.MALFORMED)
             assoc = reactor.install(super()._create_association(), malformed)
             admission.add(assoc, str(self.client_address[0]))
-            assoc.acse = _PolicyACSE(assoc, policy, admission, settings.acse_timeout, refusals)
+            assoc.acse = _PolicyACSE(
+                assoc,
+                policy,
+                admission,
+                settings.acse_timeout,
+                refusals,
+                settings.max_associations,
+            )
             # Until its A-ASSOCIATE-RQ arrives, a connection has the request deadline only, also
             # for the rest of a PDU it began (a truncated request is closed when it passes).
             assoc.acse_timeout = settings.association_request_timeout
@@ -318,7 +344,7 @@ class StorageSCP:
         ae.add_supported_context(Verification, syntaxes)
         ae.require_called_aet = True
         ae.require_calling_aet = self.policy.allowed_titles()
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = CONNECTION_FACTOR * s.max_associations
         ae.maximum_pdu_size = s.max_pdu_size
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from dicom_node.db import Instance
 from dicom_node.node import Node
 from dicom_node.status import Status
+from tests.chaos import associate_rq
 from tests.helpers import echoscu, refusals_on_metrics, storescu
 
 
@@ -236,3 +237,39 @@ def test_idle_connections_cannot_lock_a_pacs_out(make_node: Callable[..., Node])
                 peer.close()
     # counted on /metrics (how many exactly depends on which the deadline closed first)
     assert refusals_on_metrics(node.http_port)["pending_per_peer"] > 0
+
+
+def test_connections_that_sent_no_request_take_no_association_slot(
+    make_node: Callable[..., Node],
+) -> None:
+    """With a cap of 2 and 6 connections waiting (under the per-peer limit), a PACS still gets
+    both slots; the third association is refused as the local limit."""
+    node = make_node(max_associations=2, max_pending_per_peer=8, association_request_timeout=30)
+    peers = _idle_from("127.0.0.2", node.scp.port, 6)
+    try:
+        first = _associate(node.scp.port, "MODALITY")
+        second = _associate(node.scp.port, "MODALITY")
+        assert first.is_established and second.is_established
+        assert _rejection(_associate(node.scp.port, "MODALITY")) == (2, 3, 2)
+        first.release()
+        second.release()
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def test_a_connection_that_stops_mid_pdu_is_closed_at_the_request_deadline(
+    make_node: Callable[..., Node],
+) -> None:
+    """The first 40 bytes of an A-ASSOCIATE-RQ, then nothing: closed when the deadline passes
+    (the node used to wait in recv for the rest for good)."""
+    node = make_node(association_request_timeout=1.0)
+    peer = socket.create_connection(("127.0.0.1", node.scp.port), timeout=10)
+    try:
+        peer.sendall(associate_rq()[:40])
+        started = time.monotonic()
+        assert _closed(peer, within=5.0)
+        assert time.monotonic() - started < 4.0
+    finally:
+        peer.close()
+    assert echoscu(node.scp.port, "MODALITY").returncode == 0
