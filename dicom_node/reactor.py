@@ -47,8 +47,9 @@ handler itself, whose fsyncs dominate on a shared disk.
 
 Robustness
 ----------
-The loop bodies are copies of pynetdicom 3.0.4's, with two additions: an exception while the DUL
-state machine handles an event (a malformed PDU from the peer) aborts the association instead of
+The loop bodies are copies of pynetdicom 3.0.4's, with these additions: an exception while the
+DUL state machine handles an event (a malformed PDU from the peer), or while the association
+thread negotiates a request that decoded but makes no sense, aborts the association instead of
 killing the thread; and a DIMSE request lacking a required command element (a C-STORE without
 its Affected SOP Instance UID, say), which pynetdicom drops without a word so that the sender waits
 out its timeout, is answered: a C-STORE with its Message ID gets 0xA900 (data set does not match
@@ -142,6 +143,29 @@ class EventDrivenAssociation(Association):
         self._kill = True
         self._activity.set()
         super().kill()
+
+    def run(self) -> None:
+        """The thread body; :class:`threading.Thread` would call the target bound when the
+        stock class was constructed, so ``run`` is overridden to reach :meth:`run_reactor`."""
+        self.run_reactor()
+
+    def run_reactor(self) -> None:
+        """pynetdicom's association thread body, with a crash-proof boundary: a request that
+        decodes but cannot be negotiated (a presentation context without an abstract syntax,
+        say) raises in the negotiation; the association is aborted and closed instead of the
+        thread ending with the peer unanswered."""
+        try:
+            super().run_reactor()
+        except Exception as exc:
+            LOGGER.warning(
+                "malformed request from the peer (%s: %s); association aborted",
+                type(exc).__name__,
+                exc,
+            )
+            dul = cast(EventDrivenDUL, self.dul)
+            dul._abort_on_error()
+            if dul._on_malformed is not None:
+                dul._on_malformed()
 
     def _serve_request(self, msg: DimseServiceType, context_id: int) -> None:
         """pynetdicom's dispatch, but an incomplete request is answered, never dropped."""

@@ -12,8 +12,8 @@ Admission that a few sockets cannot exhaust (:class:`Admission`): a new connecti
 ``association_request_timeout`` seconds to send its A-ASSOCIATE-RQ (instead of the ACSE timeout),
 also for the rest of a PDU it began; one peer address may hold at most ``max_pending_per_peer``
 connections that have not sent one yet (further connections from it are closed at once, logged);
-such connections take no association slot (the cap counts established associations), and all
-connections together are bounded by :data:`CONNECTION_FACTOR` times the cap.
+such connections take no association slot (the cap counts established associations); all
+connections together are bounded by the cap plus :data:`PENDING_LIMIT`.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ LOGGER = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 #: Rejected-transient, service-provider (presentation related), local limit exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-#: Every connection, established or not, counts against this multiple of MAX_ASSOCIATIONS
-#: (pynetdicom's own check); established associations alone against MAX_ASSOCIATIONS.
-CONNECTION_FACTOR = 4
+#: Connections that have not sent their request yet, over all peers, beyond MAX_ASSOCIATIONS
+#: (pynetdicom's own check counts every connection; each holds two threads). Per peer they are
+#: limited by MAX_PENDING_PER_PEER and in time by ASSOCIATION_REQUEST_TIMEOUT.
+PENDING_LIMIT = 512
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -210,7 +211,7 @@ class _PolicyACSE(ACSE):
         # The cap counts established associations only: connections that have not sent their
         # request yet have their own limits (per peer, and the request deadline), so idle or
         # truncated connections cannot take the slots of a PACS. (pynetdicom's own check, in
-        # the super call, counts every connection, against CONNECTION_FACTOR x the cap.)
+        # the super call, counts every connection, against the cap plus PENDING_LIMIT.)
         established = [
             a
             for a in self.assoc.ae.active_associations
@@ -344,7 +345,7 @@ class StorageSCP:
         ae.add_supported_context(Verification, syntaxes)
         ae.require_called_aet = True
         ae.require_calling_aet = self.policy.allowed_titles()
-        ae.maximum_associations = CONNECTION_FACTOR * s.max_associations
+        ae.maximum_associations = s.max_associations + PENDING_LIMIT
         ae.maximum_pdu_size = s.max_pdu_size
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout

@@ -5,7 +5,8 @@ and SQLite database):
 
 * **PDUs**: each case on a new TCP connection: random bytes, unknown PDU types, a P-DATA-TF
   before any association, and a valid A-ASSOCIATE-RQ truncated, with bits flipped, with its
-  lengths corrupted, with an even presentation-context ID, or with unknown items. The answer is
+  lengths corrupted, with an even presentation-context ID, a presentation context without an
+  abstract syntax, or with unknown items. The answer is
   classified: A-ASSOCIATE-AC (then aborted by us), A-ASSOCIATE-RJ, A-ABORT, closed without a
   PDU, or none within the node's request timeout plus a margin (a failure).
 * **Datasets**: a small valid CT slice whose encoded dataset (the file meta kept) is mutated:
@@ -69,14 +70,18 @@ def _item(kind: int, payload: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(payload)) + payload
 
 
-def associate_rq(context_id: int = 1, max_length: int = 16384) -> bytes:
-    """A valid A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
+def associate_rq(
+    context_id: int = 1,
+    max_length: int = 16384,
+    abstract_syntax: bytes | None = b"1.2.840.10008.1.1",
+) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing Verification, valid with the defaults; a
+    presentation context without an abstract syntax item for ``abstract_syntax=None``."""
     application = _item(0x10, b"1.2.840.10008.3.1.1.1")
+    abstract = b"" if abstract_syntax is None else _item(0x30, abstract_syntax)
     context = _item(
         0x20,
-        bytes([context_id, 0, 0, 0])
-        + _item(0x30, Verification.encode())
-        + _item(0x40, ExplicitVRLittleEndian.encode()),
+        bytes([context_id, 0, 0, 0]) + abstract + _item(0x40, ExplicitVRLittleEndian.encode()),
     )
     user = _item(0x50, _item(0x51, struct.pack(">I", max_length)))
     body = struct.pack(">HH", 1, 0) + CALLED + CALLING + bytes(32) + application + context + user
@@ -105,6 +110,7 @@ def malformed_pdu(rng: random.Random) -> tuple[str, bytes]:
             "even_context_id",
             "unknown_item",
             "zero_max_length",
+            "no_abstract_syntax",
         ]
     )
     if kind == "random":
@@ -124,6 +130,8 @@ def malformed_pdu(rng: random.Random) -> tuple[str, bytes]:
         return kind, valid[:2] + struct.pack(">I", length) + valid[6:]
     if kind == "even_context_id":
         return kind, associate_rq(context_id=rng.choice([0, 2, 4, 254]))
+    if kind == "no_abstract_syntax":
+        return kind, associate_rq(abstract_syntax=None)
     if kind == "unknown_item":
         extra = _item(rng.choice([0x11, 0x22, 0x60, 0xFF]), rng.randbytes(rng.randint(0, 32)))
         body = valid[6:] + extra

@@ -273,3 +273,33 @@ def test_a_connection_that_stops_mid_pdu_is_closed_at_the_request_deadline(
     finally:
         peer.close()
     assert echoscu(node.scp.port, "MODALITY").returncode == 0
+
+
+def test_a_hundred_idle_and_truncated_connections_from_many_addresses_lock_no_pacs_out(
+    make_node: Callable[..., Node],
+) -> None:
+    """100 connections from 13 addresses (8 each, the per-peer limit), half of them idle and half
+    stopped mid-request, against a cap of 16: they take no slot, an echo is answered within 5 s
+    throughout, and all are closed at the request deadline."""
+    node = make_node(association_request_timeout=2.0)
+    started = time.monotonic()
+    peers: list[socket.socket] = []
+    try:
+        for k in range(100):
+            peer = socket.socket()
+            peer.bind((f"127.0.0.{2 + k // 8}", 0))
+            peer.settimeout(10)
+            peer.connect(("127.0.0.1", node.scp.port))
+            if k % 2:
+                peer.sendall(associate_rq()[:40])
+            peers.append(peer)
+        for _ in range(3):
+            before = time.monotonic()
+            echo = echoscu(node.scp.port, "MODALITY")
+            assert echo.returncode == 0, echo.stderr
+            assert time.monotonic() - before < 5
+        assert all(_closed(peer, within=10.0) for peer in peers)
+        assert time.monotonic() - started < 20
+    finally:
+        for peer in peers:
+            peer.close()

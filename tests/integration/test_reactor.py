@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from dicom_node import reactor
 from dicom_node.db import Instance
 from dicom_node.node import Node
+from tests.chaos import associate_rq
 from tests.helpers import echoscu, refusals_on_metrics, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -304,44 +305,25 @@ def test_large_instances_over_tls_are_not_held_up_by_the_socket_wait(
     assert elapsed / 5 < 0.25, f"{elapsed / 5:.2f} s per instance"
 
 
-def _pdu_item(kind: int, payload: bytes) -> bytes:
-    return bytes([kind, 0]) + len(payload).to_bytes(2, "big") + payload
-
-
-def _associate_rq(context_id: int) -> bytes:
-    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing Verification under ``context_id``."""
-    context = _pdu_item(
-        0x20,
-        bytes([context_id, 0, 0, 0])
-        + _pdu_item(0x30, b"1.2.840.10008.1.1")
-        + _pdu_item(0x40, b"1.2.840.10008.1.2"),
-    )
-    body = (
-        (1).to_bytes(2, "big")
-        + b"\0\0"
-        + b"NODULEAI".ljust(16)
-        + b"FUZZ".ljust(16)
-        + b"\0" * 32
-        + _pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
-        + context
-        + _pdu_item(0x50, _pdu_item(0x51, (16384).to_bytes(4, "big")))
-    )
-    return bytes([0x01, 0]) + len(body).to_bytes(4, "big") + body
-
-
+@pytest.mark.parametrize(
+    "request_pdu",
+    [associate_rq(context_id=2), associate_rq(abstract_syntax=None)],
+    ids=["even-context-id", "context-without-abstract-syntax"],
+)
 def test_a_malformed_associate_request_is_aborted_at_once_and_kills_no_thread(
-    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+    make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, request_pdu: bytes
 ) -> None:
     """An even presentation context ID (PS3.8 9.3.2.2 wants odd ones) made pynetdicom's DUL
-    thread die: no answer, the slot held. More requests than the association cap, one at a time:
-    each is answered with an A-ABORT within seconds, no thread dies, and echo still works."""
+    thread die, a presentation context without an abstract syntax its association thread: no
+    answer, the slot held. More requests than the association cap, one at a time: each is
+    answered with an A-ABORT within seconds, no thread dies, and echo still works."""
     crashes: list[str] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(repr(args.exc_value)))
     node = make_node(max_associations=4)
     for _ in range(6):
         with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
             started = time.monotonic()
-            peer.sendall(_associate_rq(context_id=2))
+            peer.sendall(request_pdu)
             answer = peer.recv(1)
             assert answer == b"\x07"  # A-ABORT
             assert time.monotonic() - started < 5
