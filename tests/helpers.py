@@ -193,3 +193,25 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     errors = [line for line in lines if line.startswith("Error -")]
     warnings = [line for line in lines if line.startswith("Warning -")]
     return errors, warnings
+
+
+def node_api(port: int | str, path: str, token: str, method: str = "GET") -> Any:
+    """A JSON answer of a running node's HTTP API, with its dashboard token."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def node_healthy(port: int | str, token: str) -> bool:
+    """Whether a node's ``/healthz`` answers yet."""
+    try:
+        return bool(node_api(port, "/healthz", token))
+    except OSError:
+        return False

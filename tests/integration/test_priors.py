@@ -36,7 +36,16 @@ from pipelines.priors import PriorFindings, PriorLocator
 from pipelines.registration import RigidTransform
 from pipelines.volume import build_volume
 from tests.fhir_peer import FhirServer
-from tests.helpers import Service, dciodvfy, free_port, sr_code, sr_items, wait_for
+from tests.helpers import (
+    Service,
+    dciodvfy,
+    free_port,
+    node_api,
+    node_healthy,
+    sr_code,
+    sr_items,
+    wait_for,
+)
 from tests.nodule_fixtures import lidc_nodules
 from tests.peers import Orthanc
 
@@ -49,13 +58,7 @@ DAYS = 200
 
 
 def _api(port: int, path: str, method: str = "GET") -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        method=method,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    return node_api(port, path, TOKEN, method)
 
 
 def _page(port: int, study_uid: str) -> str:
@@ -66,10 +69,7 @@ def _page(port: int, study_uid: str) -> str:
 
 
 def _healthy(port: int) -> bool:
-    try:
-        return bool(_api(port, "/healthz"))
-    except OSError:
-        return False
+    return node_healthy(port, TOKEN)
 
 
 def _settled(port: int, study_uid: str, after_job: str | None = None) -> dict[str, Any] | None:

@@ -3,9 +3,7 @@ the SEG, SR and GSPS come back into the same study; a FHIR server holds one repo
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from pydicom.filebase import DicomBytesIO
 
 from tests.conftest import REPO
 from tests.fhir_peer import FhirServer
-from tests.helpers import Service, free_port, wait_for
+from tests.helpers import Service, free_port, node_api, node_healthy, wait_for
 from tests.peers import Orthanc
 
 TOKEN = "roundtrip-test-token"
@@ -23,13 +21,7 @@ ARTIFACTS = REPO / "test-artifacts" / "roundtrip"
 
 
 def _api(port: str, path: str, method: str = "GET") -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        method=method,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    return node_api(port, path, TOKEN, method)
 
 
 def _study(port: str) -> dict[str, Any] | None:
@@ -155,10 +147,7 @@ def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
 
 
 def _healthy(port: int) -> bool:
-    try:
-        return bool(_api(str(port), "/healthz"))
-    except OSError:
-        return False
+    return node_healthy(port, TOKEN)
 
 
 def _nodules(database_url: str) -> int:
