@@ -83,7 +83,8 @@ def _run_worker(settings: Settings) -> int:
 
 def _detect(settings: Settings, path: Path, out: Path) -> int:
     """Run the pipeline offline on a folder of DICOM files: ``out/findings.json`` and the
-    SEG, SR and GSPS objects (``out/<modality>-<SOPInstanceUID>.dcm``)."""
+    SEG, SR, GSPS, key images and (``NODULEAI_HEATMAP``) the heatmap
+    (``out/<modality>-<SOPInstanceUID>.dcm``)."""
     from dicom_node.errors import StudyRejectedError
     from dicom_node.results import ModelIdentity
     from pipelines.analysis import analyse
@@ -97,7 +98,13 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
         analysis = analyse(files, lambda: Detector(detector_config(settings)), settings.min_slices)
         detection = analysis.detection
         model = ModelIdentity(detection.model_name, detection.model_version)
-        encoded = encode_results(analysis.paths, analysis.volume, detection.nodules, model)
+        encoded = encode_results(
+            analysis.paths,
+            analysis.volume,
+            detection.nodules,
+            model,
+            heatmap=detection.heatmap,
+        )
         names = [f"{ds.Modality}-{ds.SOPInstanceUID}.dcm" for ds in encoded.datasets]
         for ds, name in zip(encoded.datasets, names, strict=True):
             ds.save_as(out / name, enforce_file_format=True)

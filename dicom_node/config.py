@@ -330,6 +330,8 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(default=None, ge=1)
     operating_threshold: float | None = Field(default=None, ge=0, le=1)
     review_band: float = Field(default=0.1, ge=0, le=1)
+    #: Also send stage 1's screening heatmap as a Parametric Map (about 4 bytes per CT pixel).
+    heatmap: bool = False
     min_slices: int = Field(default=20, ge=3)
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=5.0, ge=0)

@@ -340,6 +340,7 @@ _DELIVERY_KIND = {
     ObjectKind.SR: DeliveryKind.DICOM,
     ObjectKind.GSPS: DeliveryKind.DICOM,
     ObjectKind.KEY_IMAGE: DeliveryKind.DICOM,
+    ObjectKind.HEATMAP: DeliveryKind.DICOM,
     ObjectKind.REJECTION: DeliveryKind.RETRACTION,
 }
 

@@ -31,6 +31,7 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 GSPS_STORAGE = "1.2.840.10008.5.1.4.1.1.11.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 #: Key Object Selection Document Storage: the IOCM rejection note of a rerun.
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 RESULT_SOP_CLASSES = frozenset(
@@ -39,6 +40,7 @@ RESULT_SOP_CLASSES = frozenset(
         COMPREHENSIVE_3D_SR,
         GSPS_STORAGE,
         SECONDARY_CAPTURE,
+        PARAMETRIC_MAP,
         KEY_OBJECT_SELECTION,
     }
 )
@@ -57,6 +59,8 @@ class ObjectKind(StrEnum):
     GSPS = "gsps"
     #: A Secondary Capture key image of one nodule.
     KEY_IMAGE = "key-image"
+    #: The stage-1 screening heatmap, a Parametric Map (optional, ``NODULEAI_HEATMAP``).
+    HEATMAP = "heatmap"
     #: The IHE IOCM rejection note listing the earlier results this one replaces.
     REJECTION = "rejection"
 

@@ -30,7 +30,7 @@ from pipelines.preprocess import (
     resample_to_iso,
 )
 from pipelines.refine import Finding, refine
-from pipelines.screen import MAX_CANDIDATES, Candidate, screen
+from pipelines.screen import MAX_CANDIDATES, Candidate, Heatmap, screen
 from pipelines.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class DetectorConfig:
     operating_threshold: float | None = None
     review_band: float = 0.1
     max_candidates: int = MAX_CANDIDATES
+    #: Keep stage 1's heatmap (over the lungs' box) with the detection, for the heatmap object.
+    heatmap: bool = False
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Detection:
     timings_ms: dict[str, float]
     backend: str
     model_versions: dict[str, str] = field(default_factory=dict)
+    heatmap: Heatmap | None = None
 
     @property
     def model_name(self) -> str:
@@ -96,6 +99,8 @@ class StageResult:
         ``preprocess``, ``stage1`` and ``stage2`` in milliseconds.
     lung_z_mm : tuple of float, optional
         LPS z of the lung mask's lowest and highest slice (``None``: no lung found).
+    heatmap : Heatmap, optional
+        Stage 1's heatmap over the lungs' box, when the configuration keeps it.
     """
 
     candidates: list[Candidate]
@@ -104,6 +109,7 @@ class StageResult:
     iso_hu: FloatArray = field(repr=False)
     timings_ms: dict[str, float] = field(default_factory=dict)
     lung_z_mm: tuple[float, float] | None = None
+    heatmap: Heatmap | None = field(default=None, repr=False)
 
     def upper_zone(self, z_mm: float) -> bool | None:
         """Whether ``z_mm`` lies in the cranial half of the lungs (``None``: no lung mask)."""
@@ -186,9 +192,22 @@ class Detector:
             lung = lung_mask(iso_hu)
             iso = normalise_hu(iso_hu)
         with _timed(timings, "stage1"):
-            candidates = screen(
+            screening = screen(
                 iso, lung, self.stage1, self.candidate_threshold, self.config.max_candidates
             )
+        candidates = screening.candidates
+        heatmap = None
+        if self.config.heatmap:
+            z, y, x = (s.start for s in screening.box)
+            heatmap = Heatmap(
+                np.ascontiguousarray(screening.heat[screening.box]),
+                (
+                    origin_mm[0] + x * ISO_SPACING_MM,
+                    origin_mm[1] + y * ISO_SPACING_MM,
+                    origin_mm[2] + z * ISO_SPACING_MM,
+                ),
+            )
+        del screening
         with _timed(timings, "stage2"):
             findings = refine(iso, candidates, self.stage2, origin_mm)
         slices = np.flatnonzero(lung.any(axis=(1, 2)))
@@ -197,7 +216,7 @@ class Detector:
             if slices.size
             else None
         )
-        return StageResult(candidates, findings, self.threshold, iso_hu, timings, lung_z)
+        return StageResult(candidates, findings, self.threshold, iso_hu, timings, lung_z, heatmap)
 
     def detect(
         self,
@@ -226,6 +245,7 @@ class Detector:
             model_versions={
                 m["name"]: str(m.get("version", "")) for m in (self.manifest1, self.manifest2)
             },
+            heatmap=stages.heatmap,
         )
 
 

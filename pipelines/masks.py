@@ -187,15 +187,54 @@ def source_planes(volume: Volume, datasets: Mapping[str, Dataset]) -> list[Sourc
     return planes
 
 
-def _mask_corners(nodule: Nodule) -> Points:
-    """The 8 corners (LPS mm) of the mask's voxel-edge bounding box."""
-    s = nodule.mask_spacing_mm
-    origin = np.asarray(nodule.mask_origin_mm, dtype=np.float64)
-    shape_xyz = np.asarray(nodule.mask.shape[::-1], dtype=np.float64)
-    lo, hi = origin - s / 2.0, origin + (shape_xyz - 0.5) * s
+def grid_corners(
+    shape_zyx: tuple[int, ...], origin_mm: Sequence[float], spacing_mm: float
+) -> Points:
+    """The 8 corners (LPS mm) of the voxel-edge bounding box of a ``[z, y, x]`` grid whose voxel
+    ``[0, 0, 0]`` lies at ``origin_mm``."""
+    origin = np.asarray(origin_mm, dtype=np.float64)
+    shape_xyz = np.asarray(shape_zyx[::-1], dtype=np.float64)
+    lo, hi = origin - spacing_mm / 2.0, origin + (shape_xyz - 0.5) * spacing_mm
     return np.array(
         [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     )
+
+
+def sample_on_plane(
+    values: npt.NDArray[np.float32],
+    origin_mm: Sequence[float],
+    spacing_mm: float,
+    plane: SourcePlane,
+    corners: Points | None = None,
+) -> npt.NDArray[np.float32] | None:
+    """``values[z, y, x]`` (an isotropic grid at ``origin_mm``) interpolated trilinearly at the
+    centre of every stored pixel of ``plane``, 0 outside the grid.
+
+    Only the pixels under the grid's bounding box (``corners``, from :func:`grid_corners`) are
+    sampled. Returns ``(rows, columns)`` float32, or ``None`` when the box does not cross the
+    plane.
+    """
+    if corners is None:
+        corners = grid_corners(values.shape, origin_mm, spacing_mm)
+    cols, rows, heights = np.array([plane.to_pixel(c) for c in corners]).T
+    if heights.min() > 0 or heights.max() < 0:
+        return None
+    out = np.zeros((plane.rows, plane.columns), dtype=np.float32)
+    c0, c1 = max(0, int(np.floor(cols.min()))), min(plane.columns, int(np.ceil(cols.max())) + 1)
+    r0, r1 = max(0, int(np.floor(rows.min()))), min(plane.rows, int(np.ceil(rows.max())) + 1)
+    if c0 < c1 and r0 < r1:
+        rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+        world = (
+            plane.position
+            + cc[..., None] * plane.pixel_spacing[1] * plane.row_cosine
+            + rr[..., None] * plane.pixel_spacing[0] * plane.column_cosine
+        )
+        index_xyz = (world - np.asarray(origin_mm, dtype=np.float64)) / spacing_mm
+        coords = np.moveaxis(index_xyz[..., ::-1], -1, 0)
+        out[r0:r1, c0:c1] = ndimage.map_coordinates(
+            values, coords, order=1, mode="constant", cval=0.0
+        )
+    return out
 
 
 def project_mask(nodule: Nodule, planes: Sequence[SourcePlane]) -> list[PlaneMask]:
@@ -215,29 +254,14 @@ def project_mask(nodule: Nodule, planes: Sequence[SourcePlane]) -> list[PlaneMas
     list of PlaneMask
         In the order of ``planes``; frames the box does not cross are left out.
     """
-    corners = _mask_corners(nodule)
     values = nodule.mask.astype(np.float32)
-    origin = np.asarray(nodule.mask_origin_mm, dtype=np.float64)
+    origin, spacing = nodule.mask_origin_mm, nodule.mask_spacing_mm
+    corners = grid_corners(values.shape, origin, spacing)
     out: list[PlaneMask] = []
     for plane in planes:
-        cols, rows, heights = np.array([plane.to_pixel(c) for c in corners]).T
-        if heights.min() > 0 or heights.max() < 0:
-            continue
-        c0, c1 = max(0, int(np.floor(cols.min()))), min(plane.columns, int(np.ceil(cols.max())) + 1)
-        r0, r1 = max(0, int(np.floor(rows.min()))), min(plane.rows, int(np.ceil(rows.max())) + 1)
-        mask = np.zeros((plane.rows, plane.columns), dtype=bool)
-        if c0 < c1 and r0 < r1:
-            rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
-            world = (
-                plane.position
-                + cc[..., None] * plane.pixel_spacing[1] * plane.row_cosine
-                + rr[..., None] * plane.pixel_spacing[0] * plane.column_cosine
-            )
-            index_xyz = (world - origin) / nodule.mask_spacing_mm
-            coords = np.moveaxis(index_xyz[..., ::-1], -1, 0)
-            sampled = ndimage.map_coordinates(values, coords, order=1, mode="constant", cval=0.0)
-            mask[r0:r1, c0:c1] = sampled >= OVERLAP
-        out.append(PlaneMask(plane, mask))
+        sampled = sample_on_plane(values, origin, spacing, plane, corners)
+        if sampled is not None:
+            out.append(PlaneMask(plane, sampled >= OVERLAP))
     return out
 
 

@@ -51,6 +51,7 @@ from dicom_node.results import (
     COMPREHENSIVE_3D_SR,
     GSPS_STORAGE,
     KEY_OBJECT_SELECTION,
+    PARAMETRIC_MAP,
     SECONDARY_CAPTURE,
     SEGMENTATION_STORAGE,
     ModelIdentity,
@@ -66,6 +67,7 @@ from pipelines.brock import BrockRisk, Patient, nodule_risk, patient_of
 from pipelines.comparison import Change, Measured, Status, compare, lung_rads_growth
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
+from pipelines.heatmap import encode_heatmap
 from pipelines.keyimages import KeyFinding, encode_key_images
 from pipelines.lesions import Focus, LesionClass, classify
 from pipelines.lungrads import (
@@ -78,6 +80,7 @@ from pipelines.lungrads import (
 from pipelines.masks import Outline, nodule_outline, project_mask, source_planes
 from pipelines.priors import PriorFindings
 from pipelines.rejection import encode_rejection_note
+from pipelines.screen import Heatmap
 from pipelines.seg import SegmentInput, encode_segmentation
 from pipelines.sr import Assessment, NoduleReport, Predecessor, PriorReference, encode_sr
 from pipelines.uids import ResultUIDs, derive_uid
@@ -95,6 +98,7 @@ KIND_BY_SOP_CLASS = {
     COMPREHENSIVE_3D_SR: ObjectKind.SR,
     GSPS_STORAGE: ObjectKind.GSPS,
     SECONDARY_CAPTURE: ObjectKind.KEY_IMAGE,
+    PARAMETRIC_MAP: ObjectKind.HEATMAP,
     KEY_OBJECT_SELECTION: ObjectKind.REJECTION,
 }
 #: Errors highdicom and pydicom raise on content they cannot encode.
@@ -200,6 +204,7 @@ def encode_results(
     history: Sequence[ResultSet] = (),
     created: datetime | None = None,
     prior: PriorFindings | None = None,
+    heatmap: Heatmap | None = None,
 ) -> EncodedResults:
     """Encode the findings of one series as SEG, SR (TID 1500), GSPS and a rejection note.
 
@@ -224,13 +229,16 @@ def encode_results(
         same bytes); the clock when not given.
     prior : PriorFindings, optional
         The patient's prior CT, aligned: the nodules are compared with its nodules.
+    heatmap : Heatmap, optional
+        Stage 1's screening heatmap: encoded as a Parametric Map over the series
+        (:mod:`pipelines.heatmap`), after the key images, with or without nodules.
 
     Returns
     -------
     EncodedResults
-        Datasets ``[SEG, SR, GSPS, key image per nodule]`` with nodules, ``[SR]`` without, each
-        followed by the rejection note when earlier objects are replaced, and the encoded
-        nodules.
+        Datasets ``[SEG, SR, GSPS, key image per nodule]`` with nodules, ``[SR]`` without, then
+        the heatmap when given, each followed by the rejection note when earlier objects are
+        replaced, and the encoded nodules.
         Nodules whose mask falls on no stored frame (e.g. only on interpolated slices) are left
         out of all three objects and of the nodule list.
 
@@ -242,7 +250,7 @@ def encode_results(
         would be false. Also when highdicom refuses the content.
     """
     try:
-        encoded = _encode(source_datasets_or_paths, volume, nodules, model, history, prior)
+        encoded = _encode(source_datasets_or_paths, volume, nodules, model, history, prior, heatmap)
         for ds in encoded.datasets:
             _pin_clock(ds, created or datetime.now(UTC))
         return encoded
@@ -257,6 +265,7 @@ def _encode(
     model: ModelIdentity,
     history: Sequence[ResultSet],
     prior: PriorFindings | None,
+    heatmap: Heatmap | None,
 ) -> EncodedResults:
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -354,6 +363,11 @@ def _encode(
         name,
         version,
     )
+    if heatmap is not None:
+        pmap = encode_heatmap(used, planes, heatmap, uids, name, version)
+        if pmap is not None:
+            pmap.InstanceNumber = uids.revision
+            objects.append(pmap)
     rejected = replaced(history, objects)
     if rejected:
         objects.append(encode_rejection_note(rejected, used[0], uids, name, version, uids.revision))

@@ -115,6 +115,37 @@ def extract_candidates(
     return kept
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """Stage 1's score over the lungs' box, on the isotropic grid.
+
+    Attributes
+    ----------
+    values : numpy.ndarray
+        float32 ``[z, y, x]`` scores in ``[0, 1]``.
+    origin_mm : tuple of float
+        LPS ``(x, y, z)`` of ``values[0, 0, 0]``.
+    spacing_mm : float
+        Grid spacing (isotropic).
+    """
+
+    values: FloatArray
+    origin_mm: tuple[float, float, float]
+    spacing_mm: float = ISO_SPACING_MM
+
+
+@dataclass
+class Screening:
+    """What stage 1 made of one volume: the candidates, and the heatmap over the lungs' box.
+
+    ``heat`` covers the whole isotropic grid (0 outside ``box``).
+    """
+
+    candidates: list[Candidate]
+    heat: FloatArray
+    box: tuple[slice, slice, slice]
+
+
 def screen(
     iso_norm: FloatArray,
     lung: npt.NDArray[np.bool_],
@@ -122,8 +153,8 @@ def screen(
     threshold: float,
     max_candidates: int,
     batch: int = 16,
-) -> list[Candidate]:
-    """Screen every slice of the lungs' box, batched; return the candidates.
+) -> Screening:
+    """Screen every slice of the lungs' box, batched; return the candidates and the heatmap.
 
     Parameters
     ----------
@@ -140,5 +171,7 @@ def screen(
     batch : int
         Slices per network call.
     """
-    heat = screen_volume(iso_norm, lung_box(lung), lambda x: backend.run(x)[0], batch=batch)
-    return extract_candidates(heat, near_lung(lung), threshold, max_candidates=max_candidates)
+    box = lung_box(lung)
+    heat = screen_volume(iso_norm, box, lambda x: backend.run(x)[0], batch=batch)
+    candidates = extract_candidates(heat, near_lung(lung), threshold, max_candidates=max_candidates)
+    return Screening(candidates, heat, box)

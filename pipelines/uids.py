@@ -141,6 +141,11 @@ class ResultUIDs:
         series = derive_uid("series", "key-images", self.source_series_uid, self.model_version)
         return series, derive_uid("key-image", str(index), *self._identity())
 
+    def heatmap_uids(self) -> tuple[str, str]:
+        """(SeriesInstanceUID, SOPInstanceUID) of the screening heatmap (Parametric Map)."""
+        series = derive_uid("series", "heatmap", self.source_series_uid, self.model_version)
+        return series, derive_uid("instance", "heatmap", *self._identity())
+
     def rejection_uids(self, rejected: Iterable[str]) -> tuple[str, str]:
         """(SeriesInstanceUID, SOPInstanceUID) of the rejection note listing ``rejected``."""
         series = derive_uid("series", "rejection", self.source_series_uid, self.model_version)

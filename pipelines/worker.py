@@ -105,6 +105,7 @@ def detector_config(settings: Settings) -> DetectorConfig:
         threads=settings.inference_threads,
         operating_threshold=settings.operating_threshold,
         review_band=settings.review_band,
+        heatmap=settings.heatmap,
     )
     if settings.models_dir is not None:
         config = DetectorConfig(**{**config.__dict__, "models_dir": settings.models_dir})
@@ -267,6 +268,7 @@ class Worker:
             history=self._history(job_id),
             created=created,
             prior=prior if isinstance(prior, PriorFindings) else None,
+            heatmap=detection.heatmap,
         )
         comparison = encoded.prior if isinstance(prior, PriorFindings) else prior
         folder = f"{results_path(job_id)}/{attempt}"

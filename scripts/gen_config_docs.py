@@ -67,6 +67,8 @@ MEANINGS: dict[str, str] = {
     "review_band": (
         "findings less than this much above the operating threshold are reported as needing review"
     ),
+    "heatmap": "also send stage 1's screening heatmap as a Parametric Map over the CT (OHIF "
+    "draws it; about 4 bytes per CT pixel, so off by default)",
     "min_slices": "series with fewer slices are not eligible",
     "max_attempts": "attempts per job before it fails and is dead-lettered",
     "retry_backoff_seconds": "first retry delay of a job (doubles per attempt)",

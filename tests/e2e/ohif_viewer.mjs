@@ -1,7 +1,8 @@
 // Drives OHIF 3 (served by tests/e2e/ohif/ohif_server.py) in Debian's chromium with playwright-core:
 // opens the study, loads our SEG (answers "Yes" to open it), goes to the slice of the nodule's centre,
 // screenshots it with the segment shown and hidden (the segmentation panel's eye), then loads our SR
-// and screenshots its outline and text with the annotation layer shown and hidden. Prints what it
+// and screenshots its outline and text with the annotation layer shown and hidden, then opens our
+// Parametric Map (screening heatmap) and screenshots it with the map shown and hidden. Prints what it
 // saw as JSON on stdout: viewport geometry (the nodule centre projected onto the canvas by OHIF's own
 // cornerstone viewport, in page pixels), segment rows, SR outline points and text, screenshot paths.
 // Input (environment): OHIF_BASE, OHIF_STUDY, OHIF_OUT (screenshots, console log),
@@ -169,6 +170,44 @@ async function sr(page, nearIndex) {
   return { geometry: geo, ...drawn, shots: { on, off } };
 }
 
+// Open our Parametric Map (the screening heatmap): OHIF shows it in a volume viewport fused over
+// its CT. Move the slice plane through `where`, screenshot with the map's actor shown and hidden.
+async function pmap(page, where, named) {
+  await openSeries(page, "PMAP");
+  await page.waitForFunction(() => {
+    const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+    return vp && typeof vp.getActors === "function" && vp.getActors().length >= 2
+      && !document.body.innerText.includes("Loading Parametric Map");
+  }, null, { timeout: TIMEOUT });
+  const plane = await page.evaluate((c) => {
+    const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+    const cam = vp.getCamera();
+    const n = cam.viewPlaneNormal;
+    const d = (c[0] - cam.focalPoint[0]) * n[0] + (c[1] - cam.focalPoint[1]) * n[1] + (c[2] - cam.focalPoint[2]) * n[2];
+    vp.setCamera({
+      focalPoint: cam.focalPoint.map((v, i) => v + d * n[i]),
+      position: cam.position.map((v, i) => v + d * n[i]),
+    });
+    vp.render();
+    const after = vp.getCamera();
+    return { normal: n, focalPoint: after.focalPoint, actors: vp.getActors().map((a) => a.referencedId) };
+  }, where);
+  await noToasts(page);
+  const on = await stableScreenshot(page, `${out}/pmap-on.png`);
+  const geo = await page.evaluate(geometry, [where, named]);
+  const visibility = (shown) => {
+    const vp = window.cornerstone.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+    const actors = vp.getActors();
+    actors[actors.length - 1].actor.setVisibility(shown);
+    vp.render();
+  };
+  await page.evaluate(visibility, false);
+  const off = await stableScreenshot(page, `${out}/pmap-off.png`);
+  const geoOff = await page.evaluate(geometry, [where, named]);
+  await page.evaluate(visibility, true);
+  return { plane, geometry: geo, geometryOff: geoOff, shots: { on, off } };
+}
+
 async function main() {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -191,6 +230,7 @@ async function main() {
     if (decoy) result.decoy = await segmentShots(page, 1, decoy, {}, "decoy");
     result.segSeconds = (Date.now() - started) / 1000;
     result.sr = await sr(page, result.seg.target.index);
+    result.pmap = await pmap(page, center, {});
     result.totalSeconds = (Date.now() - started) / 1000;
   } catch (error) {
     result.error = String(error && error.stack ? error.stack : error);

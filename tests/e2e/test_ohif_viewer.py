@@ -1,11 +1,14 @@
-"""OHIF 3 draws our SEG overlay and our SR outline with its diameter on the LIDC-IDRI-0001 nodule.
+"""OHIF 3 draws our SEG overlay, our SR outline with its diameter and our screening heatmap
+(Parametric Map) on the LIDC-IDRI-0001 nodule.
 
 Issue 5, must-show 5. The real viewer (npm ``@ohif/app``, its prebuilt static site fetched by
 ``tests/e2e/ohif/fetch-ohif.sh``) is served on loopback by ``tests/e2e/ohif/ohif_server.py``,
 whose ``/dicom-web/`` proxies to a real Orthanc (DICOMweb plugin) adding its basic-auth header.
 Orthanc holds the 133 LIDC-IDRI-0001 slices and the SEG, SR and GSPS that
 :func:`pipelines.outputs.encode_results` writes for the readers' nodule (``069.xml``, as the issue
-allows until the detector's weights exist). ``ohif_viewer.mjs`` drives Debian's chromium with
+allows until the detector's weights exist), and the Parametric Map of a heatmap peaking at the
+nodule's centre (issue 18: OHIF fuses it over the CT in a volume viewport).
+``ohif_viewer.mjs`` drives Debian's chromium with
 ``playwright-core``; this test checks the screenshots' pixels where OHIF's own viewport projects
 the nodule's centre. Screenshots, the browser console and the driver's report land in
 ``test-artifacts/ohif/``.
@@ -36,6 +39,7 @@ from pydicom import Dataset, dcmread
 from dicom_node.results import ModelIdentity
 from pipelines.findings import Nodule
 from pipelines.outputs import encode_results
+from pipelines.screen import Heatmap
 from pipelines.volume import build_volume
 from tests.conftest import REPO
 from tests.helpers import free_port, wait_for
@@ -123,12 +127,12 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
     # A second segment 80 mm below, in the other lung: the SEG omits the empty slices between
     # the two, and OHIF must still draw each segment on its own slices (no shift).
     decoy = _moved(nodules[0], (-110.0, 0.0, -80.0))
-    seg, sr, gsps, *_key_images = encode_results(
-        slices, volume, [nodules[0], decoy], MODEL
+    seg, sr, gsps, *_key_images, pmap = encode_results(
+        slices, volume, [nodules[0], decoy], MODEL, heatmap=_peak(nodules[0].center_mm)
     ).datasets
     out = tmp_path_factory.mktemp("results")
     files = {}
-    for name, ds in (("SEG", seg), ("SR", sr), ("GSPS", gsps)):
+    for name, ds in (("SEG", seg), ("SR", sr), ("GSPS", gsps), ("PMAP", pmap)):
         files[name] = out / f"{name}.dcm"
         ds.save_as(files[name])
     polyline, long_axis = _sr_planar_group(sr)
@@ -165,6 +169,18 @@ def results(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Resu
     )
 
 
+def _peak(center_mm: tuple[float, ...], sigma_mm: float = 5.0) -> Heatmap:
+    """A stage-1-like heatmap: a Gaussian peak of 0.9 at ``center_mm``, 0 beyond 4 sigma."""
+    spacing = 1.25
+    n = int(np.ceil(4 * sigma_mm / spacing))
+    axis = np.arange(-n, n + 1) * spacing
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    values = 0.9 * np.exp(-(x**2 + y**2 + z**2) / (2 * sigma_mm**2))
+    values[np.sqrt(x**2 + y**2 + z**2) > 4 * sigma_mm] = 0.0
+    origin = tuple(float(c) - n * spacing for c in center_mm)
+    return Heatmap(values.astype(np.float32), origin, spacing)  # type: ignore[arg-type]
+
+
 def _moved(nodule: Nodule, shift_mm: tuple[float, float, float]) -> Nodule:
     """The same nodule (mask and all) moved by ``shift_mm`` (patient LPS)."""
     return dataclasses.replace(
@@ -180,7 +196,7 @@ def _header(path: Path) -> Dataset:
 
 @pytest.fixture
 def pacs(tmp_path_factory: pytest.TempPathFactory, results: Results) -> Iterator[Orthanc]:
-    """Orthanc holding the CT series and our SEG, SR and GSPS."""
+    """Orthanc holding the CT series and our SEG, SR, GSPS and heatmap."""
     if shutil.which("Orthanc") is None:
         _unavailable("Orthanc not installed; scripts/system-deps.sh installs it")
     server = Orthanc(tmp_path_factory.mktemp("orthanc"))
@@ -400,6 +416,31 @@ def assert_sr_outline_and_diameter_on_the_nodule(sr: dict[str, Any], results: Re
     assert (grey_before[ring] < 20).all(), "the green came from the image, not the annotation"
 
 
+def assert_heatmap_on_the_nodule(pmap: dict[str, Any], center_mm: tuple[float, ...]) -> None:
+    """OHIF's volume viewport, its slice plane through the nodule centre, colours the pixels
+    around the centre when our Parametric Map is shown, and nothing farther than the heatmap's
+    reach (it is 0 beyond 20 mm)."""
+    geo = pmap["geometry"]
+    assert pmap["geometryOff"]["rect"] == geo["rect"], "the viewport moved between screenshots"
+    assert pmap["geometryOff"]["nodule"] == geo["nodule"], "the camera moved between screenshots"
+    offset = np.subtract(center_mm, pmap["plane"]["focalPoint"]) @ np.asarray(
+        pmap["plane"]["normal"]
+    )
+    assert abs(offset) <= 1.0, f"the slice plane is {offset:.1f} mm off the nodule centre"
+    on, off = _rgb(pmap["shots"]["on"]), _rgb(pmap["shots"]["off"])
+    changed = (np.abs(on - off).sum(axis=2) > CHANGED) & _in_viewport(on.shape, geo)
+    mm = _distance(on.shape, geo["nodule"]) / geo["pxPerMm"]
+    near, far = changed & (mm <= 20), changed & (mm > 22)
+    px_per_mm2 = geo["pxPerMm"] ** 2
+    # The peak (0.9, sigma 5 mm) is above a tenth of itself within 10.7 mm of the centre; OHIF's
+    # colour map is transparent at 0 only: a disc of well over 80 mm² must change colour.
+    assert near.sum() >= 80 * px_per_mm2, f"heatmap covers {near.sum() / px_per_mm2:.0f} mm²"
+    assert far.sum() <= 0.01 * near.sum(), f"{far.sum()} changed pixels far from the nodule"
+    ys, xs = np.nonzero(near)
+    centroid = np.hypot(xs.mean() - geo["nodule"][0], ys.mean() - geo["nodule"][1])
+    assert centroid / geo["pxPerMm"] <= 2.5, "the heatmap is not centred on the nodule"
+
+
 def test_ohif_draws_our_seg_overlay_and_sr_outline_with_diameter_on_the_lidc_nodule(
     ohif: str, results: Results
 ) -> None:
@@ -414,8 +455,12 @@ def test_ohif_draws_our_seg_overlay_and_sr_outline_with_diameter_on_the_lidc_nod
         seen["decoy"], colours[1], results.decoy_center_mm, results.decoy_rgb
     )
     assert_sr_outline_and_diameter_on_the_nodule(sr, results)
-    # OHIF reports what it could not take from our objects as notifications ("DICOM SEG import").
-    assert seen["toasts"] == [], seen["toasts"]
+    assert_heatmap_on_the_nodule(seen["pmap"], results.center_mm)
+    # OHIF reports what it could not take from our objects as notifications ("DICOM SEG import");
+    # its PMAP viewport always says that it shows the values times 100 (its own notice).
+    problems = [t for t in seen["toasts"] if not t.startswith("Parametric Map")]
+    assert problems == [], seen["toasts"]
     assert seen["consoleErrors"] == [], seen["consoleErrors"]
     screenshots = {p.name for p in ARTIFACTS.glob("*.png")}
-    assert {"seg-on.png", "seg-off.png", "decoy-on.png", "sr-on.png", "sr-off.png"} <= screenshots
+    expected = {"seg-on.png", "seg-off.png", "decoy-on.png", "sr-on.png", "sr-off.png"}
+    assert expected | {"pmap-on.png", "pmap-off.png"} <= screenshots
