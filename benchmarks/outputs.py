@@ -6,10 +6,14 @@ One run, one machine, the same detection (the shipped weights on onnxruntime CPU
   (one call per encoder, no assessment, no key images);
 - **all outputs** ("after"): :func:`pipelines.outputs.encode_results` as the worker runs it now:
   lesion classes, Lung-RADS, Brock risk, SEG, SR with the evaluations, GSPS and one key image per
-  nodule or mass.
+  nodule or mass;
+- **with the heatmap** (``NODULEAI_HEATMAP``): the same plus the screening heatmap's Parametric
+  Map; here each variant also writes its objects to disk as the worker does, since the map's
+  size (4 bytes per CT pixel) is its cost.
 
 Each encoding is repeated ``--repeat`` times and the median is taken; the job time is the detection
-(once) plus that encoding. Printed: both figures, their ratio, and the added share of the job.
+(once, keeping the heatmap) plus that encoding. Printed: the figures, their ratios, and the added
+shares of the job.
 
 Run: ``.venv/bin/python benchmarks/outputs.py [--threads 2] [--repeat 5]``.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +41,7 @@ from pipelines.findings import Nodule  # noqa: E402
 from pipelines.gsps import GspsNodule, encode_gsps  # noqa: E402
 from pipelines.lesions import LesionClass  # noqa: E402
 from pipelines.masks import nodule_outline, project_mask, source_planes  # noqa: E402
-from pipelines.outputs import encode_results  # noqa: E402
+from pipelines.outputs import EncodedResults, encode_results  # noqa: E402
 from pipelines.seg import SegmentInput, encode_segmentation  # noqa: E402
 from pipelines.sr import Assessment, NoduleReport, encode_sr  # noqa: E402
 from pipelines.uids import ResultUIDs  # noqa: E402
@@ -79,6 +84,17 @@ def reference_encoding(
     return 3
 
 
+def _written(encoded: EncodedResults, folder: Path) -> int:
+    """Write every object as the worker does; return the bytes written."""
+    size = 0
+    for i, ds in enumerate(encoded.datasets):
+        path = folder / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        size += path.stat().st_size
+        path.unlink()
+    return size
+
+
 def _median_ms(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
     times: list[float] = []
     for _ in range(repeat):
@@ -95,7 +111,7 @@ def main() -> int:
     args = parser.parse_args()
     paths = sorted(DATA.rglob("*.dcm"))
     volume = build_volume(paths)
-    detector = Detector(DetectorConfig(threads=args.threads))
+    detector = Detector(DetectorConfig(threads=args.threads, heatmap=True))
     start = time.perf_counter()
     detection = detector.run(volume)
     detect_ms = (time.perf_counter() - start) * 1000.0
@@ -121,6 +137,25 @@ def main() -> int:
     print(f"  ratio all outputs / reference (job):   {job_after / job_before:8.3f}")
     added = 100 * (job_after - job_before) / job_after
     print(f"  added share of the job:                {added:7.1f} %")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plain_ms, plain_bytes = _median_ms(
+            lambda: _written(encode_results(paths, volume, nodules, model), folder), args.repeat
+        )
+        heat_ms, heat_bytes = _median_ms(
+            lambda: _written(
+                encode_results(paths, volume, nodules, model, heatmap=detection.heatmap), folder
+            ),
+            args.repeat,
+        )
+    job_plain, job_heat = detect_ms + plain_ms, detect_ms + heat_ms
+    print("  -- the screening heatmap (encoding and writing every object):")
+    print(f"  all outputs, written:           {plain_ms:8.0f} ms  {plain_bytes / 1e6:7.1f} MB")
+    print(f"  all outputs + heatmap, written: {heat_ms:8.0f} ms  {heat_bytes / 1e6:7.1f} MB")
+    print(f"  ratio with / without heatmap (job):    {job_heat / job_plain:8.3f}")
+    share = 100 * (job_heat - job_plain) / job_plain
+    print(f"  heatmap's cost, share of the job:      {share:7.1f} %  (default off above 10 %)")
     return 0
 
 

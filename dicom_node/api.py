@@ -55,6 +55,9 @@ class FindingsOut(BaseModel):
     #: The comparison with the prior CT, or why there is none
     #: (:meth:`dicom_node.results.PriorComparison.to_json`); ``None`` without a priors policy.
     prior: dict[str, Any] | None = None
+    #: Why the series is outside what the detector was validated on (every finding then needs
+    #: review); empty when it is not.
+    input_review: list[str] = []
 
 
 def create_app(
@@ -151,6 +154,7 @@ def create_app(
                 models=result.model_versions if result else None,
                 lung_rads=(result.lung_rads or None) if result else None,
                 prior=result.prior.to_json() if result and result.prior else None,
+                input_review=list(result.input_review) if result else [],
             )
 
     return app

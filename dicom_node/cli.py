@@ -113,6 +113,7 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
             "nodules": [n.to_json() for n in encoded.nodules],
             "not_encoded": encoded.not_encoded,
             "lung_rads": encoded.lung_rads,
+            "input_review": list(detection.input_review),
             "candidates": detection.candidates,
             "timings_ms": {k: round(v, 1) for k, v in detection.timings_ms.items()},
             "backend": detection.backend,

@@ -557,8 +557,12 @@ def build_results(
     issued: datetime | None = None,
     lung_rads: str | None = None,
     prior: PriorComparison | None = None,
+    input_review: Sequence[str] = (),
 ) -> tuple[JSON, list[JSON]]:
     """The ``preliminary`` report with one Observation per nodule.
+
+    ``input_review`` (why the series is outside what the detector was validated on) is stated
+    in the conclusion.
 
     ``lung_rads``, the study's Lung-RADS v2022 category, is stated in the conclusion, and so is
     ``prior``, the comparison with the prior CT (or why there was none); a compared prior is
@@ -597,6 +601,11 @@ def build_results(
         conclusion += f" Lung-RADS v2022 category {lung_rads} ({rules}; not for clinical use)."
     if prior is not None:
         conclusion += " " + prior_sentence(prior, nodules)
+    if input_review:
+        conclusion += (
+            f" Input outside the validated range ({', '.join(input_review)}):"
+            " every finding needs review."
+        )
     report = build_report(
         study,
         "preliminary",

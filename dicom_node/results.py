@@ -357,6 +357,9 @@ class ResultSet:
     retracted : tuple of str
         SOP Instance UIDs of the earlier results this one replaces (listed by the rejection
         note; destinations retract them once this result's objects are confirmed).
+    input_review : tuple of str
+        Why the series lies outside what the detector was validated on
+        (:func:`pipelines.inputcheck.input_review`; every nodule then needs review).
     prior : PriorComparison or None
         The comparison with the prior CT, or why there is none; ``None`` when the calling AE
         has no priors policy.
@@ -379,6 +382,7 @@ class ResultSet:
     instance_number: int = 1
     retracted: tuple[str, ...] = ()
     prior: PriorComparison | None = None
+    input_review: tuple[str, ...] = ()
 
     def object(self, kind: ObjectKind) -> ResultObject | None:
         """The stored object of ``kind``, if this result has one."""
@@ -416,6 +420,7 @@ class ResultSet:
             "instance_number": self.instance_number,
             "retracted": list(self.retracted),
             "prior": None if self.prior is None else self.prior.to_json(),
+            "input_review": list(self.input_review),
         }
 
     @classmethod
@@ -446,6 +451,7 @@ class ResultSet:
             instance_number=int(data.get("instance_number", 1)),
             retracted=tuple(str(u) for u in data.get("retracted", ())),
             prior=None if data.get("prior") is None else PriorComparison.from_json(data["prior"]),
+            input_review=tuple(str(r) for r in data.get("input_review", ())),
         )
 
 

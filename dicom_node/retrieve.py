@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node.config import DimseDestination
+from dicom_node.results import RESULT_SOP_CLASSES
 from dicom_node.status import Status, status_for
 
 LOGGER = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ LOGGER = logging.getLogger(__name__)
 GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
     "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
-    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State Storage
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
-    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document Storage
+    *sorted(RESULT_SOP_CLASSES),
 )
 
 

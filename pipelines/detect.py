@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
+from pipelines.inputcheck import input_review
 from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
 from pipelines.preprocess import (
     ISO_SPACING_MM,
@@ -66,6 +67,9 @@ class Detection:
     backend: str
     model_versions: dict[str, str] = field(default_factory=dict)
     heatmap: Heatmap | None = None
+    #: Why the series is outside what the detector was validated on
+    #: (:func:`pipelines.inputcheck.input_review`); when any, every nodule needs review.
+    input_review: tuple[str, ...] = ()
 
     @property
     def model_name(self) -> str:
@@ -101,6 +105,8 @@ class StageResult:
         LPS z of the lung mask's lowest and highest slice (``None``: no lung found).
     heatmap : Heatmap, optional
         Stage 1's heatmap over the lungs' box, when the configuration keeps it.
+    lung_median_hu : float, optional
+        Median HU inside the lung mask (``None``: no lung found).
     """
 
     candidates: list[Candidate]
@@ -110,6 +116,7 @@ class StageResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     lung_z_mm: tuple[float, float] | None = None
     heatmap: Heatmap | None = field(default=None, repr=False)
+    lung_median_hu: float | None = None
 
     def upper_zone(self, z_mm: float) -> bool | None:
         """Whether ``z_mm`` lies in the cranial half of the lungs (``None``: no lung mask)."""
@@ -161,7 +168,12 @@ class Detector:
     def run(self, volume: Volume) -> Detection:
         """Detect nodules in a built series volume; timings in ms per step."""
         return self.detect(
-            volume.hu, volume.spacing_mm, volume.origin_mm, volume.series_instance_uid
+            volume.hu,
+            volume.spacing_mm,
+            volume.origin_mm,
+            volume.series_instance_uid,
+            volume.slice_thickness,
+            volume.corrections,
         )
 
     def run_stages(
@@ -210,13 +222,16 @@ class Detector:
         del screening
         with _timed(timings, "stage2"):
             findings = refine(iso, candidates, self.stage2, origin_mm)
+        median_hu = float(np.median(iso_hu[lung])) if lung.any() else None
         slices = np.flatnonzero(lung.any(axis=(1, 2)))
         lung_z = (
             (origin_mm[2] + slices[0] * ISO_SPACING_MM, origin_mm[2] + slices[-1] * ISO_SPACING_MM)
             if slices.size
             else None
         )
-        return StageResult(candidates, findings, self.threshold, iso_hu, timings, lung_z, heatmap)
+        return StageResult(
+            candidates, findings, self.threshold, iso_hu, timings, lung_z, heatmap, median_hu
+        )
 
     def detect(
         self,
@@ -224,9 +239,14 @@ class Detector:
         spacing_mm: tuple[float, float, float],
         origin_mm: tuple[float, float, float],
         series_instance_uid: str = "",
+        slice_thickness_mm: float | None = None,
+        corrections: Sequence[str] = (),
     ) -> Detection:
-        """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``."""
+        """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``;
+        ``slice_thickness_mm`` and ``corrections`` (the Volume's) say whether the input is one
+        the detector was validated on (:mod:`pipelines.inputcheck`)."""
         stages = self.run_stages(hu, spacing_mm, origin_mm)
+        review = input_review(spacing_mm, slice_thickness_mm, stages.lung_median_hu, corrections)
         timings = dict(stages.timings_ms)
         with _timed(timings, "postprocess"):
             nodules = [
@@ -235,6 +255,7 @@ class Detector:
             ]
             for nodule in nodules:
                 nodule.upper_zone = stages.upper_zone(nodule.center_mm[2])
+                nodule.needs_review = nodule.needs_review or bool(review)
             nodules.sort(key=lambda n: -n.probability)
         return Detection(
             series_instance_uid=series_instance_uid,
@@ -246,6 +267,7 @@ class Detector:
                 m["name"]: str(m.get("version", "")) for m in (self.manifest1, self.manifest2)
             },
             heatmap=stages.heatmap,
+            input_review=review,
         )
 
 

@@ -286,6 +286,7 @@ class Worker:
             lung_rads=lung_rads,
             issued=created,
             prior=comparison,
+            input_review=detection.input_review,
         )
         fhir_path = f"{folder}/fhir.json"
         fhir = {"report": report, "observations": observations}
@@ -309,6 +310,7 @@ class Worker:
             instance_number=encoded.instance_number,
             retracted=encoded.retracted,
             prior=comparison,
+            input_review=detection.input_review,
         )
         document = json.dumps(result.to_json(), indent=1).encode()
         self.spool.write(f"{folder}/resultset.json", document)

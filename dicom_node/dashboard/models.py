@@ -191,6 +191,8 @@ class StudyDetail(BaseModel):
     lung_rads: str | None
     #: The comparison with the prior CT or why there is none (``None``: no priors policy).
     prior: dict[str, Any] | None = None
+    #: Why the series is outside what the detector was validated on (empty when it is not).
+    input_review: list[str] = []
     series: list[SeriesOut]
     jobs: list[JobOut]
     deliveries: list[DeliveryOut]

@@ -123,6 +123,7 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             model=result.model.display if result else None,
             lung_rads=(result.lung_rads or None) if result else None,
             prior=result.prior.to_json() if result and result.prior else None,
+            input_review=list(result.input_review) if result else [],
             series=series,
             jobs=jobs,
             deliveries=deliveries,

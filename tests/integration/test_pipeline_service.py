@@ -17,8 +17,16 @@ from sqlalchemy import func, select
 
 from dicom_node.db import Database, Job, Result
 from dicom_node.queues import declare_topology
+from dicom_node.results import (
+    COMPREHENSIVE_3D_SR,
+    GSPS_STORAGE,
+    PARAMETRIC_MAP,
+    SECONDARY_CAPTURE,
+    SEGMENTATION_STORAGE,
+)
+from pipelines.manifest import STAGE1_NAME, load_manifest
 from tests.conftest import AMQP_URL
-from tests.helpers import Service, free_port, storescu, wait_for
+from tests.helpers import Service, dciodvfy, free_port, storescu, wait_for
 
 READERS_NODULE_MM = np.array([55.5, 85.6, -116.1])
 
@@ -233,6 +241,30 @@ def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_rea
     assert json.loads(body)["job_id"] == study["job_id"]
 
 
+def assert_heatmap_peaks_at_the_nodules(pmap: pydicom.Dataset, nodules: list[Any]) -> None:
+    """The heatmap has a frame per CT slice in increasing z, scores in [0, 1], and stage 1 scored
+    every reported nodule: at least its candidate threshold within 5 mm of the nodule centre."""
+    frames = pmap.pixel_array
+    assert frames.shape == (133, 512, 512) and frames.dtype == np.float32
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
+    groups = pmap.PerFrameFunctionalGroupsSequence
+    ipp = np.array(
+        [[float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient] for g in groups]
+    )
+    assert (np.diff(ipp[:, 2]) > 0).all()
+    shared = pmap.SharedFunctionalGroupsSequence[0]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    threshold = float(load_manifest(STAGE1_NAME)["candidate_threshold"])
+    for nodule in nodules:
+        x, y, z = nodule["center_mm"]
+        near = np.abs(ipp[:, 2] - z) <= 5.0
+        rows = np.abs(ipp[0, 1] + np.arange(pmap.Rows) * spacing[0] - y) <= 5.0
+        cols = np.abs(ipp[0, 0] + np.arange(pmap.Columns) * spacing[1] - x) <= 5.0
+        assert frames[np.ix_(near, rows, cols)].max() >= threshold, nodule["center_mm"]
+    # nothing outside the lungs' box: the frames' borders are 0
+    assert frames[:, :20, :].max() == 0.0 and frames[:, :, :20].max() == 0.0
+
+
 def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
     tmp_path: Path, shared_data: Path
 ) -> None:
@@ -254,7 +286,11 @@ def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
         text=True,
         timeout=600,
         check=False,
-        env={**__import__("os").environ, "NODULEAI_INFERENCE_THREADS": "2"},
+        env={
+            **__import__("os").environ,
+            "NODULEAI_INFERENCE_THREADS": "2",
+            "NODULEAI_HEATMAP": "1",
+        },
     )
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "findings.json").read_text())
@@ -276,9 +312,19 @@ def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
         np.linalg.norm(np.array(n["center_mm"]) - READERS_NODULE_MM) for n in report["nodules"]
     ]
     assert min(distances) < 10.0
-    modalities = sorted(pydicom.dcmread(out / name).Modality for name in report["objects"])
-    # SEG, SR, GSPS and one key image (Secondary Capture, OT) per nodule
-    assert modalities == sorted(["PR", "SEG", "SR", *["OT"] * len(report["nodules"])])
+    objects = [pydicom.dcmread(out / name) for name in report["objects"]]
+    # SEG, SR, GSPS, one key image (Secondary Capture) per nodule and the heatmap
+    classes = sorted(str(ds.SOPClassUID) for ds in objects)
+    expected = [SEGMENTATION_STORAGE, COMPREHENSIVE_3D_SR, GSPS_STORAGE, PARAMETRIC_MAP]
+    assert classes == sorted(expected + [SECONDARY_CAPTURE] * len(report["nodules"]))
+    name = next(
+        n
+        for n, ds in zip(report["objects"], objects, strict=True)
+        if ds.SOPClassUID == PARAMETRIC_MAP
+    )
+    assert_heatmap_peaks_at_the_nodules(pydicom.dcmread(out / name), report["nodules"])
+    errors, _ = dciodvfy(out / name)
+    assert errors == [], errors
 
     bad = tmp_path / "bad"
     run = subprocess.run(
