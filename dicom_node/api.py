@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -83,7 +84,9 @@ def create_app(
     refusals : Refusals, optional
         The DICOM listener's refusal counts (``noduleai_association_refusals_total``).
     """
-    app = FastAPI(title="NoduleAI", version=__version__)
+    # /docs and /redoc with their assets served by the node (hospital networks often have no
+    # internet access; FastAPI's own pages load them from a CDN)
+    app = FastAPIOffline(title="NoduleAI", version=__version__)
     app.middleware("http")(_security_headers)
     dashboard = None
     if settings is not None:

@@ -375,8 +375,14 @@ class EventDrivenDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                if self.socket is None or self.socket.socket is None:
+                    # Not in pynetdicom 3.0.4, which logs a traceback here: the association's
+                    # own thread closed the connection (a rejection, a kill) while this one was
+                    # about to read from it. That is the end of the connection, not a fault.
+                    LOGGER.debug("connection closed while reading (%s)", type(exc).__name__)
+                else:
+                    LOGGER.error("Exception in DUL.run(), aborting association")
+                    LOGGER.exception(exc)
                 self._abort_on_error()
                 return
 

@@ -1,5 +1,6 @@
 // Drives Debian's chromium with playwright-core through every dashboard page, reads the numbers
-// shown, clicks "retry" on the failed study, and prints what it saw as JSON on stdout.
+// shown, clicks "retry" on the failed study, opens the API's Swagger UI offline, and prints what
+// it saw as JSON on stdout.
 // Input (environment): E2E_BASE, E2E_TOKEN, E2E_OUT (screenshots), E2E_FAILED_UID, E2E_UIDS (JSON).
 import { chromium } from "playwright-core";
 
@@ -97,6 +98,26 @@ async function config(page) {
   return { settings, html: await page.content() };
 }
 
+// The API's Swagger UI with the network cut off beyond the node (a hospital network without
+// internet access): every request that leaves the node's own address is aborted and recorded.
+async function apiDocs(context) {
+  const page = await context.newPage();
+  const outside = [];
+  await page.route("**/*", (route) => {
+    const url = route.request().url();
+    if (url.startsWith(base)) return route.continue();
+    outside.push(url);
+    return route.abort();
+  });
+  await page.goto(`${base}/docs`);
+  await page.waitForSelector(".swagger-ui .opblock", { timeout: TIMEOUT });
+  const operations = await page.$$eval(".swagger-ui .opblock-summary-path", (els) => els.map((e) => e.textContent.trim()));
+  const title = (await page.textContent(".swagger-ui .title")).trim();
+  await page.screenshot({ path: `${out}/api-docs.png`, fullPage: false });
+  await page.close();
+  return { title, operations, outside };
+}
+
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
@@ -116,6 +137,7 @@ try {
     studyPages: await studyPages(page),
     failures: await failures(page),
     config: await config(page),
+    apiDocs: await apiDocs(page.context()),
   };
   result.pageErrors = errors;
   process.stdout.write(JSON.stringify(result));

@@ -239,6 +239,11 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
     assert seen["config"]["settings"]["amqp_url"] == "**********"
     assert seen["config"]["settings"]["dashboard_token"] == "**********"
     assert TOKEN not in seen["config"]["html"] and "guest:guest" not in seen["config"]["html"]
+    # /docs: Swagger UI from the node's own assets, nothing fetched from elsewhere
+    docs = seen["apiDocs"]
+    assert docs["outside"] == [], docs["outside"]
+    assert docs["title"].startswith("NoduleAI")
+    assert "/api/studies/{study_uid}/findings" in docs["operations"], docs["operations"]
 
     detail = httpx.get(f"{base}/api/studies/{failed_uid}").json()
     assert detail["study"]["state"] == "queued" and detail["jobs"][0]["supersedes"] == failed_job
@@ -258,4 +263,5 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
     )
     db.dispose()
     screenshots = {p.name for p in ARTIFACTS.glob("*.png")}
-    assert {"overview.png", "studies.png", "failures.png", "study-after-retry.png"} <= screenshots
+    expected = {"overview.png", "studies.png", "failures.png", "study-after-retry.png"}
+    assert expected | {"api-docs.png"} <= screenshots

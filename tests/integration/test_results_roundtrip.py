@@ -1,5 +1,6 @@
 """Results back to the PACS and to FHIR: Orthanc pushes LIDC-IDRI-0001 to ``noduleai serve``,
-the SEG, SR and GSPS come back into the same study; a FHIR server holds one report."""
+the SEG, SR, GSPS, key images and screening heatmap come back into the same study; a FHIR server
+holds one report."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from pipelines.heatmap import HEATMAP_SERIES_NUMBER
+from pipelines.keyimages import KEY_IMAGE_SERIES_NUMBER
 from tests.conftest import REPO
 from tests.fhir_peer import FhirServer
 from tests.helpers import Service, free_port, node_api, node_healthy, wait_for
@@ -85,6 +88,7 @@ def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
         "NODULEAI_DASHBOARD_TOKEN": TOKEN,
         "NODULEAI_INFERENCE_THREADS": "2",
         "NODULEAI_DELIVERY_BACKOFF_SECONDS": "0.5",
+        "NODULEAI_HEATMAP": "true",
     }
     serve = Service(["serve"], env, tmp_path / "serve.log")
     try:
@@ -100,8 +104,11 @@ def test_results_return_to_the_same_study_once_and_fhir_holds_one_report(
         nodules = _nodules(database_url)
         assert len(series.get("SEG", [])) == (1 if nodules else 0)
         assert len(series.get("PR", [])) == (1 if nodules else 0)
-        key_images = [i for s in series.get("OT", []) for i in s["Instances"]]
+        other = {int(s["MainDicomTags"]["SeriesNumber"]): s for s in series.get("OT", [])}
+        assert sorted(other) == [KEY_IMAGE_SERIES_NUMBER, HEATMAP_SERIES_NUMBER], other.keys()
+        key_images = other[KEY_IMAGE_SERIES_NUMBER]["Instances"]
         assert len(key_images) == nodules
+        assert len(other[HEATMAP_SERIES_NUMBER]["Instances"]) == 1
         _check_objects(orthanc, series, ct_series_uid)
         # Orthanc renders each key image (its /preview PNG), kept for a look
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -174,12 +181,12 @@ def _check_objects(
     orthanc: Orthanc, series: dict[str, list[dict[str, Any]]], ct_series_uid: str
 ) -> None:
     """Every result object references the CT series it was computed from (a key image: the
-    CT slice it shows)."""
+    CT slice it shows; the heatmap: the series and each slice)."""
     for modality in ("SEG", "SR", "PR", "OT"):
         for s in series.get(modality, []):
             for instance_id in s["Instances"]:
                 raw = orthanc.client.get(f"/instances/{instance_id}/file").content
-                if modality == "OT":
+                if int(s["MainDicomTags"]["SeriesNumber"]) == KEY_IMAGE_SERIES_NUMBER:
                     shown = dcmread(DicomBytesIO(raw)).SourceImageSequence[0]
                     uid = str(shown.ReferencedSOPInstanceUID).encode()
                     (hit,) = orthanc.client.post("/tools/lookup", content=uid).json()
