@@ -100,8 +100,8 @@ async function config(page) {
 
 // The API's Swagger UI with the network cut off beyond the node (a hospital network without
 // internet access): every request that leaves the node's own address is aborted and recorded.
-async function apiDocs(context) {
-  const page = await context.newPage();
+async function apiDocs(browser) {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   const outside = [];
   await page.route("**/*", (route) => {
     const url = route.request().url();
@@ -137,7 +137,7 @@ try {
     studyPages: await studyPages(page),
     failures: await failures(page),
     config: await config(page),
-    apiDocs: await apiDocs(page.context()),
+    apiDocs: await apiDocs(browser),
   };
   result.pageErrors = errors;
   process.stdout.write(JSON.stringify(result));
