@@ -21,7 +21,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -129,6 +129,7 @@ def read_header(data: bytes) -> InstanceHeader:
         AttributeError,
         OSError,
         NotImplementedError,  # pydicom: "Unknown Value Representation"
+        BytesLengthException,  # pydicom: a value's bytes do not fit its VR (a replaced VR)
     ) as exc:
         raise UndecodableDatasetError(f"cannot decode dataset: {exc}") from exc
     missing = [kw for kw, value in values.items() if not value]

@@ -492,6 +492,10 @@ def failed(report: Report) -> list[str]:
         unanswered["association_refused"] = report.statuses["association_refused"]
     if unanswered:
         problems.append(f"datasets without an answer: {unanswered}")
+    if report.statuses.get("0x0110"):
+        # the node and its database are healthy here: a malformed dataset is the sender's
+        # fault (0xA900 or 0xC210), not a processing failure
+        problems.append(f"{report.statuses['0x0110']} datasets answered 0x0110 (processing failure)")
     if not report.echo_seconds < 5.0:
         problems.append(f"C-ECHO after the run took {report.echo_seconds:.1f} s")
     if report.files != report.rows:

@@ -125,6 +125,19 @@ def test_a_dataset_with_an_unknown_value_representation_cannot_be_understood() -
     assert status_for(refused.value) is Status.CANNOT_UNDERSTAND
 
 
+def test_a_uid_whose_value_representation_was_replaced_cannot_be_understood() -> None:
+    # found by `make chaos`: StudyInstanceUID re-labelled SL (4-byte integers), so its 26 bytes
+    # of text cannot be read as values (pydicom's BytesLengthException, not a ValueError)
+    data = _encoded(**IDS, Modality="CT")
+    at = data.find(b"\x20\x00\x0d\x00UI")  # (0020,000D) StudyInstanceUID, explicit VR "UI"
+    assert at > 0
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    assert length % 4, "the test needs a UID whose length is no multiple of 4"
+    with pytest.raises(UndecodableDatasetError, match="even multiple") as refused:
+        read_header(data[: at + 4] + b"SL" + data[at + 6 :])
+    assert status_for(refused.value) is Status.CANNOT_UNDERSTAND
+
+
 def test_errors_map_to_one_status_each() -> None:
     assert status_for(StorageFullError()) is Status.OUT_OF_RESOURCES
     assert status_for(DatabaseUnavailableError()) is Status.OUT_OF_RESOURCES
