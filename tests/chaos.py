@@ -495,7 +495,7 @@ def failed(report: Report) -> list[str]:
     if report.statuses.get("0x0110"):
         # the node and its database are healthy here: a malformed dataset is the sender's
         # fault (0xA900 or 0xC210), not a processing failure
-        problems.append(f"{report.statuses['0x0110']} datasets answered 0x0110 (processing failure)")
+        problems.append(f"{report.statuses['0x0110']} datasets answered 0x0110 (processing fault)")
     if not report.echo_seconds < 5.0:
         problems.append(f"C-ECHO after the run took {report.echo_seconds:.1f} s")
     if report.files != report.rows:
