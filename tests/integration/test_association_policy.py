@@ -293,12 +293,19 @@ def test_a_hundred_idle_and_truncated_connections_from_many_addresses_lock_no_pa
             if k % 2:
                 peer.sendall(associate_rq()[:40])
             peers.append(peer)
+        echoes = []
         for _ in range(3):
             before = time.monotonic()
             echo = echoscu(node.scp.port, "MODALITY")
             assert echo.returncode == 0, echo.stderr
-            assert time.monotonic() - before < 5
+            echoes.append(time.monotonic() - before)
+            assert echoes[-1] < 5
         assert all(_closed(peer, within=10.0) for peer in peers)
+        print(
+            f"\n100 idle or truncated connections: echoes answered in "
+            f"{', '.join(f'{e:.2f}' for e in echoes)} s; all closed "
+            f"{time.monotonic() - started:.1f} s after the first opened"
+        )
         assert time.monotonic() - started < 20
     finally:
         for peer in peers:

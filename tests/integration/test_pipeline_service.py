@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from dicom_node.db import Database, Job, Result
+from dicom_node.db import Database, Instance, Job, Result
 from dicom_node.queues import declare_topology
 from dicom_node.results import (
     COMPREHENSIVE_3D_SR,
@@ -200,13 +201,20 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_another_that_completes_it_onc
 
     victim = wait_for(busy_worker, timeout=120, interval=0.2)
     workers[victim].kill()
+    killed = time.monotonic()
 
     (study,) = wait_for(lambda: _finished(env), timeout=600, interval=1.0)
+    recovered_s = time.monotonic() - killed
     assert study["state"] == "done"
     with db.session() as session:
         job = session.scalars(select(Job)).one()
         results = session.scalar(select(func.count()).select_from(Result))
+        stored = session.scalar(select(func.count()).select_from(Instance))
     db.dispose()
+    print(
+        f"\nworker killed mid-job: sent 133, stored {stored}, results {results}, duplicates "
+        f"{results - 1}, attempts {job.attempts}, done {recovered_s:.1f} s after the kill"
+    )
     assert results == 1
     assert job.attempts == 2
 
