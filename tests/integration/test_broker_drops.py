@@ -108,12 +108,13 @@ def _digests(root: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_dropped_broker_connections_and_a_broker_restart_mid_job_give_one_result(
+    database_url: str,
+    amqp_queues: tuple[str, str],
     services: Callable[[list[str], dict[str, str], str], Service],
     shared_data: Path,
     tmp_path: Path,
-    database_url: str,
-    amqp_queues: tuple[str, str],
 ) -> None:
+    # (the services are stopped before the database schema and the queues are removed)
     env = {
         "NODULEAI_DATA_DIR": str(tmp_path / "var"),
         "NODULEAI_DB_URL": database_url,
