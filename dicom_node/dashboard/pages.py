@@ -36,7 +36,20 @@ def fmt_ms(value: float | None) -> str:
     return f"{value / 60_000:.1f} min"
 
 
+def fmt_setting(value: Any) -> str:
+    """A setting as it is written in the environment: ``true``/``false``, lists comma-separated,
+    unset (``None``) and empty lists blank."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt_setting(v) for v in value)
+    return str(value)
+
+
 TEMPLATES.env.filters["ms"] = fmt_ms
+TEMPLATES.env.filters["setting"] = fmt_setting
 
 
 def _render(request: Request, page: str, title: str, **context: Any) -> HTMLResponse:

@@ -26,7 +26,11 @@ async function overview(page) {
   await waitForRefresh(page); // live update without reload
   const shown = await texts(page, "#live [data-testid]");
   await page.screenshot({ path: `${out}/overview.png`, fullPage: true });
-  return { shown, latencySeries: Number(await page.getAttribute("#latency-chart", "data-drawn")) };
+  return {
+    shown,
+    latencySeries: Number(await page.getAttribute("#latency-chart", "data-drawn")),
+    refreshedAt: (await page.textContent("#refreshed-at")).trim(),
+  };
 }
 
 async function studies(page) {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,6 +209,8 @@ def test_every_page_shows_what_the_api_and_database_hold_and_retry_requeues_a_fa
     assert shown["studies-queued"] == "2" and shown["studies-failed"] == "1"
     assert shown["hour-instances"] == "29"
     assert seen["overview"]["latencySeries"] >= 1
+    # 24-hour clock, as every time the pages render (the browser's locale would say "5:38 PM")
+    assert re.fullmatch(r"updated \d\d:\d\d:\d\d", seen["overview"]["refreshedAt"])
 
     rows = {r["uid"]: r for r in seen["studies"]["rows"]}
     assert seen["studies"]["total"] == 3

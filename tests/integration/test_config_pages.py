@@ -47,6 +47,10 @@ def test_every_readme_configuration_renders_on_the_api_and_the_page(
         assert secret not in api.text and secret not in page.text
     for destination in config.destinations:
         assert destination.name in page.text
+    # settings as the environment writes them, not as Python prints them
+    assert 'data-setting="heatmap">false<' in page.text
+    assert 'data-setting="fp16">false<' in page.text
+    assert ">True<" not in page.text and ">False<" not in page.text and ">[]<" not in page.text
 
 
 def test_every_answer_carries_the_security_headers_and_the_pages_a_strict_csp(

@@ -29,8 +29,8 @@
       ctx.beginPath(); ctx.moveTo(left, y(v)); ctx.lineTo(w - right, y(v)); ctx.stroke();
       ctx.fillText(opts.format ? opts.format(v) : String(v), 2, y(v) + 4);
     }
-    ctx.fillText(new Date(t0).toLocaleTimeString(), left, h - 6);
-    ctx.fillText(new Date(t1).toLocaleTimeString(), w - right - 50, h - 6);
+    ctx.fillText(new Date(t0).toTimeString().slice(0, 8), left, h - 6);
+    ctx.fillText(new Date(t1).toTimeString().slice(0, 8), w - right - 50, h - 6);
     series.forEach(function (s, k) {
       ctx.strokeStyle = ctx.fillStyle = COLORS[k % COLORS.length];
       ctx.lineWidth = 2; ctx.beginPath();

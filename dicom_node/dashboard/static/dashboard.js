@@ -67,7 +67,7 @@
       return r.text();
     }).then(function (html) {
       live.innerHTML = html;
-      document.getElementById("refreshed-at").textContent = "updated " + new Date().toLocaleTimeString();
+      document.getElementById("refreshed-at").textContent = "updated " + new Date().toTimeString().slice(0, 8); // 24-hour, as the pages
       return drawCharts();
     }).catch(function (err) {
       document.getElementById("refreshed-at").textContent = "refresh failed: " + err.message;
