@@ -377,6 +377,16 @@ def where_to_look(
             lines.append(f"  results (SEG, SR) stored to {d.ae_title}@{d.host}:{d.port} ({d.name})")
         elif isinstance(d, DicomWebDestination):
             lines.append(f"  results (SEG, SR) sent by STOW-RS to {d.url} ({d.name})")
+    try:
+        detail = get_json(f"{target.http}/api/studies/{study_uid}")
+    except DemoError:
+        detail = {}
+    if not detail.get("deliveries") and detail.get("result_files"):
+        lines.append(
+            "  results:   sent nowhere, no destination is configured for the demo's AE title "
+            "(NODULEAI_CONFIG); the files on the node:"
+        )
+        lines.extend(f"    {path}" for path in detail["result_files"])
     if viewer:
         lines.append(f"  viewer:    {viewer}")
     lines.append(

@@ -193,6 +193,9 @@ class StudyDetail(BaseModel):
     prior: dict[str, Any] | None = None
     #: Why the series is outside what the detector was validated on (empty when it is not).
     input_review: list[str] = []
+    #: The current result's files on the node (its DICOM objects and FHIR resources), for a
+    #: study whose results went nowhere (no destination for its sender).
+    result_files: list[str] = []
     series: list[SeriesOut]
     jobs: list[JobOut]
     deliveries: list[DeliveryOut]

@@ -35,7 +35,7 @@ from dicom_node.dashboard.queries import (
     totals,
 )
 from dicom_node.db import AuditEntry, Instance, Job, JobState, Study, utcnow
-from dicom_node.results import ObjectKind, stored_result
+from dicom_node.results import ObjectKind, ResultSet, stored_result
 from dicom_node.workers import is_alive, list_workers
 
 ROLES = ("work", "dead letters")
@@ -99,6 +99,14 @@ def overview(dash: Dashboard, window: timedelta) -> OverviewOut:
     )
 
 
+def _files(dash: Dashboard, result: ResultSet | None) -> list[str]:
+    """Where the result's files lie on the node (absolute paths)."""
+    if result is None:
+        return []
+    root = dash.settings.spool_dir.resolve()
+    return [str(root / o.path) for o in result.objects] + [str(root / result.fhir_path)]
+
+
 def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
     """Everything the study page shows, or ``None`` for an unknown study."""
     with dash.db.session() as session:
@@ -124,6 +132,7 @@ def study_detail(dash: Dashboard, study_uid: str) -> StudyDetail | None:
             lung_rads=(result.lung_rads or None) if result else None,
             prior=result.prior.to_json() if result and result.prior else None,
             input_review=list(result.input_review) if result else [],
+            result_files=_files(dash, result),
             series=series,
             jobs=jobs,
             deliveries=deliveries,

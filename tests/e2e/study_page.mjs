@@ -34,7 +34,8 @@ try {
     })));
   const studyLungRads = await page.textContent('[data-testid="study-lung-rads"]');
   await page.screenshot({ path: `${out}/demo-study.png`, fullPage: true });
-  process.stdout.write(JSON.stringify({ rows, studyLungRads, errors }));
+  const noDestination = await page.$$eval('[data-testid="no-destination"] li code', (els) => els.map((e) => e.textContent));
+  process.stdout.write(JSON.stringify({ rows, studyLungRads, noDestination, errors }));
 } finally {
   await browser.close();
 }

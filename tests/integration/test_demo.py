@@ -84,10 +84,14 @@ def test_demo_sends_a_phantom_and_reports_its_nodules_against_the_truth(
     assert int(found[1]) == rows.count("FOUND")
     assert f"/dashboard/studies/{_study_uid(text)}" in text
     assert "study Lung-RADS v2022 category" in text
-    _check_study_page_in_a_browser(serving, _study_uid(text))
+    # no destination is configured: the demo and the study page say so and where the files are
+    assert "results:   sent nowhere" in text, text
+    files = re.findall(r"^    (/\S+)$", text, flags=re.MULTILINE)
+    assert any(f.endswith(".dcm") for f in files) and all(Path(f).is_file() for f in files)
+    _check_study_page_in_a_browser(serving, _study_uid(text), files)
 
 
-def _check_study_page_in_a_browser(settings: Settings, study_uid: str) -> None:
+def _check_study_page_in_a_browser(settings: Settings, study_uid: str, files: list[str]) -> None:
     """The study page in Chromium: a row per finding with its thumbnail loaded, the same
     Lung-RADS and risk as the findings API; a screenshot in ``test-artifacts/dashboard``."""
     if shutil.which("chromium") is None or not (E2E / "node_modules" / "playwright-core").is_dir():
@@ -120,6 +124,7 @@ def _check_study_page_in_a_browser(settings: Settings, study_uid: str) -> None:
         risk = nodule["malignancy_risk"]  # the phantom's header has birth date and sex
         assert risk is not None and row["risk"] == f"{100 * risk:.1f} %"
     assert f"category {findings['lung_rads']}" in seen["studyLungRads"]
+    assert seen["noDestination"] == files
 
 
 def _study_uid(text: str) -> str:
