@@ -215,3 +215,42 @@ def node_healthy(port: int | str, token: str) -> bool:
         return bool(node_api(port, "/healthz", token))
     except OSError:
         return False
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run ``rabbitmqctl`` on the local broker (stop_app, start_app, close_all_connections...)."""
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def broker_up(amqp_url: str) -> bool:
+    """Whether RabbitMQ at ``amqp_url`` accepts a connection."""
+    import pika
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(amqp_url)).close()
+    except pika.exceptions.AMQPError:
+        return False
+    return True
+
+
+def service_env(
+    data_dir: Path,
+    database_url: str,
+    amqp_url: str,
+    queues: tuple[str, str],
+    inference_threads: int = 2,
+) -> dict[str, str]:
+    """The environment of ``noduleai`` processes on loopback, on free ports, with RabbitMQ."""
+    return {
+        "NODULEAI_DATA_DIR": str(data_dir),
+        "NODULEAI_DB_URL": database_url,
+        "NODULEAI_AMQP_URL": amqp_url,
+        "NODULEAI_AMQP_QUEUE": queues[0],
+        "NODULEAI_AMQP_DEAD_LETTER_QUEUE": queues[1],
+        "NODULEAI_DICOM_HOST": "127.0.0.1",
+        "NODULEAI_DICOM_PORT": str(free_port()),
+        "NODULEAI_HTTP_PORT": str(free_port()),
+        "NODULEAI_QUIET_SECONDS": "1",
+        "NODULEAI_MIN_FREE_BYTES": "0",
+        "NODULEAI_INFERENCE_THREADS": str(inference_threads),
+    }

@@ -11,34 +11,20 @@ printed for the README's Reliability table.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Job, Result, WorkerHeartbeat
 from tests.conftest import AMQP_URL
-from tests.helpers import Service, free_port, storescu, wait_for
+from tests.helpers import Service, broker_up, rabbitmqctl, service_env, storescu, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-def _broker_up() -> bool:
-    try:
-        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
-    except pika.exceptions.AMQPError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -53,9 +39,9 @@ def services(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str], st
     try:
         yield start
     finally:
-        if not _broker_up():
-            _rabbitmqctl("start_app")
-            wait_for(_broker_up, timeout=60, interval=0.5)
+        if not broker_up(AMQP_URL):
+            rabbitmqctl("start_app")
+            wait_for(lambda: broker_up(AMQP_URL), timeout=60, interval=0.5)
         for service in started:
             service.stop()
 
@@ -115,19 +101,7 @@ def test_dropped_broker_connections_and_a_broker_restart_mid_job_give_one_result
     tmp_path: Path,
 ) -> None:
     # (the services are stopped before the database schema and the queues are removed)
-    env = {
-        "NODULEAI_DATA_DIR": str(tmp_path / "var"),
-        "NODULEAI_DB_URL": database_url,
-        "NODULEAI_AMQP_URL": AMQP_URL,
-        "NODULEAI_AMQP_QUEUE": amqp_queues[0],
-        "NODULEAI_AMQP_DEAD_LETTER_QUEUE": amqp_queues[1],
-        "NODULEAI_DICOM_HOST": "127.0.0.1",
-        "NODULEAI_DICOM_PORT": str(free_port()),
-        "NODULEAI_HTTP_PORT": str(free_port()),
-        "NODULEAI_QUIET_SECONDS": "1",
-        "NODULEAI_MIN_FREE_BYTES": "0",
-        "NODULEAI_INFERENCE_THREADS": "1",
-    }
+    env = service_env(tmp_path / "var", database_url, AMQP_URL, amqp_queues, 1)
     services(["node"], env, "node")
     db = Database(database_url)
     wait_for(lambda: _healthy(env), timeout=60)
@@ -140,12 +114,12 @@ def test_dropped_broker_connections_and_a_broker_restart_mid_job_give_one_result
     try:
         wait_for(lambda: _busy(db), timeout=180, interval=0.2)
         for _ in range(2):  # every connection dropped (the node's and both workers'), twice
-            _rabbitmqctl("close_all_connections", "test: connection dropped mid-job")
+            rabbitmqctl("close_all_connections", "test: connection dropped mid-job")
             time.sleep(3.0)
-        _rabbitmqctl("stop_app")
+        rabbitmqctl("stop_app")
         time.sleep(2.0)
-        _rabbitmqctl("start_app")
-        wait_for(_broker_up, timeout=60, interval=0.5)
+        rabbitmqctl("start_app")
+        wait_for(lambda: broker_up(AMQP_URL), timeout=60, interval=0.5)
         back = time.monotonic()
         wait_for(lambda: _done(db), timeout=600, interval=1.0)
         recovered_s = time.monotonic() - back

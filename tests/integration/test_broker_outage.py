@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,34 +18,22 @@ from dicom_node.db import Job
 from dicom_node.node import Node
 from dicom_node.queues import declare_topology
 from tests.conftest import AMQP_URL
-from tests.helpers import storescu, wait_for
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-def _broker_up() -> bool:
-    try:
-        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
-    except pika.exceptions.AMQPError:
-        return False
-    return True
+from tests.helpers import broker_up, rabbitmqctl, storescu, wait_for
 
 
 @pytest.fixture
 def broker_outage() -> Iterator[Callable[[], None]]:
     """``start()`` brings RabbitMQ back; it is brought back anyway at the end of the test."""
-    _rabbitmqctl("stop_app")
+    rabbitmqctl("stop_app")
 
     def start() -> None:
-        _rabbitmqctl("start_app")
-        wait_for(_broker_up, timeout=60, interval=0.5)
+        rabbitmqctl("start_app")
+        wait_for(lambda: broker_up(AMQP_URL), timeout=60, interval=0.5)
 
     try:
         yield start
     finally:
-        if not _broker_up():
+        if not broker_up(AMQP_URL):
             start()
 
 

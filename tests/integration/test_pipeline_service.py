@@ -27,7 +27,7 @@ from dicom_node.results import (
 )
 from pipelines.manifest import STAGE1_NAME, load_manifest
 from tests.conftest import AMQP_URL
-from tests.helpers import Service, dciodvfy, free_port, storescu, wait_for
+from tests.helpers import Service, dciodvfy, service_env, storescu, wait_for
 
 READERS_NODULE_MM = np.array([55.5, 85.6, -116.1])
 
@@ -46,19 +46,7 @@ def _studies(env: dict[str, str]) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str, amqp_queues: tuple[str, str]) -> dict[str, str]:
-    return {
-        "NODULEAI_DATA_DIR": str(tmp_path / "var"),
-        "NODULEAI_DB_URL": database_url,
-        "NODULEAI_AMQP_URL": AMQP_URL,
-        "NODULEAI_AMQP_QUEUE": amqp_queues[0],
-        "NODULEAI_AMQP_DEAD_LETTER_QUEUE": amqp_queues[1],
-        "NODULEAI_DICOM_HOST": "127.0.0.1",
-        "NODULEAI_DICOM_PORT": str(free_port()),
-        "NODULEAI_HTTP_PORT": str(free_port()),
-        "NODULEAI_QUIET_SECONDS": "1",
-        "NODULEAI_MIN_FREE_BYTES": "0",
-        "NODULEAI_INFERENCE_THREADS": "2",
-    }
+    return service_env(tmp_path / "var", database_url, AMQP_URL, amqp_queues)
 
 
 @pytest.fixture
