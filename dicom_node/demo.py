@@ -150,11 +150,16 @@ def check_service(target: Target) -> str:
 # --------------------------------------------------------------------------- phantom
 
 
-def make_study(seed: int, slices: int, out: Path) -> tuple[str, list[Path], list[Truth]]:
-    """Write the phantom as DICOM; return its study UID, the files and the true nodules."""
+def make_study(
+    seed: int, slices: int, out: Path, step: Callable[[str], None] = lambda _what: None
+) -> tuple[str, list[Path], list[Truth]]:
+    """Write the phantom as DICOM; return its study UID, the files and the true nodules.
+    ``step`` hears what is being done, before each of the slow parts."""
     from models.phantom import make_phantom, write_dicom_series
 
+    step("drawing the anatomy, vessels and 3 nodules")
     phantom = make_phantom(seed, shape=(slices, 512, 512), n_nodules=3)
+    step(f"writing {slices} DICOM slices")
     files = write_dicom_series(
         phantom.volume_hu,
         phantom.spacing_mm,
@@ -413,7 +418,12 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout) 
         with tempfile.TemporaryDirectory(prefix="noduleai-demo-") as tmp:
             t0 = time.monotonic()
             say(f"Making a synthetic chest CT (seed {args.seed}, {args.slices} x 512 x 512) ...")
-            study_uid, files, truth = make_study(args.seed, args.slices, Path(tmp))
+            started = t0
+
+            def step(what: str) -> None:
+                say(f"  {time.monotonic() - started:4.1f} s  {what} ...")
+
+            study_uid, files, truth = make_study(args.seed, args.slices, Path(tmp), step)
             sizes = ", ".join(f"{t.diameter_mm:.1f} mm {t.kind}" for t in truth)
             say(f"  {len(files)} slices in {time.monotonic() - t0:.1f} s; nodules: {sizes}")
             say(f"  StudyInstanceUID {study_uid}")

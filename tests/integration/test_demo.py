@@ -75,6 +75,9 @@ def test_demo_sends_a_phantom_and_reports_its_nodules_against_the_truth(
     text = out.getvalue()
     assert code == 0, text
     assert "96 slices" in text
+    # phantom generation reports its steps as it goes
+    assert re.search(r"s  drawing the anatomy, vessels and 3 nodules \.\.\.", text), text
+    assert re.search(r"s  writing 96 DICOM slices \.\.\.", text), text
     assert "sending 96/96" in text
     assert re.search(r"\] done ", text), text
     rows = re.findall(r"#\d .* mm: (FOUND|MISSED)", text)
