@@ -418,10 +418,8 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout) 
         with tempfile.TemporaryDirectory(prefix="noduleai-demo-") as tmp:
             t0 = time.monotonic()
             say(f"Making a synthetic chest CT (seed {args.seed}, {args.slices} x 512 x 512) ...")
-            started = t0
-
             def step(what: str) -> None:
-                say(f"  {time.monotonic() - started:4.1f} s  {what} ...")
+                say(f"  {time.monotonic() - t0:4.1f} s  {what} ...")
 
             study_uid, files, truth = make_study(args.seed, args.slices, Path(tmp), step)
             sizes = ", ".join(f"{t.diameter_mm:.1f} mm {t.kind}" for t in truth)
