@@ -418,6 +418,7 @@ def run(settings: Settings, args: argparse.Namespace, out: TextIO = sys.stdout) 
         with tempfile.TemporaryDirectory(prefix="noduleai-demo-") as tmp:
             t0 = time.monotonic()
             say(f"Making a synthetic chest CT (seed {args.seed}, {args.slices} x 512 x 512) ...")
+
             def step(what: str) -> None:
                 say(f"  {time.monotonic() - t0:4.1f} s  {what} ...")
 
