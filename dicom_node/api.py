@@ -1,4 +1,5 @@
-"""The HTTP API: ``/healthz``, ``/readyz`` and ``/api/studies`` (stable), plus the dashboard."""
+"""The HTTP API: ``/healthz``, ``/readyz`` and ``/api/studies`` (stable), plus the dashboard and
+the workers' ``/spool`` (:mod:`dicom_node.remote_spool`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database, Job, Study, StudyState
+from dicom_node.remote_spool import spool_router
 from dicom_node.results import stored_result
 from dicom_node.scp import Refusals
+from dicom_node.spool import LocalSpool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def create_app(
         The service database.
     settings : Settings, optional
         Enables the dashboard (pages, JSON API, actions, ``/metrics``) and queue checks in
-        ``/readyz``.
+        ``/readyz``; with ``spool_token``, the spool for workers on other hosts (``/spool``).
     config : NodeConfig, optional
         The node configuration read at start (empty if not given).
     on_job : callable, optional
@@ -95,6 +98,9 @@ def create_app(
         dashboard = mount_dashboard(
             app, db, settings, config or NodeConfig(), on_job, refusals=refusals
         )
+        if settings.spool_token is not None:  # workers on other hosts reach the spool here
+            spool = LocalSpool(settings.spool_dir, settings.min_free_bytes)
+            app.include_router(spool_router(spool, settings.spool_token))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -340,6 +340,12 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(default=6, ge=1)
     delivery_backoff_seconds: float = Field(default=2.0, ge=0)
 
+    #: Workers on other hosts: the node's HTTP address, to fetch instances from and send results
+    #: to (no shared folder needed; :mod:`dicom_node.remote_spool`). Unset: the shared folder.
+    spool_url: str | None = Field(default=None, pattern=r"^https?://")
+    #: The bearer token of the node's ``/spool`` routes (set on the node and on its workers).
+    spool_token: SecretStr | None = None
+
     dashboard_token: SecretStr | None = None
     dashboard_users: SecretStr | None = None  # "alice:password,bob:password" (basic auth)
     dashboard_readers: SecretStr | None = None  # read-only users, same form
@@ -408,6 +414,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid settings: " + "; ".join(parts)) from exc
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("NODULEAI_TLS_CERT and NODULEAI_TLS_KEY must be set together")
+    if settings.spool_url is not None and settings.spool_token is None:
+        raise ConfigError("NODULEAI_SPOOL_URL needs NODULEAI_SPOOL_TOKEN (the node's as well)")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("NODULEAI_TLS_CLIENT_CA needs NODULEAI_TLS_CERT and NODULEAI_TLS_KEY")
     return settings

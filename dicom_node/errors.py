@@ -29,6 +29,9 @@ class ErrorCode(StrEnum):
     QUEUE_UNAVAILABLE = "queue_unavailable"
     #: The spool's free space is under the configured floor.
     STORAGE_FULL = "storage_full"
+    #: A spooled file could not be read: the node's spool unreachable over HTTP, or a file
+    #: missing or not as it was stored (length or digest).
+    SPOOL_UNREADABLE = "spool_unreadable"
     #: The configuration is invalid (or no longer names a destination).
     CONFIG_INVALID = "config_invalid"
     #: A received dataset cannot be parsed as DICOM.
@@ -103,6 +106,13 @@ class StorageFullError(TransientError):
     """Free space on the spool is under the configured floor."""
 
     code = ErrorCode.STORAGE_FULL
+
+
+class SpoolUnreadableError(TransientError):
+    """A spooled file cannot be read now (the node unreachable, or a file missing or not as
+    it was stored)."""
+
+    code = ErrorCode.SPOOL_UNREADABLE
 
 
 class UndecodableDatasetError(PermanentError):

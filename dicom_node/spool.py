@@ -1,8 +1,9 @@
 """The spool: received instances as files, exactly as they arrived.
 
-The spool is shared by the node and the workers (a local directory on one host, a shared volume on
-several), so rows and messages carry spool-relative paths only. It sits behind the small
-:class:`Spool` protocol so that an object store can be added without touching the pipeline.
+The node keeps the spool in a local directory (:class:`LocalSpool`). Workers reach it either through
+the same directory (one host, or a shared volume on several: the default) or over authenticated
+HTTP from the node (:class:`dicom_node.remote_spool.HttpSpool`, ``NODULEAI_SPOOL_URL``), so rows and
+messages carry spool-relative paths only. Both sit behind the small :class:`Spool` protocol.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Spool(Protocol):
     def remove(self, relpath: str) -> None:
         """Delete a stored object (one whose record could not be committed)."""
 
+    def release(self) -> None:
+        """Drop local copies of objects fetched for the job that just ended (if any)."""
+
 
 class LocalSpool:
     """A spool in a local (or mounted shared) directory.
@@ -98,24 +102,18 @@ class LocalSpool:
 
     def write(self, relpath: str, data: bytes) -> None:
         """Write to a temporary file, fsync it, rename it into place and fsync the directory."""
-        target = self.path(relpath)
-        created = _make_dirs(target.parent, self.root)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        staged = self.stage(relpath)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
+            staged.write(data)
+            staged.commit()
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            staged.abort()
             raise
-        for directory in (target.parent, *created):
-            _fsync_dir(directory)
+
+    def stage(self, relpath: str) -> Staged:
+        """Begin writing ``relpath`` piece by piece (an upload): :meth:`Staged.commit` makes it
+        durable and visible at once, :meth:`Staged.abort` leaves nothing behind."""
+        return Staged(self.path(relpath), self.root)
 
     def path(self, relpath: str) -> Path:
         """The local path of ``relpath``; refuses anything that would leave the spool."""
@@ -130,6 +128,54 @@ class LocalSpool:
         if target.exists():
             target.unlink()
             _fsync_dir(target.parent)
+
+    def release(self) -> None:
+        """Nothing to drop: the files are read where they are kept."""
+
+
+class Staged:
+    """An object being written to a :class:`LocalSpool`: a temporary file beside its target.
+
+    Parameters
+    ----------
+    target : Path
+        Where the object goes (inside the spool).
+    root : Path
+        The spool root (directories created up to it are fsync'd on commit).
+    """
+
+    def __init__(self, target: Path, root: Path) -> None:
+        self.target = target
+        self._created = _make_dirs(target.parent, root)
+        self._tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        assert self._fd is not None, "written after commit or abort"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def commit(self) -> None:
+        """fsync the file, rename it into place, fsync the directories that changed (on a
+        failure, :meth:`abort` removes what is left)."""
+        assert self._fd is not None, "committed twice or after abort"
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        os.replace(self._tmp, self.target)
+        for directory in (self.target.parent, *self._created):
+            _fsync_dir(directory)
+
+    def abort(self) -> None:
+        """Remove the temporary file (the target is left as it was)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tmp.unlink(missing_ok=True)
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

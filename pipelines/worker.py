@@ -49,7 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import NodeConfig, Settings
 from dicom_node.db import Database, Instance, Job, Series, Study, utcnow
-from dicom_node.errors import ErrorCode, QueueUnavailableError
+from dicom_node.errors import ErrorCode, QueueUnavailableError, SpoolUnreadableError
 from dicom_node.fhir_resources import ReportSubject, build_results, report_subject
 from dicom_node.lifecycle import (
     FINISHED,
@@ -61,6 +61,7 @@ from dicom_node.lifecycle import (
     store_result,
 )
 from dicom_node.queues import JobSource, Received, make_job_source
+from dicom_node.remote_spool import worker_spool
 from dicom_node.results import (
     ModelIdentity,
     ObjectKind,
@@ -70,7 +71,7 @@ from dicom_node.results import (
     earlier_results,
 )
 from dicom_node.retry import Decision, RetryPolicy, Verdict
-from dicom_node.spool import LocalSpool, results_path, safe_uid
+from dicom_node.spool import results_path, safe_uid
 from dicom_node.workers import record_heartbeat
 from pipelines.analysis import Analysis, analyse
 from pipelines.detect import Detector, DetectorConfig
@@ -137,7 +138,7 @@ class Worker:
         self.settings = settings
         self.db = db
         self.config = config
-        self.spool = LocalSpool(settings.spool_dir, min_free_bytes=0)
+        self.spool = worker_spool(settings)
         self.policy = RetryPolicy(settings.max_attempts, settings.retry_backoff_seconds)
         self._detector = detector
         self.priors = PriorLocator(
@@ -166,10 +167,11 @@ class Worker:
         started = self._start(job_id)
         if isinstance(started, Settle):
             return started
-        paths, study_uid, attempt = started
+        files, study_uid, attempt = started
         self.current_job = job_id
         self.heartbeat()
         try:
+            paths = self._inputs(files)
             checkpoint = functools.partial(self._checkpoint, job_id)
             analysis = analyse(paths, lambda: self.detector, self.settings.min_slices, checkpoint)
             prior = self._prior(job_id, study_uid, analysis)
@@ -182,6 +184,7 @@ class Worker:
             return self._failed(job_id, self.policy.decide(exc, attempt))
         finally:
             self.current_job = None
+            self.spool.release()
         self._save(job_id, result)
         LOGGER.info(
             "job %s done: %d nodules (%d not encodable) from %d candidates in %.0f ms on %s",
@@ -194,8 +197,9 @@ class Worker:
         )
         return Settle.ACK
 
-    def _start(self, job_id: str) -> tuple[list[Path], str, int] | Settle:
-        """Begin an attempt: the job's files, study UID and attempt number, or how to settle."""
+    def _start(self, job_id: str) -> tuple[list[tuple[str, int]], str, int] | Settle:
+        """Begin an attempt: the job's files (spool path, size), study UID and attempt number,
+        or how to settle."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.state in FINISHED:
@@ -216,13 +220,30 @@ class Worker:
             begin_attempt(session, job, self.worker_id, LEASE_SECONDS)
             study = session.get(Study, job.study_id)
             assert study is not None
-            relpaths = session.scalars(
-                select(Instance.path)
+            files = session.execute(
+                select(Instance.path, Instance.size)
                 .join(Series, Series.id == Instance.series_id)
                 .where(Series.study_id == job.study_id)
             ).all()
             LOGGER.info("job %s processing (attempt %d)", job_id, job.attempts)
-            return [self.spool.path(p) for p in relpaths], study.study_instance_uid, job.attempts
+            return [(p, s) for p, s in files], study.study_instance_uid, job.attempts
+
+    def _inputs(self, files: Sequence[tuple[str, int]]) -> list[Path]:
+        """The job's instances as local files (fetched from the node when the spool is reached
+        over HTTP), each checked against the size it was received with."""
+        paths = []
+        for relpath, size in files:
+            path = self.spool.path(relpath)
+            try:
+                found = path.stat().st_size
+            except OSError as exc:
+                raise SpoolUnreadableError(
+                    f"a spooled instance is unreadable: {type(exc).__name__}"
+                ) from exc
+            if found != size:
+                raise SpoolUnreadableError(f"a spooled instance has {found} bytes, not {size}")
+            paths.append(path)
+        return paths
 
     def _checkpoint(self, job_id: str) -> None:
         """Raise :class:`JobAbandonedError` when the job is no longer this worker's to finish."""

@@ -30,7 +30,8 @@ END = "<!-- config:end -->"
 
 #: Meanings of the settings that carry no ``description`` in ``config.py``.
 MEANINGS: dict[str, str] = {
-    "data_dir": "spool (`DATA_DIR/spool`, shared with the workers) and the SQLite database",
+    "data_dir": "spool (`DATA_DIR/spool`, shared with the workers unless `NODULEAI_SPOOL_URL`) and "
+    "the SQLite database",
     "ae_title": "our AE title; associations calling another title are rejected",
     "dicom_host": "DICOM listener address",
     "dicom_port": "DICOM listener port",
@@ -78,6 +79,11 @@ MEANINGS: dict[str, str] = {
     "delivery_max_attempts": "attempts per result delivery before it fails",
     "delivery_backoff_seconds": "first retry delay of a delivery (doubles per attempt, at most "
     "300 s)",
+    "spool_url": "workers on other hosts: the node's HTTP address (`http://node:8080`); the worker "
+    "fetches each job's instances from it (size and SHA-256 checked) and sends its results there, "
+    "so nothing is mounted in common; unset: the spool folder is shared",
+    "spool_token": "bearer token of the node's `/spool` routes, the same on the node and its "
+    "workers; unset on the node: no `/spool` routes",
     "dashboard_token": "bearer token for dashboard actions; unset (and no users): generated into "
     "`DATA_DIR/dashboard-token`",
     "dashboard_users": "basic-auth users for dashboard actions (operators), `alice:pw,bob:pw`",

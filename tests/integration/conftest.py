@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.fhir_peer import FhirServer
 from tests.fhir_peer import install as fhir_install
+from tests.helpers import Service
 from tests.peers import Orthanc
+
+StartService = Callable[[list[str], dict[str, str], str], Service]
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[StartService]:
+    """Start ``noduleai`` processes (``start(args, env, name)``, log in ``tmp_path/<name>.log``);
+    every one still running is stopped by its pid afterwards."""
+    started: list[Service] = []
+
+    def start(args: list[str], env: dict[str, str], name: str) -> Service:
+        service = Service(args, env, tmp_path / f"{name}.log")
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +22,19 @@ from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Job, Result, WorkerHeartbeat
 from tests.conftest import AMQP_URL
-from tests.helpers import Service, broker_up, rabbitmqctl, service_env, storescu, wait_for
+from tests.helpers import broker_up, rabbitmqctl, service_env, storescu, wait_for
+from tests.integration.conftest import StartService
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str], str], Service]]:
-    started: list[Service] = []
-
-    def start(args: list[str], env: dict[str, str], name: str) -> Service:
-        service = Service(args, env, tmp_path / f"{name}.log")
-        started.append(service)
-        return service
-
-    try:
-        yield start
-    finally:
-        if not broker_up(AMQP_URL):
-            rabbitmqctl("start_app")
-            wait_for(lambda: broker_up(AMQP_URL), timeout=60, interval=0.5)
-        for service in started:
-            service.stop()
+def broker_restored(services: StartService) -> Iterator[None]:
+    """The broker is running again before the services are stopped (torn down first)."""
+    yield
+    if not broker_up(AMQP_URL):
+        rabbitmqctl("start_app")
+        wait_for(lambda: broker_up(AMQP_URL), timeout=60, interval=0.5)
 
 
 class Holders:
@@ -96,7 +87,8 @@ def _digests(root: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
 def test_dropped_broker_connections_and_a_broker_restart_mid_job_give_one_result(
     database_url: str,
     amqp_queues: tuple[str, str],
-    services: Callable[[list[str], dict[str, str], str], Service],
+    services: StartService,
+    broker_restored: None,
     shared_data: Path,
     tmp_path: Path,
 ) -> None:
