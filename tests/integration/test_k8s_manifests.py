@@ -26,6 +26,13 @@ KUBERNETES_VERSION = "1.32.0"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 #: Custom resources (KEDA): no schema in kubernetes-validate.
 CUSTOM = {"ScaledObject", "TriggerAuthentication"}
+#: The environment variables that carry credentials: always from the Secret, never a literal.
+CREDENTIALS = (
+    "NODULEAI_DB_URL",
+    "NODULEAI_AMQP_URL",
+    "NODULEAI_DASHBOARD_TOKEN",
+    "NODULEAI_SPOOL_TOKEN",
+)
 
 
 def render(overlay: Path) -> list[dict[str, Any]]:
@@ -82,7 +89,7 @@ def test_pods_are_non_root_read_only_probed_and_take_credentials_from_secrets(ov
         assert "livenessProbe" in container, name
         for env in container["env"]:
             # every credential from a Secret, never a literal
-            if env["name"] in ("NODULEAI_DB_URL", "NODULEAI_AMQP_URL", "NODULEAI_DASHBOARD_TOKEN"):
+            if env["name"] in CREDENTIALS:
                 assert env["valueFrom"]["secretKeyRef"]["name"] == "noduleai-credentials"
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert {"/var/lib/noduleai", "/etc/noduleai", "/tmp"} <= mounts
@@ -96,6 +103,42 @@ def test_pods_are_non_root_read_only_probed_and_take_credentials_from_secrets(ov
     assert volumes["config"]["secret"]["secretName"] in config
     gpu = worker.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
     assert (gpu == 1) == (overlay == "gpu")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_mount_nothing_of_the_node_and_reach_its_spool_over_http(overlay: str) -> None:
+    objects = render(K8S / "overlays" / overlay)
+    pods = _pod_specs(objects)
+    worker = pods["noduleai-worker"]
+    assert not [v for v in worker["volumes"] if "persistentVolumeClaim" in v]
+    env = {e["name"]: e for e in worker["containers"][0]["env"]}
+    node_service = next(
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "noduleai-node"
+    )
+    (http,) = node_service["spec"]["ports"]
+    assert env["NODULEAI_SPOOL_URL"]["value"] == f"http://noduleai-node:{http['port']}"
+    node_env = {e["name"]: e for e in pods["noduleai-node"]["containers"][0]["env"]}
+    token = env["NODULEAI_SPOOL_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == node_env["NODULEAI_SPOOL_TOKEN"]["valueFrom"]["secretKeyRef"]
+    node = next(o for o in objects if o["kind"] == "StatefulSet")
+    (claim,) = node["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    policy = next(
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "noduleai-node"
+    )
+    admitted = [
+        rule
+        for rule in policy["spec"]["ingress"]
+        if {"protocol": "TCP", "port": http["port"]} in rule["ports"]
+        and any(
+            peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+            == "noduleai-worker"
+            for peer in rule["from"]
+        )
+    ]
+    assert admitted, "the workers cannot reach the node's HTTP port"
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])

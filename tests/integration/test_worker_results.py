@@ -280,8 +280,8 @@ def test_a_redelivered_job_writes_byte_identical_objects(
     worker = Worker(settings, db, NodeConfig(), detector=detector)  # type: ignore[arg-type]
     started = worker._start(job_id)
     assert not isinstance(started, Settle)
-    paths, study_uid, attempt = started
-    analysis = analyse(paths, lambda: detector, 10)  # type: ignore[arg-type, return-value]
+    files, study_uid, attempt = started
+    analysis = analyse(worker._inputs(files), lambda: detector, 10)  # type: ignore[arg-type, return-value]
     first = worker._persist(job_id, study_uid, attempt, analysis)
     spool = LocalSpool(settings.spool_dir, 0)
     before = {Path(o.path).name: spool.path(o.path).read_bytes() for o in first.objects}
@@ -313,8 +313,8 @@ def test_a_job_leased_by_a_live_worker_is_not_run_twice_and_is_taken_over_after_
     message = Received({"job_id": job_id}, 1, True)
     started = a._start(job_id)
     assert not isinstance(started, Settle)
-    paths, study_uid, attempt = started
-    late = a._persist(job_id, study_uid, attempt, analyse(paths, lambda: detector, 10))  # type: ignore[arg-type, return-value]
+    files, study_uid, attempt = started
+    late = a._persist(job_id, study_uid, attempt, analyse(a._inputs(files), lambda: detector, 10))  # type: ignore[arg-type, return-value]
 
     assert b.handle(message) is Settle.REQUEUE
     assert (_job(db, job_id).attempts, _job(db, job_id).lease_owner) == (1, a.worker_id)
