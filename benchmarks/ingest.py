@@ -12,8 +12,9 @@ instances arrived. Each side is run ``--runs`` times (alternating) and the media
 ``--profile`` adds one more run against the node with cProfile on the association thread's
 C-STORE handler (parse, fsync, commit) and prints where that time goes. ``--diagnose`` adds runs
 that separate the disk from the rest: the node with fsync turned off (not durable, for diagnosis
-only) with pynetdicom's stock polling reactors and with :mod:`dicom_node.reactor`, and the durable
-node with the stock reactors.
+only) with pynetdicom's stock polling reactors and with :mod:`dicom_node.reactor`, the durable
+node with the stock reactors, and the protocol floor (the handler checks the header and stores
+nothing: what receiving costs before any durability work).
 
 Not a timed test: the numbers depend on the machine (two shared cores here) and its disk.
 """
@@ -170,7 +171,7 @@ def node(work: Path, pdu: int, durable: bool = True, stock: bool = False) -> Ite
     )
     with ExitStack() as stack:
         if stock:
-            stack.enter_context(mock.patch.object(reactor, "install", lambda assoc: assoc))
+            stack.enter_context(mock.patch.object(reactor, "install", lambda assoc, *_: assoc))
         instance = Node(settings)
         if not durable:
             stack.enter_context(mock.patch.object(os, "fsync", lambda fd: None))
@@ -252,6 +253,22 @@ def run_node(
         if rows != slices or files != slices:
             raise RuntimeError(f"node stored {rows} rows and {files} files of {slices}")
     return elapsed
+
+
+def protocol_floor(series: Path, pdu: int) -> float:
+    """One timed send to the node whose ``Ingest.store`` only checks the header (no file, no row):
+    what the DICOM receive path costs before anything is made durable (diagnosis only)."""
+    from dicom_node.ingest import Ingest, Stored, read_header
+
+    def header_only(_self: Ingest, data: bytes, _calling_ae: str) -> Stored:
+        return Stored(read_header(data), duplicate=False, reopened=False)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-node-", dir=series.parent) as tmp,
+        mock.patch.object(Ingest, "store", header_only),
+        node(Path(tmp), pdu) as instance,
+    ):
+        return send(instance.scp.port, NODE_AET, series, pdu)
 
 
 def run_storescp(series: Path, slices: int, pdu: int) -> float:
@@ -342,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             times = [run_node(series, args.slices, args.pdu, stock=True) for _ in range(args.runs)]
             rate = args.slices / statistics.median(times)
             print(f"  durable, stock reactors    {rate:7.0f} instances/s")
+            times = [protocol_floor(series, args.pdu) for _ in range(args.runs)]
+            rate = args.slices / statistics.median(times)
+            print(
+                f"  protocol floor (nothing stored: pynetdicom, our SCP, the header check) "
+                f"{rate:7.0f} instances/s = {rate / scp_rate:.2f}x storescp"
+            )
 
         if args.profile:
             profiler = cProfile.Profile()
