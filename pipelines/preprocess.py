@@ -91,9 +91,9 @@ def resample_to_iso(
         the original voxel 0 along each axis.
     """
     out = np.asarray(volume, dtype=np.float32)
-    for axis, (n_new, sp) in enumerate(
-        zip(iso_shape(out.shape, spacing_mm), spacing_mm, strict=True)
-    ):
+    shape = iso_shape(out.shape, spacing_mm)
+    for axis in pass_order(out.shape, spacing_mm):
+        n_new, sp = shape[axis], spacing_mm[axis]
         if order == 0:
             pos = np.arange(n_new, dtype=np.float64) * ISO_SPACING_MM / sp
             idx = np.clip(np.rint(pos).astype(np.intp), 0, out.shape[axis] - 1)
@@ -101,6 +101,14 @@ def resample_to_iso(
             continue
         out = _linear_pass(out, axis, n_new, sp)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def pass_order(shape: tuple[int, ...], spacing_mm: tuple[float, float, float]) -> list[int]:
+    """The axes in the order :func:`resample_to_iso` interpolates them: the one that shrinks most
+    first, so that the later passes work on less data (linear interpolation is separable; the
+    order changes the result by float32 rounding only)."""
+    new = iso_shape(shape, spacing_mm)
+    return sorted(range(len(shape)), key=lambda a: new[a] / shape[a])
 
 
 def _linear_pass(data: FloatArray, axis: int, n_new: int, spacing: float) -> FloatArray:
@@ -146,28 +154,62 @@ def lung_mask(iso_hu: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
     air = np.asarray(iso_hu) < -400.0
     outside = np.zeros_like(air)
     for z in range(air.shape[0]):
-        lab, _ = ndimage.label(air[z])
-        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        outside[z] = np.isin(lab, border[border > 0])
+        lab, n = ndimage.label(air[z])
+        on_border = np.zeros(n + 1, bool)
+        on_border[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+        on_border[0] = False
+        outside[z] = on_border[lab]
     inner = air & ~outside
     lab3, n = ndimage.label(inner)
     if n == 0:
         return inner
     sizes = np.bincount(lab3.ravel())[1:]
-    keep = [i + 1 for i in np.argsort(sizes)[::-1][:3] if sizes[i] >= 0.08 * sizes.sum()]
-    mask = np.isin(lab3, keep)
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 5, 5), bool), iterations=2)
-    for z in range(mask.shape[0]):
-        mask[z] = ndimage.binary_fill_holes(mask[z])
-    return np.asarray(mask, dtype=bool)
+    keep = np.zeros(n + 1, bool)
+    keep[[i + 1 for i in np.argsort(sizes)[::-1][:3] if sizes[i] >= 0.08 * sizes.sum()]] = True
+    mask: npt.NDArray[np.bool_] = keep[lab3]
+    # The closing and the hole filling run on the mask's box grown by what the closing's dilation
+    # can reach (2 iterations of the 3x5x5 element: 2 slices, 4 rows and columns) and one more
+    # voxel: outside it everything stays empty, so the result equals that over the whole volume.
+    box = grown_box(mask, (3, 5, 5))
+    if box is None:
+        return mask
+    closed = ndimage.binary_closing(mask[box], structure=np.ones((3, 5, 5), bool), iterations=2)
+    for z in range(closed.shape[0]):
+        closed[z] = ndimage.binary_fill_holes(closed[z])
+    lungs = np.zeros_like(mask)
+    lungs[box] = closed
+    return lungs
+
+
+def grown_box(mask: npt.NDArray[np.bool_], grow: int | tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask`` grown by ``grow`` voxels (per axis), clipped to the array;
+    ``None`` when ``mask`` is empty."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=others))
+        if present.size == 0:
+            return None
+        g = grow if isinstance(grow, int) else grow[axis]
+        lo.append(max(int(present[0]) - g, 0))
+        hi.append(min(int(present[-1]) + g + 1, mask.shape[axis]))
+    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
 
 
 def near_lung(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Return voxels within :data:`LUNG_MARGIN_MM` of ``mask`` (juxta-pleural nodules included)."""
-    if not mask.any():
+    """Return voxels within :data:`LUNG_MARGIN_MM` of ``mask`` (juxta-pleural nodules included).
+
+    The distance transform runs on the mask's bounding box grown by the margin only: every voxel
+    outside it is farther than the margin from the mask, and every mask voxel is inside it, so the
+    result is the same as over the whole volume, at a fraction of the cost.
+    """
+    box = grown_box(mask, int(np.ceil(LUNG_MARGIN_MM / ISO_SPACING_MM)) + 1)
+    if box is None:
         return np.ones_like(mask)
-    dist = ndimage.distance_transform_edt(~mask, sampling=ISO_SPACING_MM)
-    return np.asarray(dist <= LUNG_MARGIN_MM, dtype=bool)
+    dist = ndimage.distance_transform_edt(~mask[box], sampling=ISO_SPACING_MM)
+    near = np.zeros_like(mask, dtype=bool)
+    near[box] = dist <= LUNG_MARGIN_MM
+    return near
 
 
 def crop_patch(

@@ -17,7 +17,13 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.backends import InferenceBackend
-from pipelines.preprocess import ISO_SPACING_MM, STAGE1_CONTEXT, FloatArray, near_lung
+from pipelines.preprocess import (
+    ISO_SPACING_MM,
+    STAGE1_CONTEXT,
+    FloatArray,
+    grown_box,
+    near_lung,
+)
 
 MAX_CANDIDATES = 128
 """Most candidates per scan passed to stage 2 (highest stage-1 scores first)."""
@@ -48,16 +54,10 @@ def candidate_world(
 
 def lung_box(lung: npt.NDArray[np.bool_], margin: int = 8) -> tuple[slice, slice, slice]:
     """Bounding box of the lungs plus ``margin`` voxels (the whole volume when empty)."""
-    if not lung.any():
+    box = grown_box(lung, margin)
+    if box is None:
         return (slice(0, lung.shape[0]), slice(0, lung.shape[1]), slice(0, lung.shape[2]))
-    idx = np.argwhere(lung)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, lung.shape)
-    return (
-        slice(int(lo[0]), int(hi[0])),
-        slice(int(lo[1]), int(hi[1])),
-        slice(int(lo[2]), int(hi[2])),
-    )
+    return box[0], box[1], box[2]
 
 
 def stage1_input(iso_norm: FloatArray, z: int) -> FloatArray:
@@ -173,5 +173,15 @@ def screen(
     """
     box = lung_box(lung)
     heat = screen_volume(iso_norm, box, lambda x: backend.run(x)[0], batch=batch)
-    candidates = extract_candidates(heat, near_lung(lung), threshold, max_candidates=max_candidates)
+    # Peaks are looked for in the box only: the heatmap is 0 outside it, and nothing outside it
+    # is near the lungs (its margin is the near-lung margin); the scores are >= 0, so the box's
+    # edge (mirrored by the maximum filter) keeps or drops the same peaks as the zeros beyond it.
+    found = extract_candidates(
+        heat[box], near_lung(lung[box]), threshold, max_candidates=max_candidates
+    )
+    z0, y0, x0 = (s.start for s in box)
+    candidates = [
+        Candidate(voxel=(c.voxel[0] + z0, c.voxel[1] + y0, c.voxel[2] + x0), score=c.score)
+        for c in found
+    ]
     return Screening(candidates, heat, box)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+from scipy import ndimage
 
 from models.phantom import make_phantom
 from pipelines.preprocess import (
     ISO_SPACING_MM,
+    LUNG_MARGIN_MM,
     STAGE2_PATCH,
     iso_shape,
     lung_mask,
+    near_lung,
     normalise_hu,
     resample_to_iso,
 )
@@ -131,3 +135,61 @@ def test_recentring_on_the_mask_recovers_a_large_nodule_cut_by_the_patch_border(
     assert again[0].equivalent_diameter_mm == pytest.approx(30.0, abs=1.0)
     assert again[0].diameter_mm == pytest.approx(31.25, abs=1.5)
     assert again[0].probability == pytest.approx(0.9)
+
+
+def _masks() -> list[npt.NDArray[np.bool_]]:
+    """Masks of balls, some touching the array's faces, and an empty one."""
+    rng = np.random.default_rng(7)
+    masks = []
+    for _ in range(12):
+        shape = tuple(int(n) for n in rng.integers(16, 60, 3))
+        zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+        mask = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(1, 4))):
+            c = [int(rng.integers(0, n)) for n in shape]
+            r = int(rng.integers(1, 12))
+            mask |= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
+        masks.append(mask)
+    masks.append(np.zeros((20, 20, 20), bool))
+    return masks
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_near_lung_in_the_masks_box_equals_the_whole_volume_distance(index: int) -> None:
+    mask = _masks()[index]
+    if not mask.any():
+        assert near_lung(mask).all()
+        return
+    whole = ndimage.distance_transform_edt(~mask, sampling=ISO_SPACING_MM) <= LUNG_MARGIN_MM
+    assert np.array_equal(near_lung(mask), whole)
+
+
+def _lung_mask_whole_volume(iso_hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """:func:`lung_mask` as first written: every step over the whole volume."""
+    air = iso_hu < -400.0
+    outside = np.zeros_like(air)
+    for z in range(air.shape[0]):
+        lab, _ = ndimage.label(air[z])
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        outside[z] = np.isin(lab, border[border > 0])
+    inner = air & ~outside
+    lab3, n = ndimage.label(inner)
+    if n == 0:
+        return inner
+    sizes = np.bincount(lab3.ravel())[1:]
+    keep = [i + 1 for i in np.argsort(sizes)[::-1][:3] if sizes[i] >= 0.08 * sizes.sum()]
+    mask = np.isin(lab3, keep)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 5, 5), bool), iterations=2)
+    for z in range(mask.shape[0]):
+        mask[z] = ndimage.binary_fill_holes(mask[z])
+    return np.asarray(mask, dtype=bool)
+
+
+@pytest.mark.parametrize("seed", [90_000, 90_001, 90_002])
+def test_lung_mask_in_the_lungs_box_equals_the_whole_volume_mask(seed: int) -> None:
+    phantom = make_phantom(seed)
+    iso = resample_to_iso(phantom.volume_hu, phantom.spacing_mm)
+    assert np.array_equal(lung_mask(iso), _lung_mask_whole_volume(iso))
+    # lungs cut by the field of view: the mask reaches the array's faces
+    cut = np.ascontiguousarray(iso[5:-5, 40:-40, 30:-30])
+    assert np.array_equal(lung_mask(cut), _lung_mask_whole_volume(cut))
