@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +168,29 @@ Strongest findings below the operating point:
 """
 
 
+def _int8_section(figures: dict[str, Any] | None, stage: str) -> str:
+    """The card's INT8 paragraph from ``int8.json`` (``benchmarks/int8.py --write-card``)."""
+    if figures is None or stage not in figures:
+        return "INT8: not measured (`benchmarks/int8.py`)."
+    row = figures[stage]
+    formats = "; ".join(
+        f"{fmt} {row[fmt]['ms_per_batch']} ms ({row[fmt]['speed_up']}x FP32's speed, largest "
+        f"output change {row[fmt]['largest_output_change']})"
+        for fmt in ("QDQ", "QOperator")
+    )
+    return (
+        f"INT8 (onnxruntime {figures['onnxruntime']} static quantisation, CPU, "
+        f"{figures['threads']} threads, per batch of 16): FP32 {row['fp32_ms_per_batch']} ms; "
+        f"{formats}. Not shipped: {figures['why']} (`benchmarks/int8.py`)."
+    )
+
+
 def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any], out: Path) -> None:
-    """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out`` (created if missing)."""
+    """Write ``stage1_screen.md`` and ``stage2_refine.md`` into ``out`` (created if missing);
+    ``out/int8.json``, when present, adds the INT8 figures."""
     out.mkdir(parents=True, exist_ok=True)
+    int8_file = out / "int8.json"
+    int8 = json.loads(int8_file.read_text()) if int8_file.is_file() else None
     s = result.get("synthetic_held_out")
     lidc = result.get("lidc_idri_0001")
     bench = result.get("benchmark", {})
@@ -191,6 +212,7 @@ Local 3D maxima of the stacked heatmaps at or above the candidate threshold
 - Validation recall when the threshold was chosen: {_fmt(m1["training"]["stage1_val_recall"])}.
 - Speed (onnxruntime CPU): {bench.get("stage1_ms_per_slice", "see benchmarks/models.py")} ms
   per slice.
+- {_int8_section(int8, "stage1")}
 
 ## Intended use and limits
 
@@ -219,6 +241,8 @@ on the 1.25 mm grid): {_fmt(s["dice_mean"]) if s else "n/a"} overall.
 {_lidc_section(lidc)}
 Speed (onnxruntime CPU): {bench.get("stage2_ms_per_candidate", "see benchmarks/models.py")} ms
 per candidate.
+
+{_int8_section(int8, "stage2")}
 
 ## Targets not met
 
