@@ -64,9 +64,11 @@ def write_studies(folder: Path, n: int) -> list[Path]:
 
 
 @contextmanager
-def processes(specs: list[tuple[list[str], dict[str, str]]], logs: Path) -> Iterator[None]:
+def processes(
+    specs: list[tuple[list[str], dict[str, str]]], logs: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Start ``noduleai`` processes (args, environment); stop them by pid afterwards."""
-    started = []
+    started: list[subprocess.Popen[bytes]] = []
     try:
         for i, (args, env) in enumerate(specs):
             log = (logs / f"{args[0]}-{i}.log").open("w")
@@ -78,7 +80,7 @@ def processes(specs: list[tuple[list[str], dict[str, str]]], logs: Path) -> Iter
                     stderr=subprocess.STDOUT,
                 )
             )
-        yield
+        yield started
     finally:
         for proc in started:
             proc.terminate()
@@ -138,10 +140,15 @@ def send(port: int, folder: Path) -> None:
         raise RuntimeError(f"storescu failed: {done.stderr[-1000:]}")
 
 
-def measure(db: Database, n: int, timeout: float) -> dict[str, float]:
+def measure(
+    db: Database, n: int, timeout: float, services: list[subprocess.Popen[bytes]]
+) -> dict[str, float]:
     """Wait until every study's job finished (or ``timeout``); the figures."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        died = [p.args for p in services if p.poll() is not None]
+        if died:
+            raise RuntimeError(f"a service exited during the run: {died} (see its log)")
         with db.session() as session:
             finished = session.scalar(
                 select(func.count())
@@ -210,13 +217,13 @@ def run_mode(mode: str, studies: list[Path], work: Path, timeout: float) -> dict
             }
             specs = [(["node"], env), (["worker"], env), (["worker"], env)]
         (work / mode).mkdir(parents=True, exist_ok=True)
-        stack.enter_context(processes(specs, work / mode))
+        services = stack.enter_context(processes(specs, work / mode))
         wait_listening(dicom)
         db = Database(db_url)
         try:
             for folder in studies:
                 send(dicom, folder)
-            return measure(db, len(studies), timeout)
+            return measure(db, len(studies), timeout, services)
         finally:
             db.dispose()
 
