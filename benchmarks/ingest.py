@@ -8,6 +8,10 @@ maximum PDU size. The time is the wall clock of the ``storescu`` process; every 
 instances arrived. Each side is run ``--runs`` times (alternating) and the median is reported::
 
     .venv/bin/python benchmarks/ingest.py [--slices 300] [--pdu 65536] [--runs 3] [--profile]
+        [--associations 8] [--diagnose]
+
+``--associations N`` (default 8) then sends the same instances over N concurrent associations
+(N storescu processes, the series split round robin) to the node and to ``storescp --fork``.
 
 ``--profile`` adds one more run against the node with cProfile on the association thread's
 C-STORE handler (parse, fsync, commit) and prints where that time goes. ``--diagnose`` adds runs
@@ -121,17 +125,38 @@ def write_series(folder: Path, slices: int, size: int = 512) -> list[Path]:
     return paths
 
 
-def send(port: int, aec: str, folder: Path, pdu: int) -> float:
-    """Send ``folder`` over one association with ``TCP_NODELAY=1 storescu``; return seconds."""
-    cmd = ["storescu", "-aet", CALLING_AET, "-aec", aec, "-pdu", str(pdu)]
-    cmd += ["+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port), str(folder)]
+def send(port: int, aec: str, folder: Path, pdu: int, associations: int = 1) -> float:
+    """Send ``folder`` with ``TCP_NODELAY=1 storescu``: over one association, or split over
+    ``associations`` storescu processes at once (its ``part-<i>`` subfolders); return seconds
+    until the last one finished."""
+    folders = [folder] if associations == 1 else sorted(folder.glob("part-*"))
     env = {**os.environ, "TCP_NODELAY": "1"}
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    running = []
+    for part in folders:
+        cmd = ["storescu", "-aet", CALLING_AET, "-aec", aec, "-pdu", str(pdu)]
+        cmd += ["+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port), str(part)]
+        running.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
+    errors = [
+        (proc.wait(timeout=600), proc.stderr.read() if proc.stderr else "") for proc in running
+    ]
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu to {aec} failed ({done.returncode}): {done.stderr[-2000:]}")
+    for code, err in errors:
+        if code != 0:
+            raise RuntimeError(f"storescu to {aec} failed ({code}): {err[-2000:]}")
     return elapsed
+
+
+def split_series(paths: list[Path], folder: Path, parts: int) -> None:
+    """Hard-link ``paths`` into ``folder/part-<i>`` round robin (one per association)."""
+    for i, path in enumerate(paths):
+        part = folder / f"part-{i % parts}"
+        part.mkdir(parents=True, exist_ok=True)
+        os.link(path, part / path.name)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -189,12 +214,14 @@ def _sqlite_unsynchronised(dbapi_connection: Any, _record: Any) -> None:
 
 
 @contextmanager
-def storescp(work: Path, pdu: int) -> Iterator[tuple[int, Path]]:
-    """DCMTK's storescp writing to a fresh folder; stopped by its pid."""
+def storescp(work: Path, pdu: int, fork: bool = False) -> Iterator[tuple[int, Path]]:
+    """DCMTK's storescp writing to a fresh folder (``--fork``: a process per association);
+    stopped by its pid."""
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    cmd = ["storescp", "-aet", STORESCP_AET, "-pdu", str(pdu), "-od", str(out), str(port)]
+    cmd = ["storescp", "-aet", STORESCP_AET, "-pdu", str(pdu), "-od", str(out)]
+    cmd += [*(["--fork"] if fork else []), str(port)]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "TCP_NODELAY": "1"},
@@ -237,6 +264,7 @@ def run_node(
     profiler: cProfile.Profile | None = None,
     durable: bool = True,
     stock: bool = False,
+    associations: int = 1,
 ) -> float:
     """One timed send to the node; checks rows and spool files."""
     with tempfile.TemporaryDirectory(prefix="bench-node-", dir=series.parent) as tmp:
@@ -244,7 +272,7 @@ def run_node(
         with node(work, pdu, durable, stock) as instance:
             restore = _profile_store(instance, profiler) if profiler else None
             try:
-                elapsed = send(instance.scp.port, NODE_AET, series, pdu)
+                elapsed = send(instance.scp.port, NODE_AET, series, pdu, associations)
             finally:
                 if restore:
                     restore()
@@ -271,11 +299,11 @@ def protocol_floor(series: Path, pdu: int) -> float:
         return send(instance.scp.port, NODE_AET, series, pdu)
 
 
-def run_storescp(series: Path, slices: int, pdu: int) -> float:
-    """One timed send to storescp; checks the files it wrote."""
+def run_storescp(series: Path, slices: int, pdu: int, associations: int = 1) -> float:
+    """One timed send to storescp (``--fork`` for several associations); checks its files."""
     with tempfile.TemporaryDirectory(prefix="bench-storescp-", dir=series.parent) as tmp:
-        with storescp(Path(tmp), pdu) as (port, out):
-            elapsed = send(port, STORESCP_AET, series, pdu)
+        with storescp(Path(tmp), pdu, fork=associations > 1) as (port, out):
+            elapsed = send(port, STORESCP_AET, series, pdu, associations)
             files = sum(1 for p in out.iterdir() if p.is_file())
         if files != slices:
             raise RuntimeError(f"storescp wrote {files} files of {slices}")
@@ -314,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the node without fsync (NOT durable), with stock and event-driven reactors",
     )
     parser.add_argument("--tmp", type=Path, default=None, help="where the temp folders go")
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=8,
+        help="also send over this many concurrent associations (against storescp --fork); 1: not",
+    )
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
@@ -344,6 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio node/storescp:   {node_rate / scp_rate:.2f}x (target >= 0.5x)")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS of this process (node + series generation): {rss:.0f} MiB")
+
+        if args.associations > 1:
+            n = args.associations
+            split = Path(tmp) / "split"
+            split_series(paths, split, n)
+            ours, theirs = [], []
+            for _ in range(args.runs):
+                ours.append(run_node(split, args.slices, args.pdu, associations=n))
+                theirs.append(run_storescp(split, args.slices, args.pdu, associations=n))
+            node_rate = args.slices / statistics.median(ours)
+            fork_rate = args.slices / statistics.median(theirs)
+            print(f"\n{n} concurrent associations, median of {args.runs} runs, aggregate:")
+            print(f"  node (durable):   {node_rate:7.0f} instances/s")
+            print(f"  storescp --fork:  {fork_rate:7.0f} instances/s")
+            print(f"  ratio:            {node_rate / fork_rate:.2f}x (target >= 0.5x)")
 
         if args.diagnose:
             print("\ndiagnosis, NOT durable (fsync off in the spool and SQLite), median of runs:")
