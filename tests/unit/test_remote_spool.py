@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -14,9 +15,21 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Response
 from pydantic import SecretStr
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from sqlalchemy import select, text
 
 from dicom_node.config import load_settings
-from dicom_node.errors import ConfigError, SpoolUnreadableError, StorageFullError
+from dicom_node.db import Database, Instance
+from dicom_node.errors import (
+    ConfigError,
+    DatabaseUnavailableError,
+    SpoolUnreadableError,
+    StorageFullError,
+)
+from dicom_node.ingest import Ingest
+from dicom_node.migrate import upgrade
 from dicom_node.remote_spool import (
     HttpSpool,
     content_digest,
@@ -24,7 +37,7 @@ from dicom_node.remote_spool import (
     spool_router,
     worker_spool,
 )
-from dicom_node.spool import LocalSpool
+from dicom_node.spool import LocalSpool, instance_path
 
 TOKEN = SecretStr("s3cret-spool-token")
 
@@ -239,3 +252,51 @@ def test_spool_url_needs_the_token(tmp_path: Path) -> None:
     assert isinstance(remote, HttpSpool)
     remote.close()
     assert isinstance(worker_spool(load_settings(data_dir=tmp_path)), LocalSpool)
+
+
+def _instance(sop_uid: str) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.5", "CT"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_worker_ingests_a_retrieved_prior_into_the_nodes_spool(
+    node: Server, node_spool: LocalSpool, tmp_path: Path
+) -> None:
+    """A prior fetched by C-GET is stored by the worker's Ingest through the HTTP spool: the file
+    lands in the node's spool beside its row; without the row it is removed there again."""
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(db)
+    spool = HttpSpool(node.url, TOKEN, tmp_path / "worker")
+    try:
+        data = _instance("1.2.3.6")
+        stored = Ingest(db, spool).store(data, "PACS")
+        assert not stored.duplicate
+        relpath = instance_path("1.2.3", "1.2.3.5", "1.2.3.6")
+        assert node_spool.path(relpath).read_bytes() == data
+        with db.session() as session:
+            row = session.scalars(select(Instance)).one()
+        assert (row.path, row.size) == (relpath, len(data))
+        assert Ingest(db, spool).store(data, "PACS").duplicate
+
+        with db.engine.begin() as connection:  # the next row cannot be written
+            connection.execute(text("DELETE FROM instances"))
+            connection.execute(text("DROP TABLE series"))
+        written: list[str] = []
+        upload = spool.write
+        spool.write = lambda relpath, data: (written.append(relpath), upload(relpath, data))[1]  # type: ignore[method-assign]
+        with pytest.raises(DatabaseUnavailableError):
+            Ingest(db, spool).store(_instance("1.2.3.7"), "PACS")
+        unrecorded = instance_path("1.2.3", "1.2.3.5", "1.2.3.7")
+        assert written == [unrecorded]  # it reached the node...
+        assert not node_spool.path(unrecorded).exists()  # ...and was removed there
+    finally:
+        spool.close()
+        db.dispose()
