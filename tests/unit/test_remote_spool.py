@@ -268,7 +268,7 @@ def _instance(sop_uid: str) -> bytes:
 
 
 def test_a_worker_ingests_a_retrieved_prior_into_the_nodes_spool(
-    node: Server, node_spool: LocalSpool, tmp_path: Path
+    node: Server, node_spool: LocalSpool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prior fetched by C-GET is stored by the worker's Ingest through the HTTP spool: the file
     lands in the node's spool beside its row; without the row it is removed there again."""
@@ -291,7 +291,12 @@ def test_a_worker_ingests_a_retrieved_prior_into_the_nodes_spool(
             connection.execute(text("DROP TABLE series"))
         written: list[str] = []
         upload = spool.write
-        spool.write = lambda relpath, data: (written.append(relpath), upload(relpath, data))[1]  # type: ignore[method-assign]
+
+        def recorded(relpath: str, data: bytes) -> None:
+            written.append(relpath)
+            upload(relpath, data)
+
+        monkeypatch.setattr(spool, "write", recorded)
         with pytest.raises(DatabaseUnavailableError):
             Ingest(db, spool).store(_instance("1.2.3.7"), "PACS")
         unrecorded = instance_path("1.2.3", "1.2.3.5", "1.2.3.7")
