@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from dicom_node.results import (
 )
 from pipelines.manifest import STAGE1_NAME, load_manifest
 from tests.conftest import AMQP_URL
-from tests.helpers import Service, dciodvfy, service_env, storescu, wait_for
+from tests.helpers import dciodvfy, service_env, storescu, wait_for
+from tests.integration.conftest import StartService
 
 READERS_NODULE_MM = np.array([55.5, 85.6, -116.1])
 
@@ -47,20 +47,6 @@ def _studies(env: dict[str, str]) -> list[dict[str, Any]]:
 @pytest.fixture
 def env(tmp_path: Path, database_url: str, amqp_queues: tuple[str, str]) -> dict[str, str]:
     return service_env(tmp_path / "var", database_url, AMQP_URL, amqp_queues)
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    services: list[Service] = []
-
-    def run(args: list[str], env: dict[str, str], name: str) -> Service:
-        service = Service(args, env, tmp_path / f"{name}.log")
-        services.append(service)
-        return service
-
-    yield run
-    for service in services:
-        service.stop()
 
 
 def _ready(env: dict[str, str]) -> bool:
@@ -83,9 +69,9 @@ EMBEDDED = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 @PRODUCTION
 def test_lidc_pushed_by_storescu_into_serve_with_rabbitmq_completes_with_the_readers_nodule(
-    env: dict[str, str], start: Callable[..., Service], shared_data: Path
+    env: dict[str, str], services: StartService, shared_data: Path
 ) -> None:
-    serve = start(["serve"], env, "serve")
+    serve = services(["serve"], env, "serve")
     wait_for(lambda: _ready(env), timeout=60)
     result = storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-idri-0001")
     assert result.returncode == 0, result.stderr
@@ -149,11 +135,11 @@ def _bad_studies(shared_data: Path, out: Path) -> dict[str, Path]:
 
 @EMBEDDED
 def test_bad_studies_end_rejected_with_a_reason_and_nothing_crashes(
-    env: dict[str, str], start: Callable[..., Service], shared_data: Path, tmp_path: Path
+    env: dict[str, str], services: StartService, shared_data: Path, tmp_path: Path
 ) -> None:
     env = {**env, "NODULEAI_MIN_SLICES": "10"}
     del env["NODULEAI_AMQP_URL"]  # the embedded queue: the same worker code inside serve
-    serve = start(["serve"], env, "serve")
+    serve = services(["serve"], env, "serve")
     wait_for(lambda: _ready(env), timeout=60)
     studies = _bad_studies(shared_data, tmp_path / "bad")
     for name, folder in studies.items():
@@ -170,11 +156,11 @@ def test_bad_studies_end_rejected_with_a_reason_and_nothing_crashes(
 
 @PRODUCTION
 def test_a_worker_killed_mid_job_leaves_the_job_to_another_that_completes_it_once(
-    env: dict[str, str], start: Callable[..., Service], shared_data: Path
+    env: dict[str, str], services: StartService, shared_data: Path
 ) -> None:
-    start(["node"], env, "node")
+    services(["node"], env, "node")
     wait_for(lambda: _ready(env), timeout=60)
-    workers = {w.pid: w for w in (start(["worker"], env, f"worker{i}") for i in range(2))}
+    workers = {w.pid: w for w in (services(["worker"], env, f"worker{i}") for i in range(2))}
     db = Database(env["NODULEAI_DB_URL"])
     assert storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-idri-0001").returncode == 0
 
@@ -209,7 +195,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_another_that_completes_it_onc
 
 @EMBEDDED
 def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_reason(
-    env: dict[str, str], start: Callable[..., Service], shared_data: Path, tmp_path: Path
+    env: dict[str, str], services: StartService, shared_data: Path, tmp_path: Path
 ) -> None:
     env = {
         **env,
@@ -218,7 +204,7 @@ def test_a_job_failing_on_every_attempt_is_dead_lettered_and_failed_with_its_rea
         "NODULEAI_RETRY_BACKOFF_SECONDS": "0.2",
         "NODULEAI_MIN_SLICES": "10",
     }
-    start(["serve"], env, "serve")
+    services(["serve"], env, "serve")
     wait_for(lambda: _ready(env), timeout=60)
     assert storescu(int(env["NODULEAI_DICOM_PORT"]), shared_data / "lidc-small").returncode == 0
 
