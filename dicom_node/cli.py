@@ -85,7 +85,7 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     """Run the pipeline offline on a folder of DICOM files: ``out/findings.json`` and the
     SEG, SR, GSPS, key images and (``NODULEAI_HEATMAP``) the heatmap
     (``out/<modality>-<SOPInstanceUID>.dcm``)."""
-    from dicom_node.errors import StudyRejectedError
+    from dicom_node.errors import EncodingError, StudyRejectedError
     from dicom_node.results import ModelIdentity
     from pipelines.analysis import analyse
     from pipelines.detect import Detector
@@ -124,9 +124,12 @@ def _detect(settings: Settings, path: Path, out: Path) -> int:
     except StudyRejectedError as exc:
         report = {"rejected": {"code": exc.code, "detail": exc.detail}}
         LOGGER.info("rejected: %s", exc.code)
+    except EncodingError as exc:
+        report = {"failed": {"code": exc.code, "detail": str(exc)}}
+        LOGGER.error("failed: %s", exc)
     (out / "findings.json").write_text(json.dumps(report, indent=2) + "\n")
     print(out / "findings.json")
-    return 0
+    return 1 if "failed" in report else 0
 
 
 def _db_upgrade(settings: Settings) -> int:

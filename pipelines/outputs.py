@@ -39,6 +39,7 @@ Encoder faults are deterministic (the same input fails the same way), so they le
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ from pipelines.brock import BrockRisk, Patient, nodule_risk, patient_of
 from pipelines.comparison import Change, Measured, Status, compare, lung_rads_growth
 from pipelines.findings import Nodule
 from pipelines.gsps import GspsNodule, encode_gsps
+from pipelines.headers import sop_class_uid, sop_instance_uid
 from pipelines.heatmap import encode_heatmap
 from pipelines.keyimages import KeyFinding, encode_key_images
 from pipelines.lesions import Focus, LesionClass, classify
@@ -88,8 +90,23 @@ from pipelines.volume import Volume
 
 
 def _load(sources: Sequence[Dataset | str | Path]) -> list[Dataset]:
-    """Datasets as given, or headers read from paths (pixel data is never needed)."""
-    return [s if isinstance(s, Dataset) else dcmread(s, stop_before_pixels=True) for s in sources]
+    """Datasets as given, or headers read from paths (pixel data is never needed).
+
+    An instance whose SOPInstanceUID or SOPClassUID is empty (anonymised files) is referenced by
+    its file meta's, as the volume names it (:func:`pipelines.headers.sop_instance_uid`); a
+    dataset given by the caller is copied before it is completed.
+    """
+    loaded = []
+    for source in sources:
+        ds = source if isinstance(source, Dataset) else dcmread(source, stop_before_pixels=True)
+        uids = {"SOPInstanceUID": sop_instance_uid(ds), "SOPClassUID": sop_class_uid(ds)}
+        missing = {k: v for k, v in uids.items() if v and not str(ds.get(k, "") or "")}
+        if missing:
+            ds = copy.deepcopy(ds) if ds is source else ds
+            for keyword, uid in missing.items():
+                setattr(ds, keyword, uid)
+        loaded.append(ds)
+    return loaded
 
 
 #: The kind of each result object by its SOP Class UID (PS3.4 B.5).
@@ -247,7 +264,8 @@ def encode_results(
     EncodingError
         When there are nodules but none lies on a stored frame (e.g. a Volume resampled onto
         an axial grid from a tilted series has no ``source_positions``): a negative report
-        would be false. Also when highdicom refuses the content.
+        would be false. When the source instances lack the UIDs a reference needs (anonymised
+        files read by ``noduleai detect``). Also when highdicom refuses the content.
     """
     try:
         encoded = _encode(source_datasets_or_paths, volume, nodules, model, history, prior, heatmap)
@@ -270,6 +288,15 @@ def _encode(
     datasets = _load(source_datasets_or_paths)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     used = [by_uid[uid] for uid in volume.sop_instance_uids if uid in by_uid]
+    unnamed = [
+        k for k in ("StudyInstanceUID", "SeriesInstanceUID") if not all(d.get(k) for d in used)
+    ]
+    if not used or unnamed:
+        # (the node refuses such instances at C-STORE; `noduleai detect` may meet them)
+        raise EncodingError(
+            f"the series' instances lack {' and '.join(unnamed) or 'SOPInstanceUID'}: "
+            "result objects could not reference them"
+        )
     compared = "" if prior is None else prior.identity
     place = revision(
         history, volume.series_instance_uid, volume.sop_instance_uids, model.display, compared

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -250,9 +253,6 @@ def assert_heatmap_peaks_at_the_nodules(pmap: pydicom.Dataset, nodules: list[Any
 def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
     tmp_path: Path, shared_data: Path
 ) -> None:
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     run = subprocess.run(
         [
@@ -269,7 +269,7 @@ def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
         timeout=600,
         check=False,
         env={
-            **__import__("os").environ,
+            **os.environ,
             "NODULEAI_INFERENCE_THREADS": "2",
             "NODULEAI_HEATMAP": "1",
         },
@@ -326,3 +326,59 @@ def test_detect_writes_findings_json_for_a_folder_and_a_rejection_for_a_bad_one(
     )
     assert run.returncode == 0, run.stderr
     assert "rejected" in json.loads((bad / "findings.json").read_text())
+
+
+def _detect(folder: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "detect", str(folder), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "NODULEAI_INFERENCE_THREADS": "2"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("folder", "outcome", "code"),
+    [
+        ("lidc-small", "rejected", "no_eligible_series"),
+        ("malformed", "rejected", "no_eligible_series"),
+        ("transfer-syntaxes", "rejected", "no_eligible_series"),
+        # anonymised: the dataset's Study and Series UIDs are empty, nothing could reference them
+        ("jpeg2000-ct", "failed", "encoding_failed"),
+    ],
+)
+def test_detect_on_each_small_shared_folder_ends_with_a_reason_never_a_traceback(
+    shared_data: Path, tmp_path: Path, folder: str, outcome: str, code: str
+) -> None:
+    run = _detect(shared_data / folder, tmp_path)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == (1 if outcome == "failed" else 0)
+    report = json.loads((tmp_path / "findings.json").read_text())
+    assert report[outcome]["code"] == code and report[outcome]["detail"]
+
+
+def test_detect_references_instances_named_only_in_their_file_meta(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """The JPEG 2000 slices with a study and series but an empty SOPInstanceUID in the dataset
+    (their file meta names them): the SR references them by the file meta's UIDs."""
+    source = tmp_path / "in"
+    source.mkdir()
+    study, series = generate_uid(), generate_uid()
+    meta_uids = set()
+    for path in sorted((shared_data / "jpeg2000-ct").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        meta_uids.add(str(ds.file_meta.MediaStorageSOPInstanceUID))
+        ds.save_as(source / path.name, enforce_file_format=True)
+    run = _detect(source, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "out" / "findings.json").read_text())
+    (sr_name,) = [n for n in report["objects"] if n.startswith("SR-")]
+    sr = pydicom.dcmread(tmp_path / "out" / sr_name)
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+    (referenced,) = evidence.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == series
+    assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedSOPSequence} == meta_uids
