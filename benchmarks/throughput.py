@@ -19,36 +19,34 @@ Environment: ``NODULEAI_TEST_PG`` and ``NODULEAI_TEST_AMQP`` as the tests use th
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from dicom_node.db import Database, Instance, Job, JobState, Series, Study  # noqa: E402
 from models.phantom import make_phantom, write_dicom_series  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    AMQP_URL,
+    Service,
+    amqp_queue_names,
+    free_port,
+    postgres_schema,
+    service_env,
+    storescu,
+    wait_for,
+)
 
-PG_BASE = os.environ.get("NODULEAI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-AMQP_URL = os.environ.get("NODULEAI_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 FIRST_SEED = 70_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_studies(folder: Path, n: int) -> list[Path]:
@@ -63,90 +61,16 @@ def write_studies(folder: Path, n: int) -> list[Path]:
     return studies
 
 
-@contextmanager
-def processes(
-    specs: list[tuple[list[str], dict[str, str]]], logs: Path
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start ``noduleai`` processes (args, environment); stop them by pid afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        for i, (args, env) in enumerate(specs):
-            log = (logs / f"{args[0]}-{i}.log").open("w")
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dicom_node.cli", *args],
-                    env={**os.environ, **env},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        yield started
-    finally:
-        for proc in started:
-            proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_BASE)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@contextmanager
-def amqp_queues() -> Iterator[tuple[str, str]]:
-    import pika
-
-    names = (f"bench.inference.{uuid.uuid4().hex[:8]}", f"bench.dead.{uuid.uuid4().hex[:8]}")
-    try:
-        yield names
-    finally:
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        channel = connection.channel()
-        for name in names:
-            channel.queue_delete(name)
-        connection.close()
-
-
-def wait_listening(port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def send(port: int, folder: Path) -> None:
-    cmd = ["storescu", "-aet", "BENCH", "-aec", "NODULEAI", "+sd", "+r", "+sp", "*.dcm"]
-    done = subprocess.run(
-        [*cmd, "127.0.0.1", str(port), str(folder)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed: {done.stderr[-1000:]}")
-
-
-def measure(
-    db: Database, n: int, timeout: float, services: list[subprocess.Popen[bytes]]
-) -> dict[str, float]:
+def measure(db: Database, n: int, timeout: float, services: list[Service]) -> dict[str, float]:
     """Wait until every study's job finished (or ``timeout``); the figures."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        died = [p.args for p in services if p.poll() is not None]
+        died = [str(s.log) for s in services if s.process.poll() is not None]
         if died:
             raise RuntimeError(f"a service exited during the run: {died} (see its log)")
         with db.session() as session:
@@ -191,41 +115,40 @@ def measure(
 
 
 def run_mode(mode: str, studies: list[Path], work: Path, timeout: float) -> dict[str, float]:
-    dicom, http = free_port(), free_port()
-    base = {
-        "NODULEAI_DICOM_HOST": "127.0.0.1",
-        "NODULEAI_DICOM_PORT": str(dicom),
-        "NODULEAI_HTTP_PORT": str(http),
-        "NODULEAI_QUIET_SECONDS": "1",
-        "NODULEAI_MIN_FREE_BYTES": "0",
-        "NODULEAI_INFERENCE_THREADS": "1",
-        "NODULEAI_DATA_DIR": str(work / mode),
-    }
+    folder = work / mode
+    folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         if mode == "embedded":
-            db_url = f"sqlite:///{(work / mode / 'noduleai.db').resolve()}"
-            specs = [(["serve"], {**base, "NODULEAI_WORKERS": "2"})]
-        else:
-            db_url = stack.enter_context(postgres_schema())
-            queue, dead = stack.enter_context(amqp_queues())
+            db_url = f"sqlite:///{(folder / 'noduleai.db').resolve()}"
             env = {
-                **base,
-                "NODULEAI_DB_URL": db_url,
-                "NODULEAI_AMQP_URL": AMQP_URL,
-                "NODULEAI_AMQP_QUEUE": queue,
-                "NODULEAI_AMQP_DEAD_LETTER_QUEUE": dead,
+                "NODULEAI_DATA_DIR": str(folder),
+                "NODULEAI_DICOM_HOST": "127.0.0.1",
+                "NODULEAI_DICOM_PORT": str(free_port()),
+                "NODULEAI_HTTP_PORT": str(free_port()),
+                "NODULEAI_QUIET_SECONDS": "1",
+                "NODULEAI_MIN_FREE_BYTES": "0",
+                "NODULEAI_INFERENCE_THREADS": "1",
+                "NODULEAI_WORKERS": "2",
             }
-            specs = [(["node"], env), (["worker"], env), (["worker"], env)]
-        (work / mode).mkdir(parents=True, exist_ok=True)
-        services = stack.enter_context(processes(specs, work / mode))
-        wait_listening(dicom)
+            commands = [["serve"]]
+        else:
+            db_url = stack.enter_context(postgres_schema("bench"))
+            queues = stack.enter_context(amqp_queue_names("bench"))
+            env = service_env(folder, db_url, AMQP_URL, queues, inference_threads=1)
+            commands = [["node"], ["worker"], ["worker"]]
+        services = []
+        for i, args in enumerate(commands):
+            services.append(Service(args, env, folder / f"{args[0]}-{i}.log"))
+            stack.callback(services[-1].stop)
+        dicom = int(env["NODULEAI_DICOM_PORT"])
+        wait_for(lambda: listening(dicom), timeout=120, interval=0.2)
         db = Database(db_url)
-        try:
-            for folder in studies:
-                send(dicom, folder)
-            return measure(db, len(studies), timeout, services)
-        finally:
-            db.dispose()
+        stack.callback(db.dispose)
+        for study in studies:
+            sent = storescu(dicom, study, aet="BENCH")
+            if sent.returncode != 0:
+                raise RuntimeError(f"storescu failed: {sent.stderr[-1000:]}")
+        return measure(db, len(studies), timeout, services)
 
 
 def main() -> int:

@@ -217,7 +217,8 @@ class HttpSpool:
             response = self._client.delete(quote(relpath))
         except httpx.HTTPError as exc:
             raise SpoolUnreadableError(f"removal on the node failed: {type(exc).__name__}") from exc
-        _check(response, "removal")
+        if response.status_code != 404:  # already gone is what was asked
+            _check(response, "removal")
         self._local(relpath).unlink(missing_ok=True)
 
     def release(self) -> None:
@@ -239,6 +240,8 @@ class HttpSpool:
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
         try:
             with self._client.stream("GET", quote(relpath)) as response:
+                if response.status_code == 404:
+                    raise SpoolUnreadableError("the node's spool does not have the file")
                 _check(response, "fetch")
                 expected = parse_digest(response.headers.get("content-digest"))
                 length = int(response.headers.get("content-length", -1))
@@ -262,10 +265,6 @@ class _Mismatch(Exception):
 
 
 def _check(response: httpx.Response, what: str) -> None:
-    if response.status_code == 404 and what == "fetch":
-        raise SpoolUnreadableError("the node's spool does not have the file")
-    if response.status_code == 404 and what == "removal":
-        return
     if response.status_code >= 300:
         raise SpoolUnreadableError(f"{what} refused by the node: HTTP {response.status_code}")
 

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
-from sqlalchemy import create_engine, text
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.node import Node
-from tests.helpers import system_program
+from tests.helpers import amqp_queue_names, postgres_schema, system_program
 
 REPO = Path(__file__).resolve().parents[1]
-PG_BASE = os.environ.get("NODULEAI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-AMQP_URL = os.environ.get("NODULEAI_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 DATABASES = os.environ.get("NODULEAI_TEST_DATABASES", "sqlite,postgresql").split(",")
 
 
@@ -39,31 +34,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_BASE)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture
 def amqp_queues() -> Iterator[tuple[str, str]]:
     """Names of a work queue and its dead-letter queue of this test's own; deleted afterwards."""
-    names = (f"test.inference.{uuid.uuid4().hex[:8]}", f"test.dead.{uuid.uuid4().hex[:8]}")
-    yield names
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    except pika.exceptions.AMQPError:
-        return
-    channel = connection.channel()
-    for name in names:
-        channel.queue_delete(name)
-    connection.close()
+    with amqp_queue_names() as names:
+        yield names
 
 
 @pytest.fixture

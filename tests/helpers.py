@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -254,3 +256,43 @@ def service_env(
         "NODULEAI_MIN_FREE_BYTES": "0",
         "NODULEAI_INFERENCE_THREADS": str(inference_threads),
     }
+
+
+#: The PostgreSQL server and RabbitMQ broker the tests (and the benchmarks) use.
+PG_BASE = os.environ.get("NODULEAI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("NODULEAI_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str = "t") -> Iterator[str]:
+    """The URL of a fresh PostgreSQL schema of the caller's own; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_BASE)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def amqp_queue_names(prefix: str = "test") -> Iterator[tuple[str, str]]:
+    """Names of a work queue and its dead-letter queue of the caller's own; deleted afterwards
+    (when the broker is reachable)."""
+    import pika
+
+    names = (f"{prefix}.inference.{uuid.uuid4().hex[:8]}", f"{prefix}.dead.{uuid.uuid4().hex[:8]}")
+    yield names
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    except pika.exceptions.AMQPError:
+        return
+    channel = connection.channel()
+    for name in names:
+        channel.queue_delete(name)
+    connection.close()

@@ -30,8 +30,8 @@ from dicom_node.db import Database, Instance, Job, Study
 from dicom_node.errors import ErrorCode
 from dicom_node.lifecycle import settle_failure
 from dicom_node.retry import Decision, Verdict
-from tests.conftest import AMQP_URL, REPO
-from tests.helpers import Service, free_port, storescu, wait_for
+from tests.conftest import REPO
+from tests.helpers import AMQP_URL, Service, free_port, storescu, wait_for
 
 E2E = Path(__file__).parent
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"

@@ -21,8 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Job, Result, WorkerHeartbeat
-from tests.conftest import AMQP_URL
-from tests.helpers import broker_up, rabbitmqctl, service_env, storescu, wait_for
+from tests.helpers import AMQP_URL, broker_up, rabbitmqctl, service_env, storescu, wait_for
 from tests.integration.conftest import StartService
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

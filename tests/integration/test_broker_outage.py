@@ -17,8 +17,7 @@ from sqlalchemy import select
 from dicom_node.db import Job
 from dicom_node.node import Node
 from dicom_node.queues import declare_topology
-from tests.conftest import AMQP_URL
-from tests.helpers import broker_up, rabbitmqctl, storescu, wait_for
+from tests.helpers import AMQP_URL, broker_up, rabbitmqctl, storescu, wait_for
 
 
 @pytest.fixture

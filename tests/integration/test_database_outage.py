@@ -28,8 +28,7 @@ from dicom_node.node import Node
 from dicom_node.policy import AssociationPolicy
 from dicom_node.spool import LocalSpool
 from dicom_node.status import Status, status_for
-from tests.conftest import PG_BASE
-from tests.helpers import free_port, storescu, wait_for
+from tests.helpers import PG_BASE, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.db import Database, Job, Result
-from tests.conftest import AMQP_URL
-from tests.helpers import node_api, node_healthy, service_env, storescu, wait_for
+from tests.helpers import AMQP_URL, node_api, node_healthy, service_env, storescu, wait_for
 from tests.integration.conftest import StartService
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,8 +20,7 @@ from dicom_node.queues import declare_topology
 from dicom_node.results import ModelIdentity
 from pipelines.outputs import encode_results
 from pipelines.volume import build_volume
-from tests.conftest import AMQP_URL
-from tests.helpers import storescu, system_program, wait_for
+from tests.helpers import AMQP_URL, storescu, system_program, wait_for
 from tests.nodule_fixtures import lidc_nodules
 
 

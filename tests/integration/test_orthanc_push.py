@@ -26,8 +26,7 @@ from dicom_node.db import Instance, Job, Series, Study, StudyState
 from dicom_node.node import Node
 from dicom_node.queues import declare_topology
 from dicom_node.spool import study_path
-from tests.conftest import AMQP_URL
-from tests.helpers import wait_for
+from tests.helpers import AMQP_URL, wait_for
 from tests.integration.conftest import running_orthanc
 from tests.peers import Orthanc
 

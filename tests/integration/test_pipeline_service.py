@@ -28,8 +28,7 @@ from dicom_node.results import (
     SEGMENTATION_STORAGE,
 )
 from pipelines.manifest import STAGE1_NAME, load_manifest
-from tests.conftest import AMQP_URL
-from tests.helpers import dciodvfy, service_env, storescu, wait_for
+from tests.helpers import AMQP_URL, dciodvfy, service_env, storescu, wait_for
 from tests.integration.conftest import StartService
 
 READERS_NODULE_MM = np.array([55.5, 85.6, -116.1])

@@ -12,8 +12,7 @@ from dicom_node.dashboard.queue_stats import make_inspector
 from dicom_node.db import Database
 from dicom_node.migrate import upgrade
 from dicom_node.queues import make_job_queue, make_job_source
-from tests.conftest import AMQP_URL
-from tests.helpers import wait_for
+from tests.helpers import AMQP_URL, wait_for
 
 
 @pytest.fixture(params=["rabbitmq", "embedded"])
