@@ -8,8 +8,13 @@
    threshold choice): FROC and CPM per LUNA16, sensitivity per size bin and false positives per
    scan at the operating point, stage-1 recall at its candidate threshold, Dice of the masks of
    detected nodules.
-2. The real series LIDC-IDRI-0001 (when the data folder is there): every finding at the
+2. Held-out phantoms with confounders (seeds ``seed*100000 + 60000 + i``; pneumonia-like
+   opacities, atelectasis, fissures, pleural plaques: see :func:`models.phantom.make_phantom`):
+   the same FROC figures, and false positives per scan at the operating point.
+3. The real series LIDC-IDRI-0001 (when the data folder is there): every finding at the
    operating point (and the strongest ones below it), matched to the readers' nodules.
+4. The real COVID-19 series ``ricord-1a-covid-ct`` (no nodules): every finding the service
+   reports, with its lesion class, exactly as ``noduleai detect`` reports it.
 
 Detection is the service's own :class:`pipelines.detect.Detector` on onnxruntime CPU
 (:meth:`~pipelines.detect.Detector.run_stages`, which keeps the findings below the operating
@@ -49,6 +54,9 @@ from pipelines.screen import candidate_world
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 TEST_OFFSET = 50000
+CONFOUNDER_TEST_OFFSET = 60000
+NEGATIVE_SERIES = "ricord-1a-covid-ct"
+"""Real series without nodules (COVID-19 pneumonia) in the shared data folder."""
 
 
 def default_data_dir() -> Path | None:
@@ -82,9 +90,9 @@ def _mask_dice(ph: Phantom, f: Finding, label: int) -> float:
     return dice(f.mask, gt)
 
 
-def evaluate_phantom(det: Detector, seed: int) -> dict[str, Any]:
+def evaluate_phantom(det: Detector, seed: int, confounders: bool = False) -> dict[str, Any]:
     """Detect in one held-out phantom; return its scan case, stage-1 hits and Dice values."""
-    ph = make_phantom(seed)
+    ph = make_phantom(seed, confounders=confounders)
     res = det.run_stages(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     refs = [Reference(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     cands = [candidate_world(c, ph.origin_mm) for c in res.candidates]
@@ -107,11 +115,15 @@ def evaluate_phantom(det: Detector, seed: int) -> dict[str, Any]:
     }
 
 
-def evaluate_synthetic(det: Detector, seed: int, n: int) -> dict[str, Any]:
-    """Held-out synthetic evaluation (see the module docstring)."""
+def evaluate_synthetic(
+    det: Detector, seed: int, n: int, confounders: bool = False
+) -> dict[str, Any]:
+    """Held-out synthetic evaluation (see the module docstring), of the phantoms with
+    confounders when asked."""
+    offset = CONFOUNDER_TEST_OFFSET if confounders else TEST_OFFSET
     rows = []
     for i in range(n):
-        rows.append(evaluate_phantom(det, seed * 100000 + TEST_OFFSET + i))
+        rows.append(evaluate_phantom(det, seed * 100000 + offset + i, confounders))
         if (i + 1) % 10 == 0:
             print(f"evaluated {i + 1}/{n} phantoms", flush=True)
     cases = [r["case"] for r in rows]
@@ -134,7 +146,7 @@ def evaluate_synthetic(det: Detector, seed: int, n: int) -> dict[str, Any]:
     return {
         "n_scans": n,
         "n_nodules": res.n_nodules,
-        "seeds": f"{seed * 100000 + TEST_OFFSET}..+{n - 1}",
+        "seeds": f"{seed * 100000 + offset}..+{n - 1}",
         "sensitivity_at_fp": {str(k): round(v, 4) for k, v in res.sensitivities_at.items()},
         "cpm": round(res.cpm, 4),
         "operating_threshold": thr,
@@ -253,12 +265,48 @@ def evaluate_lidc(det: Detector, data: Path) -> dict[str, Any] | None:
     }
 
 
+def evaluate_negative_series(
+    weights: str | Path, data: Path, threads: int
+) -> dict[str, Any] | None:
+    """Every finding the service reports on the real series without nodules, with its class."""
+    from dicom_node.config import Settings
+    from dicom_node.results import ModelIdentity
+    from pipelines.analysis import analyse
+    from pipelines.outputs import encode_results
+
+    folder = data / NEGATIVE_SERIES
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    min_slices = int(Settings.model_fields["min_slices"].default)
+    a = analyse(files, lambda: evaluation_detector(weights, threads), min_slices)
+    d = a.detection
+    enc = encode_results(a.paths, a.volume, d.nodules, ModelIdentity(d.model_name, d.model_version))
+    nodules = [n.to_json() for n in enc.nodules]
+    classes = [str(n["lesion_class"]) for n in nodules]
+    return {
+        "series": NEGATIVE_SERIES,
+        "findings": len(nodules),
+        "by_class": {c: classes.count(c) for c in sorted(set(classes))},
+        "over_30_mm": sum(1 for n in nodules if float(n["long_axis_mm"]) > 30.0),
+        "lung_rads": enc.lung_rads,
+        "each": [
+            {k: n[k] for k in ("lesion_class", "type", "long_axis_mm", "probability", "center_mm")}
+            for n in nodules
+        ],
+        "n_candidates": d.candidates,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m models.evaluate``."""
     p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__)
     p.add_argument("--weights", default=str(WEIGHTS_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=50)
+    p.add_argument("--n-confounders", type=int, default=20)
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(CARDS_DIR))
@@ -276,9 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     if data is not None:
         result["lidc_idri_0001"] = evaluate_lidc(det, data)
         print(json.dumps(result["lidc_idri_0001"], indent=2), flush=True)
+        result["negative_series"] = evaluate_negative_series(args.weights, data, args.threads)
+        print(json.dumps(result["negative_series"], indent=2), flush=True)
     if not args.skip_synthetic:
         result["synthetic_held_out"] = evaluate_synthetic(det, args.seed, args.n)
         print(json.dumps(result["synthetic_held_out"], indent=2), flush=True)
+        result["synthetic_confounders"] = evaluate_synthetic(
+            det, args.seed, args.n_confounders, confounders=True
+        )
+        print(json.dumps(result["synthetic_confounders"], indent=2), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     prev.write_text(json.dumps(result, indent=2) + "\n")
     from models.modelcards import render_cards

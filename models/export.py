@@ -25,7 +25,9 @@ from pipelines.preprocess import (
 )
 
 OPSET = 17
-VERSION = "1.3.0"
+STAGE1_VERSION = "1.3.0"
+STAGE2_VERSION = "1.4.0"
+"""1.4.0: stage 2 also learns from phantoms with confounders (``models.train`` docstring)."""
 
 
 def export_stage1(net: ScreenNet, path: Path) -> None:
@@ -77,7 +79,7 @@ def manifest_stage1(path: Path, threshold: float, training: dict[str, Any]) -> d
     """Manifest of the stage-1 ONNX file at ``path``."""
     return {
         "name": "stage1_screen",
-        "version": VERSION,
+        "version": STAGE1_VERSION,
         "file": path.name,
         "sha256": sha256(path),
         "opset": OPSET,
@@ -111,7 +113,7 @@ def manifest_stage2(path: Path, threshold: float, training: dict[str, Any]) -> d
     p = STAGE2_PATCH
     return {
         "name": "stage2_refine",
-        "version": VERSION,
+        "version": STAGE2_VERSION,
         "file": path.name,
         "sha256": sha256(path),
         "opset": OPSET,

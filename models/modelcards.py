@@ -15,11 +15,26 @@ def _fmt(v: Any) -> str:
 
 def _data_line(t: dict[str, Any]) -> str:
     if "data" in t:
-        return f"Trained on {t['data']} (listed in the manifest)."
-    return (
-        f"Training phantoms {t['train_seeds']}, validation phantoms {t['val_seeds']}; the "
-        "held-out evaluation uses other seeds."
-    )
+        line = f"Trained on {t['data']} (listed in the manifest)."
+    else:
+        line = (
+            f"Training phantoms {t['train_seeds']}, validation phantoms {t['val_seeds']}; the "
+            "held-out evaluation uses other seeds."
+        )
+    if t.get("n_confounder_train_phantoms"):
+        line += (
+            f" Stage 2 also: phantoms with confounders {t['confounder_train_seeds']} (training)"
+            f" and {t.get('confounder_val_seeds', 'none')} (validation)."
+        )
+    return line
+
+
+def _run_line(t: dict[str, Any]) -> str:
+    """Which stages the recorded run trained."""
+    s1 = t.get("stage1")
+    if s1:
+        return f"wall for stage 2 alone, on stage 1 {s1['version']} (sha256 {s1['sha256'][:12]}…)"
+    return "wall for both stages"
 
 
 def _data_source(t: dict[str, Any]) -> str:
@@ -43,7 +58,7 @@ def _common(m: dict[str, Any]) -> str:
 - ONNX: `models/weights/{m["file"]}` (opset {m["opset"]}, dynamic batch), sha256
   `{m["sha256"]}`; manifest `models/weights/{m["name"]}.json`.
 - Produced by: `{t["command"]}` (seed {t["seed"]}, {t["threads"]} thread(s), {t["wall_s"]} s
-  wall for both stages{_environment(t)}). {_data_line(t)}
+  {_run_line(t)}{_environment(t)}). {_data_line(t)}
 - Preprocessing: isotropic {pre["spacing_mm"][0]} mm voxels ({pre["resample"]}); HU window
   {pre["hu_window"]} scaled to [0, 1]; candidates within {pre["lung_margin_mm"]} mm of a
   threshold-based lung mask.
@@ -61,7 +76,11 @@ LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR` (sphere masks of the annotat
 Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
 at 30 % and 60 % of its iterations, its own false-positive peaks on the training phantoms.
 Both stages draw their nodule examples with weight 1/diameter, so 3-5 mm nodules are seen
-more often than large ones.
+more often than large ones. Stage 2 also learns from phantoms with confounders, structures that
+are not nodules (`make_phantom(confounders=True)`): multifocal ill-defined ground-glass and
+consolidation patches of 12-70 mm, mostly subpleural, in both lungs (pneumonia), dependent
+subpleural atelectasis, interlobar fissures and pleural plaques; it sees them through the
+stage-1 candidates they raise and through patches drawn inside each of them.
 """
 
 
@@ -168,6 +187,36 @@ Strongest findings below the operating point:
 """
 
 
+def _confounder_section(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "Phantoms with confounders: not evaluated.\n"
+    return f"""Held-out phantoms with confounders ({c["n_scans"]} phantoms, seeds {c["seeds"]},
+{c["n_nodules"]} nodules among pneumonia-like opacities, atelectasis, fissures and plaques): CPM
+**{_fmt(c["cpm"])}**; at the operating point sensitivity
+{_fmt(c["sensitivity_at_operating_point"])} and **{c["fps_per_scan_at_operating_point"]}** false
+positives per scan; sensitivity at 1 FP/scan {_fmt(c["sensitivity_at_fp"]["1.0"])}.
+"""
+
+
+def _negative_section(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "The real series without nodules was not available when this card was rendered.\n"
+    rows = "\n".join(
+        f"| {f['lesion_class']} | {f['type']} | {f['long_axis_mm']} | {f['probability']} | "
+        f"{f['center_mm']} |"
+        for f in r["each"]
+    )
+    return f"""Real series without nodules `{r["series"]}` (COVID-19 pneumonia; see the shared
+data's README): the service reports **{r["findings"]}** finding(s) ({r["by_class"] or "none"}),
+{r["over_30_mm"]} over 30 mm; study Lung-RADS {r["lung_rads"] or "n/a"}; {r["n_candidates"]}
+stage-1 candidates.
+
+| class | type | long axis mm | p | centre LPS mm |
+|---|---|---|---|---|
+{rows}
+"""
+
+
 def _int8_section(figures: dict[str, Any] | None, stage: str) -> str:
     """The card's INT8 paragraph from ``int8.json`` (``benchmarks/int8.py --write-card``)."""
     if figures is None or stage not in figures:
@@ -193,6 +242,8 @@ def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any],
     int8 = json.loads(int8_file.read_text()) if int8_file.is_file() else None
     s = result.get("synthetic_held_out")
     lidc = result.get("lidc_idri_0001")
+    confounders = result.get("synthetic_confounders")
+    negative = result.get("negative_series")
     bench = result.get("benchmark", {})
     syn = _synthetic_table(s) if s else "Not evaluated.\n"
     s1 = f"""# Model card: stage1_screen {m1["version"]}
@@ -238,7 +289,9 @@ on the 1.25 mm grid): {_fmt(s["dice_mean"]) if s else "n/a"} overall.
 |---|---|---|
 {_dice_rows(s)}
 
+{_confounder_section(confounders)}
 {_lidc_section(lidc)}
+{_negative_section(negative)}
 Speed (onnxruntime CPU): {bench.get("stage2_ms_per_candidate", "see benchmarks/models.py")} ms
 per candidate.
 

@@ -13,7 +13,7 @@ identity (rows along +x, columns along +y).
 
 Public API
 ----------
-make_phantom(seed, shape=None, spacing_mm=None, n_nodules=None, ...) -> Phantom
+make_phantom(seed, shape=None, spacing_mm=None, n_nodules=None, confounders=False, ...) -> Phantom
 write_dicom_series(volume_hu, spacing_mm, out_dir, seed, origin_mm=..., ...) -> list[Path]
 """
 
@@ -90,6 +90,8 @@ class Phantom:
         uint8 ``[z, y, x]``; ``k`` marks voxels of the nodule with ``label == k``.
     seed : int
         The seed that made it.
+    confounders : list of PhantomConfounder
+        Structures that are not nodules (empty unless made with ``confounders=True``).
     """
 
     volume_hu: npt.NDArray[np.int16]
@@ -98,6 +100,7 @@ class Phantom:
     nodules: list[PhantomNodule]
     labels: npt.NDArray[np.uint8]
     seed: int
+    confounders: list[PhantomConfounder] = field(default_factory=list)
 
 
 @dataclass
@@ -523,6 +526,269 @@ def _add_spicules(
             hu[hit[0]] = np.maximum(region, region * (1 - hit[1]) + 0.0 * hit[1])
 
 
+# --------------------------------------------------------------------------- confounders
+
+CONFOUNDER_KINDS = ("opacity", "atelectasis", "fissure", "plaque")
+"""What :func:`make_phantom` paints with ``confounders=True``: lung findings that are not nodules
+and fool a detector trained on clean phantoms (negatives: they never get a label)."""
+
+CONFOUNDER_CLEARANCE_MM = 4.0
+"""Confounders stay this far outside every nodule's nominal sphere."""
+
+
+@dataclass(frozen=True)
+class PhantomConfounder:
+    """One painted structure that is not a nodule.
+
+    Attributes
+    ----------
+    kind : str
+        One of :data:`CONFOUNDER_KINDS`: ``opacity`` (ill-defined ground-glass or consolidation
+        patch of pneumonia, 12-70 mm, mostly peripheral and several per phantom, in both lungs),
+        ``atelectasis`` (dependent subpleural band), ``fissure`` (thin oblique plane through a
+        lung) or ``plaque`` (flat pleural thickening, sometimes calcified).
+    centre_xyz_mm : tuple of float
+        A point inside it (LPS mm): the occupancy-weighted centre.
+    size_mm : float
+        Its largest extent as drawn (mm).
+    """
+
+    kind: str
+    centre_xyz_mm: tuple[float, float, float]
+    size_mm: float
+
+
+def _keep_out(
+    grid: _Grid, box: tuple[slice, slice, slice], nodules: Sequence[PhantomNodule]
+) -> npt.NDArray[np.bool_]:
+    """Voxels of ``box`` that are at least :data:`CONFOUNDER_CLEARANCE_MM` outside every nodule."""
+    z, y, x = grid.points(box)
+    ok = np.ones((z.shape[0], y.shape[1], x.shape[2]), bool)
+    for n in nodules:
+        c = n.centre_xyz_mm
+        r = n.diameter_mm / 2 * 1.3 + CONFOUNDER_CLEARANCE_MM
+        ok &= (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 > r * r
+    return ok
+
+
+def _smooth_field(rng: Rng, shape: tuple[int, ...], cells: tuple[float, ...]) -> FloatArray:
+    """Zero-mean, unit-variance random field varying over about ``cells`` voxels per axis."""
+    coarse = tuple(max(2, int(n / c) + 2) for n, c in zip(shape, cells, strict=True))
+    f = ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), 0.8)
+    f = ndimage.zoom(f, [n / c for n, c in zip(shape, coarse, strict=True)], order=1)
+    f = f[tuple(slice(0, n) for n in shape)]
+    return np.asarray((f - f.mean()) / max(float(f.std()), 1e-3), dtype=np.float32)
+
+
+def _blend(
+    hu: FloatArray,
+    box: tuple[slice, slice, slice],
+    occ: FloatArray,
+    value: FloatArray | float,
+    where: npt.NDArray[np.bool_],
+) -> None:
+    """Blend ``value`` at occupancy ``occ`` into ``hu[box]`` where allowed, never darkening."""
+    region = hu[box]
+    occ = np.where(where, occ, 0.0).astype(np.float32)
+    hu[box] = np.maximum(region, region * (1 - occ) + value * occ)
+
+
+def _centre(
+    grid: _Grid, box: tuple[slice, slice, slice], occ: FloatArray
+) -> tuple[float, float, float]:
+    z, y, x = grid.points(box)
+    w = float(occ.sum()) or 1.0
+    return (
+        float((occ * x).sum() / w),
+        float((occ * y).sum() / w),
+        float((occ * z).sum() / w),
+    )
+
+
+def _add_opacity(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+    side: float,
+) -> PhantomConfounder | None:
+    """An ill-defined ground-glass (sometimes consolidating) patch, usually subpleural, in the
+    lung on ``side`` (sign of LPS x)."""
+    size = float(np.exp(rng.uniform(np.log(12.0), np.log(70.0))))
+    ks = np.flatnonzero(lungs.any(axis=(1, 2)))
+    if not ks.size:
+        return None
+    k = int(rng.choice(ks))
+    in_side = lungs[k] & ((grid.x[None, :] * side) > 0)
+    if not in_side.any():
+        return None
+    dist = ndimage.distance_transform_edt(in_side, sampling=grid.spacing[1:])
+    peripheral = rng.random() < 0.8
+    ok = in_side & ((dist < 0.3 * size + 2.0) if peripheral else (dist > 0.3 * size))
+    pts = np.argwhere(ok)
+    if not len(pts):
+        return None
+    iy, ix = pts[int(rng.integers(len(pts)))]
+    c = np.array([grid.x[ix], grid.y[iy], grid.z[k]])
+    half = size / 2 + 6.0
+    box = grid.index_box(c - half, c + half)
+    if any(s.stop - s.start < 2 for s in box):
+        return None
+    z, y, x = grid.points(box)
+    axes = rng.uniform(0.6, 1.4, 3)
+    axes /= np.cbrt(np.prod(axes))
+    e = np.sqrt(
+        ((x - c[0]) / axes[0]) ** 2 + ((y - c[1]) / axes[1]) ** 2 + ((z - c[2]) / axes[2]) ** 2
+    ) / (size / 2)
+    shape = (z.shape[0], y.shape[1], x.shape[2])
+    cells = tuple(6.0 / s for s in grid.spacing)
+    score = (1.0 - e) + rng.uniform(0.3, 0.7) * _smooth_field(rng, shape, cells)
+    soft = rng.uniform(0.3, 0.8)  # margin over 30-80 % of the radius: ill-defined
+    occ = np.clip(score / soft, 0.0, 1.0).astype(np.float32)
+    where = lungs[box] & _keep_out(grid, box, nodules)
+    occ = np.where(where, occ, 0.0).astype(np.float32)
+    if occ.sum() < 1.0:
+        return None
+    patchy = _smooth_field(rng, shape, tuple(3.0 / s for s in grid.spacing))
+    value = (rng.uniform(-720.0, -480.0) + 50.0 * patchy).astype(np.float32)
+    if rng.random() < 0.35:
+        dense = np.clip((score - rng.uniform(0.4, 0.7)) / 0.15, 0.0, 1.0)
+        value = (value * (1 - dense) + rng.uniform(-150.0, 30.0) * dense).astype(np.float32)
+    _blend(hu, box, occ, value, where)
+    return PhantomConfounder("opacity", _centre(grid, box, occ), round(size, 1))
+
+
+def _add_atelectasis(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+) -> PhantomConfounder | None:
+    """A dependent (posterior) subpleural band of partly collapsed lung, 2-10 mm thick."""
+    ks = np.flatnonzero(lungs.any(axis=(1, 2)))
+    if not ks.size:
+        return None
+    length = rng.uniform(20.0, 60.0)
+    z0 = float(rng.uniform(grid.z[ks[0]], grid.z[ks[-1]]))
+    sel = ks[np.abs(grid.z[ks] - z0) < length / 2]
+    if not sel.size:
+        return None
+    box = (slice(int(sel[0]), int(sel[-1]) + 1), slice(None), slice(None))
+    thick = rng.uniform(2.0, 10.0)
+    shape = (box[0].stop - box[0].start, len(grid.y), len(grid.x))
+    cells = (12.0 / grid.spacing[0], 12.0 / grid.spacing[1], 12.0 / grid.spacing[2])
+    t = thick * (1.0 + 0.35 * _smooth_field(rng, shape, cells))
+    occ = np.zeros(shape, np.float32)
+    posterior = grid.y[None, :, None] > rng.uniform(0.0, 40.0)
+    for i, k in enumerate(range(box[0].start, box[0].stop)):
+        d = ndimage.distance_transform_edt(lungs[k], sampling=grid.spacing[1:])
+        occ[i] = np.clip((t[i] - d) / 1.5 + 0.5, 0.0, 1.0)
+    where = lungs[box] & posterior & _keep_out(grid, box, nodules)
+    occ = np.where(where, occ, 0.0).astype(np.float32)
+    if occ.sum() < 1.0:
+        return None
+    _blend(hu, box, occ, float(rng.uniform(-450.0, -50.0)), where)
+    return PhantomConfounder("atelectasis", _centre(grid, box, occ), round(length, 1))
+
+
+def _add_fissure(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+    side: float,
+) -> PhantomConfounder | None:
+    """A thin oblique plane (interlobar fissure) through the lung on ``side``."""
+    cols = np.flatnonzero(grid.x * side > 0)
+    if not cols.size:
+        return None
+    box = (slice(None), slice(None), slice(int(cols[0]), int(cols[-1]) + 1))
+    lung_box = lungs[box]
+    pts = np.argwhere(lung_box)
+    if not len(pts):
+        return None
+    p = pts[int(rng.integers(len(pts)))]
+    z, y, x = grid.points(box)
+    c = (float(x[0, 0, p[2]]), float(y[0, p[1], 0]), float(z[p[0], 0, 0]))
+    angle = rng.uniform(np.pi / 6, np.pi / 3)
+    n = np.array([rng.normal(0.0, 0.15), np.sin(angle), np.cos(angle)])
+    n /= np.linalg.norm(n)
+    half_width = rng.uniform(0.4, 0.8)
+    d = np.abs((x - c[0]) * n[0] + (y - c[1]) * n[1] + (z - c[2]) * n[2])
+    occ = np.clip((half_width - d) / 0.5 + 0.5, 0.0, 1.0).astype(np.float32)
+    where = lung_box & _keep_out(grid, box, nodules)
+    occ = np.where(where, occ, 0.0).astype(np.float32)
+    if occ.sum() < 1.0:
+        return None
+    _blend(hu, box, occ, float(rng.uniform(-650.0, -400.0)), where)
+    return PhantomConfounder("fissure", _centre(grid, box, occ), 0.0)
+
+
+def _add_plaque(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+) -> PhantomConfounder | None:
+    """A flat pleural thickening 1.5-4 mm thick and 10-30 mm wide (calcified in a third)."""
+    ks = np.flatnonzero(lungs.any(axis=(1, 2)))
+    if not ks.size:
+        return None
+    k = int(rng.choice(ks))
+    edge = lungs[k] & ~ndimage.binary_erosion(lungs[k])
+    pts = np.argwhere(edge)
+    if not len(pts):
+        return None
+    iy, ix = pts[int(rng.integers(len(pts)))]
+    c = np.array([grid.x[ix], grid.y[iy], grid.z[k]])
+    width = rng.uniform(10.0, 30.0)
+    thick = rng.uniform(1.5, 4.0)
+    box = grid.index_box(c - width / 2 - 2, c + width / 2 + 2)
+    z, y, x = grid.points(box)
+    r = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+    depth = ndimage.distance_transform_edt(lungs[box], sampling=grid.spacing)
+    # lens: thickest at the centre, thinning towards the rim
+    t = thick * np.sqrt(np.clip(1.0 - (r / (width / 2)) ** 2, 0.0, 1.0))
+    occ = np.clip((t - depth) / 1.0 + 0.5, 0.0, 1.0).astype(np.float32)
+    where = lungs[box] & _keep_out(grid, box, nodules)
+    occ = np.where(where, occ, 0.0).astype(np.float32)
+    if occ.sum() < 1.0:
+        return None
+    value = float(rng.uniform(250.0, 600.0) if rng.random() < 0.33 else rng.uniform(20.0, 80.0))
+    _blend(hu, box, occ, value, where)
+    return PhantomConfounder("plaque", _centre(grid, box, occ), round(width, 1))
+
+
+def _add_confounders(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+) -> list[PhantomConfounder]:
+    """Paint the confounders of one phantom into ``hu`` (in place), away from every nodule.
+
+    Multifocal opacities in both lungs (pneumonia) in two phantoms of three, a dependent band
+    in half, one or two fissures in most and pleural plaques in a third.
+    """
+    out: list[PhantomConfounder | None] = []
+    if rng.random() < 0.67:
+        n = int(rng.integers(2, 8))
+        out += [_add_opacity(rng, grid, lungs, hu, nodules, (-1.0, 1.0)[i % 2]) for i in range(n)]
+    if rng.random() < 0.5:
+        out.append(_add_atelectasis(rng, grid, lungs, hu, nodules))
+    for side in (-1.0, 1.0):
+        if rng.random() < 0.6:
+            out.append(_add_fissure(rng, grid, lungs, hu, nodules, side))
+    if rng.random() < 0.33:
+        out += [_add_plaque(rng, grid, lungs, hu, nodules) for _ in range(int(rng.integers(1, 5)))]
+    return [c for c in out if c is not None]
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -558,6 +824,7 @@ def make_phantom(
     spacing_mm: tuple[float, float, float] | None = None,
     n_nodules: int | tuple[int, int] | None = None,
     fov_padding: bool | None = None,
+    confounders: bool = False,
 ) -> Phantom:
     """Make a synthetic chest CT phantom, deterministically from ``seed``.
 
@@ -577,6 +844,10 @@ def make_phantom(
     fov_padding : bool, optional
         Pad outside the reconstruction circle with -2048 HU (as some scanners do). Default:
         drawn at random.
+    confounders : bool, optional
+        Also paint lung findings that are not nodules (:data:`CONFOUNDER_KINDS`): pneumonia-like
+        opacities, dependent atelectasis, fissures, pleural plaques. They come from their own
+        random stream, so the rest of the phantom is the one made without them.
 
     Returns
     -------
@@ -595,6 +866,10 @@ def make_phantom(
         else int(rng.integers(n_nodules[0], n_nodules[1] + 1))
     )
     nodules = _add_nodules(rng, n, scene.grid, scene.lungs, scene.anat, scene.hu, labels)
+    painted = []
+    if confounders:
+        c_rng = np.random.default_rng([seed, 1])
+        painted = _add_confounders(c_rng, scene.grid, scene.lungs, scene.hu, nodules)
     hu = _scanner(rng, scene.hu, spacing_mm)
     if fov_padding is None:
         fov_padding = bool(rng.random() < 0.4)
@@ -611,6 +886,7 @@ def make_phantom(
         nodules=nodules,
         labels=labels,
         seed=seed,
+        confounders=painted,
     )
 
 

@@ -4,9 +4,17 @@ One command does all of it, deterministically from ``--seed``::
 
     python -m models.train all --seed 0 --out models/weights --threads 2
 
+``stage2`` runs the second half alone on the stage 1 already in ``--stage1 DIR`` (what ``all``
+does after exporting its stage 1)::
+
+    python -m models.train stage2 --stage1 models/weights --seed 0 --out models/weights
+
 Seeds: training phantoms ``seed*100000 + 10000 + i``, validation phantoms
-``seed*100000 + 20000 + i`` (the held-out evaluation in :mod:`models.evaluate` uses
-``seed*100000 + 50000 + i``, never seen here). The validation set fixes the stage-1 candidate
+``seed*100000 + 20000 + i``; stage 2 also learns from phantoms with confounders (pneumonia-like
+opacities, atelectasis, fissures, pleural plaques; :func:`models.phantom.make_phantom`),
+``seed*100000 + 30000 + i`` for training and ``+ 40000 + i`` for validation (the held-out
+evaluation in :mod:`models.evaluate` uses ``seed*100000 + 50000 + i`` and, with confounders,
+``+ 60000 + i``, never seen here). The validation set fixes the stage-1 candidate
 threshold (recall) and the stage-2 operating threshold (false positives per scan). Uses CUDA and
 mixed precision when a GPU is present; on CPU honour ``--threads``.
 """
@@ -59,6 +67,9 @@ from pipelines.screen import (
 )
 
 TRAIN_OFFSET, VAL_OFFSET, TEST_OFFSET = 10000, 20000, 50000
+CONFOUNDER_TRAIN_OFFSET, CONFOUNDER_VAL_OFFSET, CONFOUNDER_TEST_OFFSET = 30000, 40000, 60000
+CONFOUNDER_NODULES = (0, 3)
+"""Nodules in each confounder phantom (inclusive range): they sit among the confounders."""
 
 
 @dataclass
@@ -76,6 +87,9 @@ class TrainingVolume:
     hard: npt.NDArray[np.int32]
     """Stage-1 hard-negative voxels ``(K, 3)``: dense lung structures (vessels, airway walls,
     pleura) away from every nodule, later joined by the screen's own false positives."""
+    confounders: npt.NDArray[np.float64]
+    """Isotropic voxel ``(z, y, x)`` of a point in each confounder ``(K, 3)``: stage-2
+    negatives."""
 
 
 def phantom_seeds(seed: int, offset: int, n: int) -> list[int]:
@@ -90,11 +104,29 @@ HARD_NEGATIVE_GAP_VOX = 3.0
 """Hard negatives lie at least this far (isotropic voxels) outside every nodule."""
 
 
-def prepare(seed: int, n_nodules: tuple[int, int] | None = None) -> TrainingVolume:
-    """Make phantom ``seed`` and bring it to the isotropic grid with its targets."""
-    ph = make_phantom(seed, n_nodules=n_nodules)
+def prepare(
+    seed: int, n_nodules: tuple[int, int] | None = None, confounders: bool = False
+) -> TrainingVolume:
+    """Make phantom ``seed`` (with confounders when asked) and bring it to the isotropic grid
+    with its targets."""
+    ph = make_phantom(seed, n_nodules=n_nodules, confounders=confounders)
     nodules = [(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
-    return to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
+    v = to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
+    v.confounders = np.array([_iso_voxel(v.origin_mm, c.centre_xyz_mm) for c in ph.confounders])
+    v.confounders = v.confounders.reshape(-1, 3)
+    return v
+
+
+def _iso_voxel(
+    origin_mm: tuple[float, float, float], p: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    """Isotropic voxel ``(z, y, x)`` of the LPS point ``p``."""
+    o = origin_mm
+    return (
+        (p[2] - o[2]) / ISO_SPACING_MM,
+        (p[1] - o[1]) / ISO_SPACING_MM,
+        (p[0] - o[0]) / ISO_SPACING_MM,
+    )
 
 
 def prepare_real(case: RealCase, seed: int) -> TrainingVolume:
@@ -122,16 +154,7 @@ def to_volume(
     pts = np.argwhere(dense)
     pick = np.random.default_rng(seed).choice(len(pts), min(len(pts), 4000), replace=False)
     o = origin_mm
-    centres = np.array(
-        [
-            [
-                (c[2] - o[2]) / ISO_SPACING_MM,
-                (c[1] - o[1]) / ISO_SPACING_MM,
-                (c[0] - o[0]) / ISO_SPACING_MM,
-            ]
-            for c, _ in nodules
-        ]
-    )
+    centres = np.array([_iso_voxel(o, c) for c, _ in nodules])
     return TrainingVolume(
         iso=normalise_hu(iso_hu).astype(np.float16),
         labels=labels,
@@ -142,6 +165,7 @@ def to_volume(
         origin_mm=o,
         diameters_mm=[d for _, d in nodules],
         hard=pts[np.sort(pick)].astype(np.int32),
+        confounders=np.zeros((0, 3)),
     )
 
 
@@ -274,9 +298,11 @@ def stage2_patches(
     rng: np.random.Generator,
     jitter_per_nodule: int = 6,
     random_neg: int = 8,
+    jitter_per_confounder: int = 3,
 ) -> PatchSet:
     """Positives (jittered nodule centres and stage-1 hits) and negatives (stage-1 false
-    positives and random lung points); ambiguous candidates (just outside a nodule) are left out.
+    positives, jittered points in each confounder and random lung points); ambiguous candidates
+    (just outside a nodule) are left out.
     """
     xs: list[FloatArray] = []
     ms: list[npt.NDArray[np.uint8]] = []
@@ -300,6 +326,11 @@ def stage2_patches(
                 add(v, p, v.diameters_mm[k])
             elif gap > 2.0:
                 add(v, p, 0.0)
+        for c in v.confounders:
+            for _ in range(jitter_per_confounder):
+                p = c + rng.uniform(-3, 3, 3)
+                if _nearest(v, p)[1] > 2.0:
+                    add(v, p, 0.0)
         pts = np.argwhere(v.allowed[v.box])
         for j in rng.choice(len(pts), size=min(random_neg, len(pts)), replace=False):
             p = pts[j] + [s.start for s in v.box]
@@ -517,6 +548,28 @@ def screen_all(
     ]
 
 
+def screen_all_onnx(
+    path: Path, vols: list[TrainingVolume], threshold: float, threads: int
+) -> list[list[Candidate]]:
+    """Stage-1 candidates of every volume with the exported stage 1 at ``path`` (onnxruntime CPU,
+    as the detector runs it), at most :data:`MAX_CANDIDATES` each."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def pred(x: FloatArray) -> FloatArray:
+        return np.asarray(sess.run(None, {"slices": x})[0], dtype=np.float32)
+
+    return [
+        extract_candidates(
+            screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed, threshold
+        )
+        for v in vols
+    ]
+
+
 def _world(v: TrainingVolume, c: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     o = v.origin_mm
     return (
@@ -555,13 +608,31 @@ def choose_operating_threshold(
 
 
 def onnx_parity(
-    net1: Any, net2: Any, p1: Path, p2: Path, vols: list[TrainingVolume]
+    net1: Any | None, net2: Any, p1: Path, p2: Path, vols: list[TrainingVolume]
 ) -> dict[str, float]:
-    """Largest |onnxruntime - torch| of both exported stages on validation inputs."""
+    """Largest |onnxruntime - torch| of the exported stages on validation inputs (stage 2 only
+    when ``net1`` is None)."""
     import onnxruntime as ort
 
     v = vols[0]
     z = (v.box[0].start + v.box[0].stop) // 2
+    out: dict[str, float] = {}
+    if net1 is not None:
+        out["stage1"] = stage1_parity(net1, p1, v, z)
+    ctr: list[tuple[int, int, int]] = [(z, 64, 64)]
+    if len(v.centres):
+        ctr = [(int(v.centres[0][0]), int(v.centres[0][1]), int(v.centres[0][2]))]
+    x2 = np.stack([crop_patch(v.iso.astype(np.float32), c, STAGE2_PATCH)[None] for c in ctr * 2])
+    ref2 = torch_predict2(net2.eval())(x2)
+    got2 = ort.InferenceSession(str(p2)).run(None, {"patch": x2})
+    out["stage2"] = float(max(np.abs(got2[0] - ref2[0]).max(), np.abs(got2[1] - ref2[1]).max()))
+    return out
+
+
+def stage1_parity(net1: Any, p1: Path, v: TrainingVolume, z: int) -> float:
+    """Largest |onnxruntime - torch| of the exported stage 1 on slices of ``v`` around ``z``."""
+    import onnxruntime as ort
+
     x1 = np.stack(
         [
             np.pad(
@@ -575,16 +646,7 @@ def onnx_parity(
     )
     ref1 = torch_predict1(net1.eval())(x1)
     got1 = ort.InferenceSession(str(p1)).run(None, {"slices": x1})[0]
-    ctr: list[tuple[int, int, int]] = [(z, 64, 64)]
-    if len(v.centres):
-        ctr = [(int(v.centres[0][0]), int(v.centres[0][1]), int(v.centres[0][2]))]
-    x2 = np.stack([crop_patch(v.iso.astype(np.float32), c, STAGE2_PATCH)[None] for c in ctr * 2])
-    ref2 = torch_predict2(net2.eval())(x2)
-    got2 = ort.InferenceSession(str(p2)).run(None, {"patch": x2})
-    return {
-        "stage1": float(np.abs(got1 - ref1).max()),
-        "stage2": float(max(np.abs(got2[0] - ref2[0]).max(), np.abs(got2[1] - ref2[1]).max())),
-    }
+    return float(np.abs(got1 - ref1).max())
 
 
 def _pool_map(fn: Any, jobs: list[tuple[Any, ...]], processes: int) -> list[TrainingVolume]:
@@ -638,6 +700,70 @@ def training_environment() -> dict[str, str]:
     }
 
 
+def confounder_data(
+    args: argparse.Namespace,
+) -> tuple[list[TrainingVolume], list[TrainingVolume], dict[str, Any]]:
+    """Stage 2's extra training and validation phantoms with confounders."""
+    tr = phantom_seeds(args.seed, CONFOUNDER_TRAIN_OFFSET, args.n_confounder_train)
+    va = phantom_seeds(args.seed, CONFOUNDER_VAL_OFFSET, args.n_confounder_val)
+    jobs = [(s, CONFOUNDER_NODULES, True) for s in tr + va]
+    vols = _pool_map(prepare, jobs, args.threads) if jobs else []
+    info: dict[str, Any] = {
+        "n_confounder_train_phantoms": len(tr),
+        "n_confounder_val_phantoms": len(va),
+    }
+    if tr:
+        info["confounder_train_seeds"] = f"{tr[0]}..+{len(tr) - 1}"
+    if va:
+        info["confounder_val_seeds"] = f"{va[0]}..+{len(va) - 1}"
+    return vols[: len(tr)], vols[len(tr) :], info
+
+
+@dataclass
+class Stage2Result:
+    """What :func:`fit_stage2` made: the torch model, its operating threshold and what the
+    manifest records about it."""
+
+    net: Any
+    threshold: float
+    info: dict[str, Any]
+
+
+def fit_stage2(
+    args: argparse.Namespace,
+    train: list[TrainingVolume],
+    val: list[TrainingVolume],
+    stage1_onnx: Path,
+    t1: float,
+) -> Stage2Result:
+    """Stage 2 on the candidates of the exported stage 1: screen the training and validation
+    volumes plus the confounder phantoms, cut patches, train, choose the operating threshold."""
+    c_train_v, c_val_v, c_info = confounder_data(args)
+    train, val = train + c_train_v, val + c_val_v
+    c_train = screen_all_onnx(stage1_onnx, train, t1, args.threads)
+    c_val = screen_all_onnx(stage1_onnx, val, t1, args.threads)
+    _log(f"stage1 candidates: {sum(map(len, c_train))} train, {sum(map(len, c_val))} val")
+    ps = stage2_patches(train, c_train, np.random.default_rng(args.seed + 3))
+    _log(f"stage2 patches: {int(ps.y.sum())} positive, {int((ps.y == 0).sum())} negative")
+    net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads)
+    t2, val_info = choose_operating_threshold(val, c_val, net2, args.operating_fps)
+    _log(f"operating threshold {t2:.3f}: {val_info}")
+    return Stage2Result(net2, t2, {**c_info, **val_info})
+
+
+def _training_record(args: argparse.Namespace, data_info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "command": "python -m models.train " + " ".join(sys.argv[1:]),
+        "seed": args.seed,
+        **data_info,
+        "stage1_iterations": args.s1_iters,
+        "stage2_iterations": args.s2_iters,
+        "threads": args.threads,
+        "environment": training_environment(),
+        "wall_s": None,
+    }
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """The whole pipeline; returns what it recorded in the manifests."""
     from models import export as ex
@@ -651,47 +777,66 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     c_train = screen_all(net1, train, args.s1_floor)
     c_val = screen_all(net1, val, args.s1_floor)
     t1 = choose_stage1_threshold(best_candidate_scores(train + val, c_train + c_val), args.s1_floor)
-    c_train = [[c for c in cs if c.score >= t1] for cs in c_train]
     c_val = [[c for c in cs if c.score >= t1] for cs in c_val]
     recall = np.mean([s >= t1 for s in best_candidate_scores(val, c_val)])
     _log(f"stage1 threshold {t1:.3f}, validation recall {recall:.3f}")
-    ps = stage2_patches(train, c_train, np.random.default_rng(args.seed + 3))
-    _log(f"stage2 patches: {int(ps.y.sum())} positive, {int((ps.y == 0).sum())} negative")
-    net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads)
-    t2, val_info = choose_operating_threshold(val, c_val, net2, args.operating_fps)
-    _log(f"operating threshold {t2:.3f}: {val_info}")
-    training = {
-        "command": "python -m models.train " + " ".join(sys.argv[1:]),
-        "seed": args.seed,
-        **data_info,
-        "stage1_iterations": args.s1_iters,
-        "stage2_iterations": args.s2_iters,
-        "threads": args.threads,
-        "environment": training_environment(),
-        "wall_s": None,
-        "stage1_val_recall": float(recall),
-        **val_info,
-    }
     p1, p2 = out / "stage1_screen.onnx", out / "stage2_refine.onnx"
     ex.export_stage1(net1.cpu(), p1)
-    ex.export_stage2(net2.cpu(), p2)
-    training["onnx_vs_torch_max_abs_diff"] = onnx_parity(net1, net2, p1, p2, val)
+    s2 = fit_stage2(args, train, val, p1, t1)
+    training = {**_training_record(args, data_info), "stage1_val_recall": float(recall), **s2.info}
+    ex.export_stage2(s2.net.cpu(), p2)
+    training["onnx_vs_torch_max_abs_diff"] = onnx_parity(net1, s2.net, p1, p2, val)
     training["wall_s"] = round(time.time() - t0, 1)
     ex.write_manifest(ex.manifest_stage1(p1, t1, training), out / "stage1_screen.json")
-    ex.write_manifest(ex.manifest_stage2(p2, t2, training), out / "stage2_refine.json")
+    ex.write_manifest(ex.manifest_stage2(p2, s2.threshold, training), out / "stage2_refine.json")
     _log(f"done in {training['wall_s']} s; sha256 {sha256(p1)[:12]} {sha256(p2)[:12]}")
+    return training
+
+
+def run_stage2(args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 2 alone on the stage 1 in ``args.stage1`` (its manifest gives the candidate
+    threshold); writes the stage-2 ONNX file and manifest to ``args.out``; returns what the
+    stage-2 manifest records."""
+    from models import export as ex
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    m1 = json.loads((Path(args.stage1) / "stage1_screen.json").read_text())
+    p1 = Path(args.stage1) / m1["file"]
+    if sha256(p1) != m1["sha256"]:
+        raise SystemExit(f"{p1} does not match its manifest's sha256")
+    train, val, data_info = training_data(args)
+    _log(f"data ready: {len(train)} train, {len(val)} val volumes")
+    s2 = fit_stage2(args, train, val, p1, float(m1["candidate_threshold"]))
+    training = {
+        **_training_record(args, data_info),
+        "stage1_iterations": m1["training"].get("stage1_iterations"),
+        "stage1": {"file": m1["file"], "version": m1["version"], "sha256": m1["sha256"]},
+        "stage1_val_recall": m1["training"].get("stage1_val_recall"),
+        **s2.info,
+    }
+    p2 = out / "stage2_refine.onnx"
+    ex.export_stage2(s2.net.cpu(), p2)
+    training["onnx_vs_torch_max_abs_diff"] = onnx_parity(None, s2.net, p1, p2, val)
+    training["wall_s"] = round(time.time() - t0, 1)
+    ex.write_manifest(ex.manifest_stage2(p2, s2.threshold, training), out / "stage2_refine.json")
+    _log(f"done in {training['wall_s']} s; sha256 {sha256(p2)[:12]}")
     return training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__)
-    p.add_argument("command", choices=["all"])
+    p.add_argument("command", choices=["all", "stage2"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="models/weights")
+    p.add_argument("--stage1", metavar="DIR", help="stage2: folder of the stage 1 to build on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--n-confounder-train", type=int, default=40)
+    p.add_argument("--n-confounder-val", type=int, default=10)
     p.add_argument("--s1-iters", type=int, default=12000)
     p.add_argument("--s2-iters", type=int, default=5000)
     p.add_argument("--s1-floor", type=float, default=0.05)
@@ -703,14 +848,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     real.add_argument(
         "--lidc", metavar="DIR", help="train on LIDC-IDRI (series folders with reader XML)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "stage2" and not args.stage1:
+        p.error("stage2 needs --stage1 DIR")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m models.train``."""
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    info = run_all(args)
+    info = run_all(args) if args.command == "all" else run_stage2(args)
     print(json.dumps(info, indent=2))
 
 

@@ -103,3 +103,66 @@ def test_dicom_series_reads_back_with_the_annotations_loader(tmp_path: Path, tin
     assert np.array_equal(ct.volume_hu, ph.volume_hu)
     assert ct.spacing_mm == pytest.approx(ph.spacing_mm)
     assert ct.origin_mm == pytest.approx(ph.origin_mm, abs=1e-3)
+
+
+CONF_SHAPE = (30, 160, 160)
+CONF_SPACING = (2.5, 2.2, 2.2)
+
+
+def test_confounders_leave_the_rest_of_the_phantom_as_it_was() -> None:
+    plain = make_phantom(21, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=3)
+    conf = make_phantom(
+        21, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=3, confounders=True
+    )
+    again = make_phantom(
+        21, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=3, confounders=True
+    )
+    assert plain.confounders == []
+    assert conf.nodules == plain.nodules and np.array_equal(conf.labels, plain.labels)
+    assert conf.confounders == again.confounders
+    assert np.array_equal(conf.volume_hu, again.volume_hu)
+    changed = conf.volume_hu.astype(int) - plain.volume_hu.astype(int) != 0
+    assert changed.any()
+    # painted structures only brighten the lungs and never touch a nodule's voxels
+    assert not (changed & (plain.labels > 0)).any()
+
+
+@pytest.mark.parametrize("seed", [30, 31, 32, 33, 34, 35])
+def test_confounders_lie_in_the_lungs_clear_of_every_nodule(seed: int) -> None:
+    ph = make_phantom(seed, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, confounders=True)
+    for c in ph.confounders:
+        assert c.kind in ("opacity", "atelectasis", "fissure", "plaque")
+        for n in ph.nodules:
+            gap = np.linalg.norm(np.subtract(c.centre_xyz_mm, n.centre_xyz_mm))
+            assert gap > n.diameter_mm / 2
+        k = round((c.centre_xyz_mm[2] - ph.origin_mm[2]) / ph.spacing_mm[0])
+        assert 0 <= k < ph.volume_hu.shape[0]
+
+
+def test_every_confounder_kind_is_drawn() -> None:
+    kinds = {
+        c.kind
+        for s in range(40, 52)
+        for c in make_phantom(
+            s, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=0, confounders=True
+        ).confounders
+    }
+    assert kinds == {"opacity", "atelectasis", "fissure", "plaque"}
+
+
+def test_opacities_are_ground_glass_or_consolidation_in_both_lungs() -> None:
+    sides: set[bool] = set()
+    for s in range(60, 66):
+        plain = make_phantom(s, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=0)
+        ph = make_phantom(
+            s, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=0, confounders=True
+        )
+        for c in ph.confounders:
+            if c.kind != "opacity":
+                continue
+            assert 12.0 <= c.size_mm <= 70.0
+            sides.add(c.centre_xyz_mm[0] > 0)
+        grew = ph.volume_hu.astype(int) - plain.volume_hu.astype(int)
+        if any(c.kind == "opacity" for c in ph.confounders):
+            assert grew.max() > 200  # ground glass over lung at about -860 HU
+    assert sides == {True, False}

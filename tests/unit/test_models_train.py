@@ -16,7 +16,14 @@ from models.evaluate import evaluation_detector
 from models.modelcards import render_cards
 from models.phantom import make_phantom
 from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
-from models.train import HARD_NEGATIVE_GAP_VOX, TrainingVolume, prepare, prepare_real, stage1_batch
+from models.train import (
+    HARD_NEGATIVE_GAP_VOX,
+    TrainingVolume,
+    prepare,
+    prepare_real,
+    stage1_batch,
+    stage2_patches,
+)
 from pipelines.manifest import sha256
 from pipelines.preprocess import ISO_SPACING_MM
 
@@ -45,6 +52,19 @@ def test_stage1_batches_hold_nodule_crops_and_background(volume: TrainingVolume)
     assert x.shape == (16, 5, 96, 96) and t.shape == (16, 1, 96, 96)
     peaks = t.reshape(16, -1).max(axis=1)
     assert np.all(peaks[[i for i in range(16) if i % 4 in (0, 1)]] > 0.1)
+
+
+def test_confounder_points_become_stage2_negatives() -> None:
+    v = prepare(30007, (0, 1), confounders=True)
+    assert len(v.confounders) >= 1
+    assert np.all(v.confounders >= 0) and np.all(v.confounders < v.iso.shape)
+    ps = stage2_patches([v], [[]], np.random.default_rng(0), random_neg=0)
+    n_pos = len(v.radii) * 6
+    assert len(ps.d) == n_pos + 3 * len(v.confounders)
+    assert np.all(ps.d[n_pos:] == 0) and not ps.m[n_pos:].any()
+    plain = prepare(30007, (0, 1))
+    assert len(plain.confounders) == 0
+    assert np.array_equal(plain.centres, v.centres)
 
 
 def test_sphere_labels_draw_a_ball_of_the_annotated_diameter() -> None:
@@ -113,6 +133,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     _write_luna16(tmp_path / "luna", [41, 42, 43])
     out = tmp_path / "weights"
     tiny = ["--threads", "1", "--n-val", "1", "--s1-iters", "6", "--s2-iters", "4"]
+    tiny += ["--n-confounder-train", "0", "--n-confounder-val", "0"]
     main(["all", "--luna16", str(tmp_path / "luna"), "--out", str(out), *tiny])
     m1 = json.loads((out / "stage1_screen.json").read_text())
     m2 = json.loads((out / "stage2_refine.json").read_text())
@@ -135,6 +156,24 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "models.train", *cmd], check=True, capture_output=True)
     for name in ("stage1_screen.onnx", "stage2_refine.onnx"):
         assert sha256(again / name) == sha256(out / name), name
+
+    # Stage 2 alone on that stage 1, with a phantom with confounders: a new stage 2 whose
+    # manifest names the stage 1 it was built on; the stage-1 files are left as they were.
+    s2 = tmp_path / "stage2"
+    before = sha256(out / "stage1_screen.onnx")
+    tiny2 = [*tiny[:-4], "--n-confounder-train", "1", "--n-confounder-val", "0"]
+    luna = str(tmp_path / "luna")
+    main(["stage2", "--stage1", str(out), "--luna16", luna, "--out", str(s2), *tiny2])
+    m2b = json.loads((s2 / "stage2_refine.json").read_text())
+    assert m2b["sha256"] == sha256(s2 / "stage2_refine.onnx")
+    assert m2b["training"]["stage1"]["sha256"] == before == sha256(out / "stage1_screen.onnx")
+    assert m2b["training"]["n_confounder_train_phantoms"] == 1
+    assert not (s2 / "stage1_screen.onnx").exists()
+    render_cards({}, m1, m2b, tmp_path / "cards2")
+    assert (
+        "wall for stage 2 alone, on stage 1"
+        in (tmp_path / "cards2" / "stage2_refine.md").read_text()
+    )
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
