@@ -13,7 +13,9 @@ also runs that code's pipeline on the 300-slice series and on LIDC-IDRI-0001 (``
 ``../shared/data/lidc-idri-0001``) and on ``--compare-phantoms`` held-out phantoms, alternating
 with this tree's, and prints both times, the speed-up, both peak RSS figures and whether the
 findings are the same (issue 22: at least 2.5x, peak RSS at most 1.2 GB, findings unchanged).
-Each analysis runs in a fresh process.
+Each analysis runs in a fresh process. Both sides run ``--models`` unless ``--baseline-models``
+names the baseline's own weights (issue 17: per-scan time of new weights against the old ones,
+``--baseline-models /tmp/baseline/models/weights``).
 """
 
 from __future__ import annotations
@@ -109,15 +111,25 @@ def analyse_in_child(
 
 
 def compare_with_baseline(
-    cases: dict[str, Path], baseline: Path, threads: int, models: Path, runs: int
+    cases: dict[str, Path],
+    baseline: Path,
+    threads: int,
+    models: Path,
+    runs: int,
+    baseline_models: Path | None = None,
 ) -> None:
-    """This tree's pipeline against ``baseline``'s on each case, alternating, median of runs."""
-    print(f"\nthis tree against {baseline} ({threads} threads, median of {runs} runs each)")
+    """This tree's pipeline against ``baseline``'s on each case, alternating, median of runs;
+    the baseline runs ``baseline_models`` (default: the same weights as this tree)."""
+    theirs_models = baseline_models or models
+    print(
+        f"\nthis tree ({models}) against {baseline} ({theirs_models}); {threads} threads, "
+        f"median of {runs} runs each"
+    )
     for name, folder in cases.items():
         ours: list[dict[str, Any]] = []
         theirs: list[dict[str, Any]] = []
         for _ in range(runs):
-            theirs.append(analyse_in_child(folder, threads, models, baseline))
+            theirs.append(analyse_in_child(folder, threads, theirs_models, baseline))
             ours.append(analyse_in_child(folder, threads, models))
         new = statistics.median(r["timings_ms"]["total"] for r in ours) / 1000
         old = statistics.median(r["timings_ms"]["total"] for r in theirs) / 1000
@@ -206,6 +218,12 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=8, help="exhaustive stride (iso voxels)")
     parser.add_argument("--models", type=Path, default=WEIGHTS_DIR, help="ONNX weights folder")
     parser.add_argument("--baseline", type=Path, help="checkout of earlier code to compare with")
+    parser.add_argument(
+        "--baseline-models",
+        type=Path,
+        help="weights the baseline runs (default: --models; e.g. DIR/models/weights to compare "
+        "the weights each checkout ships)",
+    )
     parser.add_argument("--lidc", type=Path, default=REPO.parent / "shared/data/lidc-idri-0001")
     parser.add_argument("--runs", type=int, default=2, help="runs per code version (--baseline)")
     parser.add_argument(
@@ -228,7 +246,9 @@ def main() -> None:
                 p = make_phantom(seed, n_nodules=(1, 4))
                 write_dicom_series(p.volume_hu, p.spacing_mm, folder, seed, origin_mm=p.origin_mm)
                 cases[f"held-out phantom {seed}"] = folder
-            compare_with_baseline(cases, args.baseline, args.threads, args.models, args.runs)
+            compare_with_baseline(
+                cases, args.baseline, args.threads, args.models, args.runs, args.baseline_models
+            )
     t = series["timings_ms"]
     print(
         "300-slice 512x512 series, onnxruntime CPU, "

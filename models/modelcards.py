@@ -122,12 +122,14 @@ def _shortfalls(s: dict[str, Any] | None, m: dict[str, Any]) -> str:
         f"- onnxruntime vs torch on validation inputs at export: largest difference "
         f"{parity} (tolerance 1e-4 in tests/unit/test_models_onnx.py)."
     ]
-    if s["cpm"] < 0.85:
+    if s["cpm"] < 0.90:
         lines.append(
-            f"- CPM {s['cpm']:.3f} is below the 0.85 target: small (3-10 mm) and "
-            "juxta-vascular nodules are missed; the networks are small and were trained "
-            f"for {m['training']['wall_s'] / 60:.0f} minutes on {m['training']['threads']} "
-            "CPU thread(s)."
+            f"- CPM {s['cpm']:.3f} is below the 0.90 target: small (3-10 mm), juxta-vascular "
+            "and juxta-pleural nodules are missed. The networks are small and trained on CPU "
+            "(the recipe must finish in 120 minutes on 2 cores); the stage 2 that learns from "
+            "confounders rejects more of what is not a nodule on real CT and, on phantoms, "
+            "also some nodules that resemble the confounders (ill-defined sub-solid nodules, "
+            "nodules on the pleura)."
         )
     if (s["stage1_recall"] or 0) < 0.98:
         lines.append(
