@@ -76,12 +76,19 @@ LIDC-IDRI scans with `--luna16 DIR` or `--lidc DIR` (sphere masks of the annotat
 Stage 1 also learns from hard negatives: dense lung structures (vessels, airway walls) and,
 at 30 % and 60 % of its iterations, its own false-positive peaks on the training phantoms.
 Both stages draw their nodule examples with weight 1/diameter, so 3-5 mm nodules are seen
-more often than large ones. Stage 2 also learns from phantoms with confounders, structures that
+more often than large ones.{_confounder_training(t)}
+"""
+
+
+def _confounder_training(t: dict[str, Any]) -> str:
+    """What the card says about confounder phantoms, only when the run used them."""
+    if not t.get("n_confounder_train_phantoms"):
+        return ""
+    return """ Stage 2 also learns from phantoms with confounders, structures that
 are not nodules (`make_phantom(confounders=True)`): multifocal ill-defined ground-glass and
 consolidation patches of 12-70 mm, mostly subpleural, in both lungs (pneumonia), dependent
 subpleural atelectasis, interlobar fissures and pleural plaques; it sees them through the
-stage-1 candidates they raise and through patches drawn inside each of them.
-"""
+stage-1 candidates they raise and through patches drawn inside each of them."""
 
 
 def _synthetic_table(s: dict[str, Any]) -> str:
@@ -126,10 +133,7 @@ def _shortfalls(s: dict[str, Any] | None, m: dict[str, Any]) -> str:
         lines.append(
             f"- CPM {s['cpm']:.3f} is below the 0.90 target: small (3-10 mm), juxta-vascular "
             "and juxta-pleural nodules are missed. The networks are small and trained on CPU "
-            "(the recipe must finish in 120 minutes on 2 cores); the stage 2 that learns from "
-            "confounders rejects more of what is not a nodule on real CT and, on phantoms, "
-            "also some nodules that resemble the confounders (ill-defined sub-solid nodules, "
-            "nodules on the pleura)."
+            "(the recipe must finish in 120 minutes on 2 cores)."
         )
     if (s["stage1_recall"] or 0) < 0.98:
         lines.append(
