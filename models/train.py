@@ -553,14 +553,12 @@ def screen_all_onnx(
 ) -> list[list[Candidate]]:
     """Stage-1 candidates of every volume with the exported stage 1 at ``path`` (onnxruntime CPU,
     as the detector runs it), at most :data:`MAX_CANDIDATES` each."""
-    import onnxruntime as ort
+    from pipelines.backends import load_backend
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    backend = load_backend(path, "onnx-cpu", path.parent, threads=threads)
 
     def pred(x: FloatArray) -> FloatArray:
-        return np.asarray(sess.run(None, {"slices": x})[0], dtype=np.float32)
+        return backend.run(x)[0]
 
     return [
         extract_candidates(
