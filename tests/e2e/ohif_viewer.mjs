@@ -80,6 +80,33 @@ async function noToasts(page) {
   await page.waitForFunction(() => document.querySelectorAll("[data-sonner-toast]").length === 0, null, { timeout: TIMEOUT });
 }
 
+// Requests the page has in flight (images, metadata), counted from the start.
+let inflight = 0;
+function countRequests(page) {
+  page.on("request", () => { inflight += 1; });
+  const done = () => { inflight -= 1; };
+  page.on("requestfinished", done);
+  page.on("requestfailed", done);
+}
+
+// The study is shown: the default viewport exists with its first image drawn, and the network has
+// been quiet for a second (OHIF prefetches the stack). Opening a series before that raced the
+// viewer's start under load (seen: "ViewportId is required to set display sets for viewport",
+// "IMAGE_LOAD_ERROR TypeError: handler is not a function").
+async function viewerSettled(page) {
+  await page.waitForFunction(() => {
+    const vp = window.cornerstone?.getEnabledElements().map((e) => e.viewport).find((v) => v.id === "default");
+    return Boolean(vp && vp.getImageIds().length && vp.getCurrentImageId() && vp.getImageData());
+  }, null, { timeout: TIMEOUT });
+  const deadline = Date.now() + TIMEOUT;
+  let quietSince = Date.now();
+  while (Date.now() - quietSince < 1000) {
+    if (Date.now() > deadline) throw new Error(`the viewer kept ${inflight} requests in flight`);
+    await new Promise((r) => setTimeout(r, 100));
+    if (inflight > 0) quietSince = Date.now();
+  }
+}
+
 async function openSeries(page, modality) {
   await page.locator('[data-cy="series-modality-label"]', { hasText: new RegExp(`^${modality}$`) }).first().dblclick();
 }
@@ -97,6 +124,12 @@ async function seg(page) {
   return { segments, ...(await segmentShots(page, 0, center, points, "seg")) };
 }
 
+// Show or hide the segment of panel row `row` with a click event, not the pointer: a pointer left
+// over a row opens OHIF's segment statistics card over the viewport (seen under load).
+async function toggleSegment(page, row) {
+  await page.locator('[data-cy="data-row-visibility-toggle"]').nth(row).dispatchEvent("click");
+}
+
 // Go to the slice nearest to `where` (as a user scrolling there would see it), screenshot it with
 // the segment of panel row `row` shown and hidden.
 async function segmentShots(page, row, where, named, name) {
@@ -111,10 +144,10 @@ async function segmentShots(page, row, where, named, name) {
   await noToasts(page);
   const on = await stableScreenshot(page, `${out}/${name}-on.png`);
   const geo = await page.evaluate(geometry, [where, named]);
-  await page.locator('[data-cy="data-row-visibility-toggle"]').nth(row).click();
+  await toggleSegment(page, row);
   const off = await stableScreenshot(page, `${out}/${name}-off.png`);
   const geoOff = await page.evaluate(geometry, [where, named]);
-  await page.locator('[data-cy="data-row-visibility-toggle"]').nth(row).click();
+  await toggleSegment(page, row);
   return { target, geometry: geo, geometryOff: geoOff, shots: { on, off } };
 }
 
@@ -222,9 +255,11 @@ async function main() {
     page.setDefaultTimeout(TIMEOUT);
     page.on("console", (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on("pageerror", (e) => logs.push(`[pageerror] ${e}`));
+    countRequests(page);
     const started = Date.now();
     await page.goto(`${base}/viewer?StudyInstanceUIDs=${study}`);
     await page.getByText("Skip all").click({ timeout: TIMEOUT }); // onboarding tour
+    await viewerSettled(page);
     result.viewerReadySeconds = (Date.now() - started) / 1000;
     result.seg = await seg(page);
     if (decoy) result.decoy = await segmentShots(page, 1, decoy, {}, "decoy");
