@@ -62,6 +62,7 @@ from pipelines.screen import (
     MAX_CANDIDATES,
     Candidate,
     extract_candidates,
+    inside,
     lung_box,
     screen_volume,
 )
@@ -540,7 +541,7 @@ def screen_all(
     return [
         extract_candidates(
             screen_volume(v.iso.astype(np.float32), v.box, pred),
-            v.allowed,
+            inside(v.allowed),
             threshold,
             max_candidates,
         )
@@ -562,7 +563,7 @@ def screen_all_onnx(
 
     return [
         extract_candidates(
-            screen_volume(v.iso.astype(np.float32), v.box, pred), v.allowed, threshold
+            screen_volume(v.iso.astype(np.float32), v.box, pred), inside(v.allowed), threshold
         )
         for v in vols
     ]

@@ -93,8 +93,9 @@ class StageResult:
     candidates : list of Candidate
         Stage 1's candidates, strongest first.
     findings : list of Finding
-        Every finding stage 2 scored (merged and recentred), also those below the operating
-        threshold (what FROC needs).
+        The findings stage 2 scored (merged and recentred) at or above the floor
+        :meth:`Detector.run_stages` was asked for: all of them for FROC, those at the operating
+        threshold for the service.
     threshold : float
         The detector's operating threshold.
     iso_hu : numpy.ndarray
@@ -181,8 +182,11 @@ class Detector:
         hu: npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]],
         spacing_mm: tuple[float, float, float],
         origin_mm: tuple[float, float, float],
+        floor: float = 0.0,
     ) -> StageResult:
-        """Preprocess ``hu`` and run both stages; every scored finding, none dropped.
+        """Preprocess ``hu`` and run both stages; every scored finding at or above ``floor``
+        (default: all, as the evaluation's FROC needs; the service asks for its operating
+        threshold, and stage 2 then skips what cannot reach it).
 
         Parameters
         ----------
@@ -192,11 +196,13 @@ class Detector:
             ``(dz, dy, dx)``.
         origin_mm : tuple of float
             LPS ``(x, y, z)`` of voxel ``[0, 0, 0]``.
+        floor : float
+            The lowest probability of a finding wanted.
 
         Returns
         -------
         StageResult
-            Candidates, all scored findings (also below the operating threshold) and timings.
+            Candidates, the scored findings at or above ``floor`` and timings.
         """
         timings: dict[str, float] = {}
         with _timed(timings, "preprocess"):
@@ -221,7 +227,7 @@ class Detector:
             )
         del screening
         with _timed(timings, "stage2"):
-            findings = refine(iso, candidates, self.stage2, origin_mm)
+            findings = refine(iso, candidates, self.stage2, origin_mm, floor=floor)
         median_hu = float(np.median(iso_hu[lung])) if lung.any() else None
         slices = np.flatnonzero(lung.any(axis=(1, 2)))
         lung_z = (
@@ -245,7 +251,7 @@ class Detector:
         """Detect nodules in ``hu[z, y, x]``, spacing ``(dz, dy, dx)``, LPS origin ``(x, y, z)``;
         ``slice_thickness_mm`` and ``corrections`` (the Volume's) say whether the input is one
         the detector was validated on (:mod:`pipelines.inputcheck`)."""
-        stages = self.run_stages(hu, spacing_mm, origin_mm)
+        stages = self.run_stages(hu, spacing_mm, origin_mm, floor=self.threshold)
         review = input_review(spacing_mm, slice_thickness_mm, stages.lung_median_hu, corrections)
         timings = dict(stages.timings_ms)
         with _timed(timings, "postprocess"):

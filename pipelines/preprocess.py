@@ -212,6 +212,41 @@ def near_lung(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return near
 
 
+def near_lung_at(
+    mask: npt.NDArray[np.bool_], voxels: npt.NDArray[np.intp]
+) -> npt.NDArray[np.bool_]:
+    """Whether each of ``voxels`` (rows of ``z, y, x`` indices) lies within
+    :data:`LUNG_MARGIN_MM` of ``mask``: :func:`near_lung` at those voxels only (all when the mask
+    is empty).
+
+    The nearest mask voxel to a voxel outside the mask is on the mask's boundary (a mask voxel with
+    a 6-neighbour outside it: otherwise its neighbour towards the point would be nearer), so the
+    exact nearest-neighbour search runs over the boundary voxels only; the distance is the
+    distance transform's expression, so the answers equal :func:`near_lung`'s.
+    """
+    from scipy.spatial import cKDTree
+
+    voxels = np.asarray(voxels, dtype=np.intp).reshape(-1, 3)
+    box = grown_box(mask, 1)
+    if box is None:
+        return np.ones(len(voxels), dtype=bool)
+    near = mask[tuple(voxels.T)]
+    outside = np.flatnonzero(~near)
+    if outside.size == 0:
+        return near
+    sub = mask[box]
+    # border_value=1: a mask voxel on the array's edge is not boundary because of the edge (its
+    # neighbour towards any voxel of the array is inside the array).
+    edge = np.argwhere(sub & ~ndimage.binary_erosion(sub, border_value=1))
+    edge += np.array([s.start for s in box])
+    margin_vox = LUNG_MARGIN_MM / ISO_SPACING_MM
+    _, nearest = cKDTree(edge).query(voxels[outside], distance_upper_bound=margin_vox + 1.0)
+    found = nearest < len(edge)
+    diff = (voxels[outside[found]] - edge[nearest[found]]) * ISO_SPACING_MM
+    near[outside[found]] = np.sqrt((diff**2).sum(axis=1)) <= LUNG_MARGIN_MM
+    return near
+
+
 def crop_patch(
     volume: npt.NDArray[np.generic], centre_vox: tuple[int, int, int], size: int, fill: float = 0.0
 ) -> FloatArray:

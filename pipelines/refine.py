@@ -20,6 +20,9 @@ from pipelines.backends import InferenceBackend
 from pipelines.preprocess import ISO_SPACING_MM, STAGE2_PATCH, FloatArray, crop_patch
 from pipelines.screen import Candidate
 
+_ROUNDING = 1e-6
+"""Slack for float32 rounding when a first score is compared with ``2 * floor - 1``."""
+
 Predict2 = Callable[[FloatArray], tuple[FloatArray, FloatArray]]
 """Stage 2 on patches ``(N, 1, 32, 32, 32)`` -> (probability ``(N, 1)``, mask, same shape as the
 patches)."""
@@ -153,15 +156,6 @@ def merge_findings(findings: list[Finding]) -> list[Finding]:
     return kept
 
 
-def predict_flip_averaged(predict: Predict2, x: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Stage 2 on the patches and on their mirror image (all three axes), averaged."""
-    p0, m0 = predict(x)
-    p1, m1 = predict(np.ascontiguousarray(x[:, :, ::-1, ::-1, ::-1]))
-    prob = ((p0 + p1) / 2).astype(np.float32)
-    mask = ((m0 + m1[:, :, ::-1, ::-1, ::-1]) / 2).astype(np.float32)
-    return prob, mask
-
-
 def refine_candidates(
     iso_norm: FloatArray,
     candidates: list[Candidate],
@@ -169,16 +163,27 @@ def refine_candidates(
     origin_mm: tuple[float, float, float],
     batch: int = 16,
     max_offset: float = 0.6,
+    floor: float = 0.0,
 ) -> list[Finding]:
     """Run stage 2 (flip-averaged) on a patch around every candidate; return merged findings.
 
     ``max_offset`` is passed to :func:`make_finding` (training's threshold choice used 0.6;
     :func:`refine`, what the service and the evaluation run, uses 1.0 and then
     :func:`recentre_findings`).
+
+    ``floor``: findings below this probability are not wanted (the service reports only those at
+    its operating threshold). The probability is the mean of the patch's and its mirror image's
+    (each at most 1), so a candidate whose first score is below ``2 * floor - 1`` cannot reach
+    the floor: its mirror image is not scored and it yields no finding. Every finding at or above
+    the floor is the same as with ``floor=0`` (merging drops a finding only for a more probable
+    one).
     """
-    prob, mask = predict_patches(
-        iso_norm, candidates, lambda x: predict_flip_averaged(predict, x), batch
-    )
+    prob, mask = predict_patches(iso_norm, candidates, predict, batch)
+    hopeful = np.flatnonzero(prob[:, 0] >= 2.0 * floor - 1.0 - _ROUNDING)
+    candidates = [candidates[i] for i in hopeful]
+    mirror_prob, mirror_mask = predict_patches(iso_norm, candidates, predict, batch, mirrored=True)
+    prob = ((prob[hopeful] + mirror_prob) / 2).astype(np.float32)
+    mask = ((mask[hopeful] + mirror_mask[:, :, ::-1, ::-1, ::-1]) / 2).astype(np.float32)
     return merge_findings(
         [
             make_finding(c, float(p[0]), m[0], origin_mm, max_offset)
@@ -188,18 +193,24 @@ def refine_candidates(
 
 
 def predict_patches(
-    iso_norm: FloatArray, candidates: list[Candidate], predict: Predict2, batch: int = 16
+    iso_norm: FloatArray,
+    candidates: list[Candidate],
+    predict: Predict2,
+    batch: int = 16,
+    mirrored: bool = False,
 ) -> tuple[FloatArray, FloatArray]:
-    """Stage 2 on the patch around every candidate, ``batch`` patches per call."""
+    """Stage 2 on the patch around every candidate (``mirrored``: on its mirror image, all three
+    axes flipped; the mask comes back in the mirrored frame), ``batch`` patches per call."""
     if not candidates:
         empty = np.zeros((0, 1), np.float32)
         return empty, np.zeros((0, 1, STAGE2_PATCH, STAGE2_PATCH, STAGE2_PATCH), np.float32)
+    flip = slice(None, None, -1) if mirrored else slice(None)
     probs, masks = zip(
         *(
             predict(
                 np.stack(
                     [
-                        crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None]
+                        crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None, flip, flip, flip]
                         for c in candidates[i : i + batch]
                     ]
                 )
@@ -255,17 +266,23 @@ def refine(
     backend: InferenceBackend,
     origin_mm: tuple[float, float, float],
     batch: int = 16,
+    floor: float = 0.0,
 ) -> list[Finding]:
     """Score and segment every candidate; overlapping findings are merged.
 
     The flip-averaged pass keeps any mask whose centroid lies inside the patch
     (``max_offset=1.0``), then :func:`recentre_findings` measures each finding again on a patch
-    centred on its mask.
+    centred on its mask. Only findings at or above ``floor`` are returned (the service's
+    operating threshold; 0, every finding, for the evaluation's FROC); they are the same as with
+    ``floor=0``, and stage 2 skips what cannot reach it (:func:`refine_candidates`).
     """
 
     def predict(x: FloatArray) -> tuple[FloatArray, FloatArray]:
         probability, mask = backend.run(x)[:2]
         return probability, mask
 
-    findings = refine_candidates(iso_norm, candidates, predict, origin_mm, batch, max_offset=1.0)
-    return recentre_findings(iso_norm, findings, predict, origin_mm)
+    findings = refine_candidates(
+        iso_norm, candidates, predict, origin_mm, batch, max_offset=1.0, floor=floor
+    )
+    wanted = [f for f in findings if f.probability >= floor]
+    return recentre_findings(iso_norm, wanted, predict, origin_mm)

@@ -22,7 +22,7 @@ from pipelines.preprocess import (
     STAGE1_CONTEXT,
     FloatArray,
     grown_box,
-    near_lung,
+    near_lung_at,
 )
 
 MAX_CANDIDATES = 128
@@ -87,20 +87,29 @@ def screen_volume(
     return heat
 
 
+Allowed = Callable[[npt.NDArray[np.intp]], npt.NDArray[np.bool_]]
+"""Which of the voxels (rows of ``z, y, x`` indices) may hold a candidate."""
+
+
+def inside(mask: npt.NDArray[np.bool_]) -> Allowed:
+    """The voxels set in ``mask`` (a precomputed region, as training keeps it)."""
+    return lambda idx: mask[tuple(idx.T)]
+
+
 def extract_candidates(
     heat: FloatArray,
-    allowed: npt.NDArray[np.bool_],
+    allowed: Allowed,
     threshold: float,
     max_candidates: int = MAX_CANDIDATES,
     min_dist_vox: float = 4.0,
 ) -> list[Candidate]:
-    """Local maxima of ``heat`` at or above ``threshold`` inside ``allowed``, strongest first.
+    """Local maxima of ``heat`` at or above ``threshold`` that are ``allowed``, strongest first.
 
     Peaks closer than ``min_dist_vox`` to a stronger kept peak are dropped.
     """
-    peaks = (heat == ndimage.maximum_filter(heat, size=3)) & (heat >= threshold) & allowed
-    idx = np.argwhere(peaks)
-    scores = heat[peaks]
+    idx = np.argwhere((heat == ndimage.maximum_filter(heat, size=3)) & (heat >= threshold))
+    idx = idx[allowed(idx)]
+    scores = heat[tuple(idx.T)]
     order = np.argsort(-scores, kind="stable")
     kept: list[Candidate] = []
     kept_vox = np.empty((max_candidates, 3))
@@ -176,8 +185,12 @@ def screen(
     # Peaks are looked for in the box only: the heatmap is 0 outside it, and nothing outside it
     # is near the lungs (its margin is the near-lung margin); the scores are >= 0, so the box's
     # edge (mirrored by the maximum filter) keeps or drops the same peaks as the zeros beyond it.
+    lung_in_box = lung[box]
     found = extract_candidates(
-        heat[box], near_lung(lung[box]), threshold, max_candidates=max_candidates
+        heat[box],
+        lambda idx: near_lung_at(lung_in_box, idx),
+        threshold,
+        max_candidates=max_candidates,
     )
     z0, y0, x0 = (s.start for s in box)
     candidates = [

@@ -15,6 +15,7 @@ from pipelines.preprocess import (
     iso_shape,
     lung_mask,
     near_lung,
+    near_lung_at,
     normalise_hu,
     resample_to_iso,
 )
@@ -25,7 +26,7 @@ from pipelines.refine import (
     recentre_findings,
     refine_candidates,
 )
-from pipelines.screen import Candidate, extract_candidates, screen_volume
+from pipelines.screen import Candidate, extract_candidates, inside, screen_volume
 
 
 def test_resampling_keeps_voxel_zero_and_places_samples_at_iso_spacing() -> None:
@@ -79,10 +80,10 @@ def test_candidates_are_thresholded_local_maxima_strongest_first() -> None:
     heat[2, 15, 15] = 0.4
     heat[8, 15, 3] = 0.05  # below threshold
     allowed = np.ones_like(heat, bool)
-    cands = extract_candidates(heat, allowed, threshold=0.1)
+    cands = extract_candidates(heat, inside(allowed), threshold=0.1)
     assert [c.voxel for c in cands] == [(5, 5, 5), (2, 15, 15)]
     allowed[2] = False
-    assert len(extract_candidates(heat, allowed, threshold=0.1)) == 1
+    assert len(extract_candidates(heat, inside(allowed), threshold=0.1)) == 1
 
 
 def test_finding_measures_a_sphere_mask_and_recentres_on_it() -> None:
@@ -162,6 +163,28 @@ def test_near_lung_in_the_masks_box_equals_the_whole_volume_distance(index: int)
         return
     whole = ndimage.distance_transform_edt(~mask, sampling=ISO_SPACING_MM) <= LUNG_MARGIN_MM
     assert np.array_equal(near_lung(mask), whole)
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_near_lung_at_voxels_equals_the_whole_volume_distance(index: int) -> None:
+    # The balls of _masks(), then two non-convex masks: scattered voxels and a hollow shell.
+    if index < 13:
+        mask = _masks()[index]
+    elif index == 13:
+        mask = np.random.default_rng(3).random((30, 41, 37)) < 0.002
+    else:
+        zz, yy, xx = np.ogrid[:40, :40, :40]
+        r2 = (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2
+        mask = (r2 <= 18**2) & (r2 >= 15**2)
+    every = np.argwhere(np.ones_like(mask))
+    if not mask.any():
+        assert near_lung_at(mask, every).all()
+        return
+    whole = ndimage.distance_transform_edt(~mask, sampling=ISO_SPACING_MM) <= LUNG_MARGIN_MM
+    assert np.array_equal(near_lung_at(mask, every).reshape(mask.shape), whole)
+    picked = every[np.random.default_rng(index).permutation(len(every))[:50]]
+    assert np.array_equal(near_lung_at(mask, picked), whole[tuple(picked.T)])
+    assert near_lung_at(mask, every[:0]).shape == (0,)
 
 
 def _lung_mask_whole_volume(iso_hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
