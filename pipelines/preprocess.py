@@ -125,11 +125,18 @@ def _linear_pass(data: FloatArray, axis: int, n_new: int, spacing: float) -> Flo
     other = max((a for a in range(data.ndim) if a != axis), key=lambda a: data.shape[a])
     per_index = max(1, int(np.prod(new_shape)) // new_shape[other])
     step = max(1, SLAB_VOXELS // per_index)
+    w0 = 1.0 - w
     for start in range(0, data.shape[other], step):
         part = [slice(None)] * data.ndim
         part[other] = slice(start, start + step)
         src = data[tuple(part)]
-        out[tuple(part)] = np.take(src, i0, axis=axis) * (1.0 - w) + np.take(src, i1, axis=axis) * w
+        # src[i0] * (1 - w) + src[i1] * w, each operation in float32, without temporaries.
+        dst = out[tuple(part)]
+        np.take(src, i0, axis=axis, out=dst, mode="clip")
+        dst *= w0
+        upper = np.take(src, i1, axis=axis, mode="clip")
+        upper *= w
+        dst += upper
     return out
 
 
@@ -164,21 +171,37 @@ def lung_mask(iso_hu: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
     if n == 0:
         return inner
     sizes = np.bincount(lab3.ravel())[1:]
-    keep = np.zeros(n + 1, bool)
-    keep[[i + 1 for i in np.argsort(sizes)[::-1][:3] if sizes[i] >= 0.08 * sizes.sum()]] = True
-    mask: npt.NDArray[np.bool_] = keep[lab3]
+    mask = np.zeros(lab3.shape, bool)
+    for i in np.argsort(sizes)[::-1][:3]:
+        if sizes[i] >= 0.08 * sizes.sum():
+            mask |= lab3 == i + 1
     # The closing and the hole filling run on the mask's box grown by what the closing's dilation
     # can reach (2 iterations of the 3x5x5 element: 2 slices, 4 rows and columns) and one more
     # voxel: outside it everything stays empty, so the result equals that over the whole volume.
     box = grown_box(mask, (3, 5, 5))
     if box is None:
         return mask
-    closed = ndimage.binary_closing(mask[box], structure=np.ones((3, 5, 5), bool), iterations=2)
+    closed = closing_3x5x5_twice(mask[box])
     for z in range(closed.shape[0]):
         closed[z] = ndimage.binary_fill_holes(closed[z])
     lungs = np.zeros_like(mask)
     lungs[box] = closed
     return lungs
+
+
+def closing_3x5x5_twice(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``ndimage.binary_closing(mask, np.ones((3, 5, 5)), iterations=2)``, computed faster.
+
+    Two dilations (erosions) by a box are one by the box twice as large, 5 x 9 x 9, and a binary
+    dilation (erosion) by a box is a maximum (minimum) filter, which scipy runs one axis at a
+    time. Outside the array both count as empty, as binary_closing's border value 0 does.
+    """
+    size = (5, 9, 9)
+    dilated = ndimage.maximum_filter(mask, size=size, mode="constant", cval=0)
+    closed: npt.NDArray[np.bool_] = ndimage.minimum_filter(
+        dilated, size=size, mode="constant", cval=0
+    )
+    return closed
 
 
 def grown_box(mask: npt.NDArray[np.bool_], grow: int | tuple[int, ...]) -> tuple[slice, ...] | None:

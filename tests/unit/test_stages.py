@@ -12,6 +12,7 @@ from pipelines.preprocess import (
     ISO_SPACING_MM,
     LUNG_MARGIN_MM,
     STAGE2_PATCH,
+    closing_3x5x5_twice,
     iso_shape,
     lung_mask,
     near_lung,
@@ -216,3 +217,10 @@ def test_lung_mask_in_the_lungs_box_equals_the_whole_volume_mask(seed: int) -> N
     # lungs cut by the field of view: the mask reaches the array's faces
     cut = np.ascontiguousarray(iso[5:-5, 40:-40, 30:-30])
     assert np.array_equal(lung_mask(cut), _lung_mask_whole_volume(cut))
+
+
+@pytest.mark.parametrize("density", [0.02, 0.2, 0.6])
+def test_closing_by_filters_equals_scipys_iterated_binary_closing(density: float) -> None:
+    mask = np.random.default_rng(int(density * 100)).random((23, 37, 31)) < density
+    expected = ndimage.binary_closing(mask, structure=np.ones((3, 5, 5), bool), iterations=2)
+    assert np.array_equal(closing_3x5x5_twice(mask), expected)
