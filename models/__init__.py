@@ -10,5 +10,6 @@ Torch-free: :mod:`models.phantom`, :mod:`models.annotations`, :mod:`models.evalu
 Torch (``train`` extra only): :mod:`models.nets`, :mod:`models.train`, :mod:`models.export`.
 
 Shipped weights: ``models/weights/stage1_screen.onnx`` and ``stage2_refine.onnx`` with their
-manifests (``*.json``); model cards in ``models/cards/``.
+manifests (``*.json``), and ``stage2_score.onnx`` (stage 2 cut to its probability output,
+:func:`models.export.write_stage2_score`); model cards in ``models/cards/``.
 """

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from models.nets import RefineExport, RefineNet, ScreenExport, ScreenNet
-from pipelines.manifest import sha256
+from pipelines.manifest import STAGE2_NAME, STAGE2_SCORE_NAME, sha256
 from pipelines.preprocess import (
     HU_WINDOW,
     ISO_SPACING_MM,
@@ -148,6 +148,49 @@ def manifest_stage2(path: Path, threshold: float, training: dict[str, Any]) -> d
     }
 
 
+def write_stage2_score(weights_dir: Path) -> dict[str, Any]:
+    """Write ``stage2_score.onnx`` and its manifest beside stage 2 in ``weights_dir``: stage 2's
+    graph cut down to its input and its probability output (the encoder and the classification
+    head, the same weights; onnx's Extractor). The detector scores every candidate with it first,
+    at a quarter of the full network's work, and runs the full network (mask and mirror image)
+    only where the probability can reach the operating threshold. Returns the manifest."""
+    import onnx
+    import onnx.utils
+
+    m2 = json.loads((weights_dir / f"{STAGE2_NAME}.json").read_text())
+    full = onnx.load(str(weights_dir / m2["file"]))
+    probability = m2["outputs"][0]
+    score = onnx.utils.Extractor(full).extract_model(
+        [i["name"] for i in m2["inputs"]], [probability["name"]]
+    )
+    path = weights_dir / f"{STAGE2_SCORE_NAME}.onnx"
+    onnx.save(score, str(path))
+    manifest = {
+        "name": STAGE2_SCORE_NAME,
+        "version": m2["version"],
+        "file": path.name,
+        "sha256": sha256(path),
+        "opset": m2["opset"],
+        "framework": "onnx",
+        "derived_from": {"file": m2["file"], "sha256": m2["sha256"]},
+        "inputs": m2["inputs"],
+        "outputs": [probability],
+        "preprocessing": m2["preprocessing"],
+        "produced_by": "models.export.write_stage2_score: onnx.utils.Extractor, stage 2's "
+        f"inputs to its {probability['name']!r} output",
+    }
+    write_manifest(manifest, weights_dir / f"{STAGE2_SCORE_NAME}.json")
+    return manifest
+
+
 def write_manifest(manifest: dict[str, Any], path: Path) -> None:
     """Write ``manifest`` as indented JSON."""
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "score":
+        raise SystemExit("usage: python -m models.export score WEIGHTS_DIR")
+    print(write_stage2_score(Path(sys.argv[2]))["sha256"])

@@ -788,6 +788,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     training["wall_s"] = round(time.time() - t0, 1)
     ex.write_manifest(ex.manifest_stage1(p1, t1, training), out / "stage1_screen.json")
     ex.write_manifest(ex.manifest_stage2(p2, s2.threshold, training), out / "stage2_refine.json")
+    ex.write_stage2_score(out)
     _log(f"done in {training['wall_s']} s; sha256 {sha256(p1)[:12]} {sha256(p2)[:12]}")
     return training
 
@@ -820,6 +821,7 @@ def run_stage2(args: argparse.Namespace) -> dict[str, Any]:
     training["onnx_vs_torch_max_abs_diff"] = onnx_parity(None, s2.net, p1, p2, val)
     training["wall_s"] = round(time.time() - t0, 1)
     ex.write_manifest(ex.manifest_stage2(p2, s2.threshold, training), out / "stage2_refine.json")
+    ex.write_stage2_score(out)
     _log(f"done in {training['wall_s']} s; sha256 {sha256(p2)[:12]}")
     return training
 

@@ -19,10 +19,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dicom_node.errors import ConfigError
 from pipelines.backends import InferenceBackend, load_backend
 from pipelines.findings import Nodule, describe
 from pipelines.inputcheck import input_review
-from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
+from pipelines.manifest import (
+    STAGE1_NAME,
+    STAGE2_NAME,
+    STAGE2_SCORE_NAME,
+    WEIGHTS_DIR,
+    load_manifest,
+)
 from pipelines.preprocess import (
     ISO_SPACING_MM,
     FloatArray,
@@ -147,6 +154,17 @@ class Detector:
         self.manifest2 = load_manifest(STAGE2_NAME, config.models_dir)
         self.stage1: InferenceBackend = self._load(self.manifest1)
         self.stage2: InferenceBackend = self._load(self.manifest2)
+        # Stage 2's score network, when the weights have it (older weight folders do not: stage 2
+        # then scores every candidate with the full network, with the same findings).
+        self.stage2_score: InferenceBackend | None = None
+        if (config.models_dir / f"{STAGE2_SCORE_NAME}.json").exists():
+            score = load_manifest(STAGE2_SCORE_NAME, config.models_dir)
+            if score["derived_from"]["sha256"] != self.manifest2["sha256"]:
+                raise ConfigError(
+                    f"{score['file']} was not derived from {self.manifest2['file']} "
+                    "(models.export.write_stage2_score makes it again)"
+                )
+            self.stage2_score = self._load(score)
         self.candidate_threshold = float(self.manifest1["candidate_threshold"])
         self.threshold = (
             config.operating_threshold
@@ -227,7 +245,9 @@ class Detector:
             )
         del screening
         with _timed(timings, "stage2"):
-            findings = refine(iso, candidates, self.stage2, origin_mm, floor=floor)
+            findings = refine(
+                iso, candidates, self.stage2, origin_mm, floor=floor, score=self.stage2_score
+            )
         median_hu = float(np.median(iso_hu[lung])) if lung.any() else None
         slices = np.flatnonzero(lung.any(axis=(1, 2)))
         lung_z = (

@@ -2,7 +2,8 @@
 
 Each network ships as ``<name>.onnx`` beside ``<name>.json`` (written by :mod:`models.export`):
 name, version, file, sha256, inputs and outputs, the preprocessing constants and the thresholds
-(``candidate_threshold`` for stage 1, ``operating_threshold`` for stage 2).
+(``candidate_threshold`` for stage 1, ``operating_threshold`` for stage 2). ``stage2_score`` is
+stage 2 cut to its probability output, derived from the stage-2 file its manifest names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 
 STAGE1_NAME = "stage1_screen"
 STAGE2_NAME = "stage2_refine"
+STAGE2_SCORE_NAME = "stage2_score"
+"""Stage 2's probability alone (its graph cut to the encoder and classification head, the same
+weights; ``derived_from`` names the stage-2 file): the cheap first pass over every candidate."""
 
 
 def sha256(path: str | Path) -> str:

@@ -9,7 +9,7 @@ was measured.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,9 @@ from pipelines.screen import Candidate
 
 _ROUNDING = 1e-6
 """Slack for float32 rounding when a first score is compared with ``2 * floor - 1``."""
+
+Score2 = Callable[[FloatArray], FloatArray]
+"""Stage 2's probability alone on patches ``(N, 1, 32, 32, 32)`` -> ``(N, 1)``."""
 
 Predict2 = Callable[[FloatArray], tuple[FloatArray, FloatArray]]
 """Stage 2 on patches ``(N, 1, 32, 32, 32)`` -> (probability ``(N, 1)``, mask, same shape as the
@@ -164,6 +167,7 @@ def refine_candidates(
     batch: int = 16,
     max_offset: float = 0.6,
     floor: float = 0.0,
+    score: Score2 | None = None,
 ) -> list[Finding]:
     """Run stage 2 (flip-averaged) on a patch around every candidate; return merged findings.
 
@@ -176,10 +180,17 @@ def refine_candidates(
     (each at most 1), so a candidate whose first score is below ``2 * floor - 1`` cannot reach
     the floor: its mirror image is not scored and it yields no finding. Every finding at or above
     the floor is the same as with ``floor=0`` (merging drops a finding only for a more probable
-    one).
+    one). ``score``, stage 2's probability alone (:data:`~pipelines.manifest.STAGE2_SCORE_NAME`,
+    the same numbers at a quarter of the work), makes that first score, so that the full network
+    runs only on the candidates that can reach the floor.
     """
+    if score is not None and floor > 0.0:
+        first = np.concatenate([score(x) for x in _patch_batches(iso_norm, candidates, batch)])
+        candidates = [
+            c for c, p in zip(candidates, first[:, 0], strict=True) if _can_reach(p, floor)
+        ]
     prob, mask = predict_patches(iso_norm, candidates, predict, batch)
-    hopeful = np.flatnonzero(prob[:, 0] >= 2.0 * floor - 1.0 - _ROUNDING)
+    hopeful = np.flatnonzero(_can_reach(prob[:, 0], floor))
     candidates = [candidates[i] for i in hopeful]
     mirror_prob, mirror_mask = predict_patches(iso_norm, candidates, predict, batch, mirrored=True)
     prob = ((prob[hopeful] + mirror_prob) / 2).astype(np.float32)
@@ -190,6 +201,26 @@ def refine_candidates(
             for c, p, m in zip(candidates, prob, mask, strict=True)
         ]
     )
+
+
+def _can_reach(first: npt.ArrayLike, floor: float) -> npt.NDArray[np.bool_]:
+    """Whether a first (unmirrored) score can average to ``floor`` with a mirror score <= 1."""
+    return np.asarray(first) >= 2.0 * floor - 1.0 - _ROUNDING
+
+
+def _patch_batches(
+    iso_norm: FloatArray, candidates: list[Candidate], batch: int, mirrored: bool = False
+) -> Iterator[FloatArray]:
+    """The patches around the candidates, ``batch`` at a time (``mirrored``: all three axes
+    flipped)."""
+    flip = slice(None, None, -1) if mirrored else slice(None)
+    for i in range(0, len(candidates), batch):
+        yield np.stack(
+            [
+                crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None, flip, flip, flip]
+                for c in candidates[i : i + batch]
+            ]
+        )
 
 
 def predict_patches(
@@ -204,20 +235,8 @@ def predict_patches(
     if not candidates:
         empty = np.zeros((0, 1), np.float32)
         return empty, np.zeros((0, 1, STAGE2_PATCH, STAGE2_PATCH, STAGE2_PATCH), np.float32)
-    flip = slice(None, None, -1) if mirrored else slice(None)
     probs, masks = zip(
-        *(
-            predict(
-                np.stack(
-                    [
-                        crop_patch(iso_norm, c.voxel, STAGE2_PATCH)[None, flip, flip, flip]
-                        for c in candidates[i : i + batch]
-                    ]
-                )
-            )
-            for i in range(0, len(candidates), batch)
-        ),
-        strict=True,
+        *(predict(x) for x in _patch_batches(iso_norm, candidates, batch, mirrored)), strict=True
     )
     return np.concatenate(probs), np.concatenate(masks)
 
@@ -267,6 +286,7 @@ def refine(
     origin_mm: tuple[float, float, float],
     batch: int = 16,
     floor: float = 0.0,
+    score: InferenceBackend | None = None,
 ) -> list[Finding]:
     """Score and segment every candidate; overlapping findings are merged.
 
@@ -274,7 +294,8 @@ def refine(
     (``max_offset=1.0``), then :func:`recentre_findings` measures each finding again on a patch
     centred on its mask. Only findings at or above ``floor`` are returned (the service's
     operating threshold; 0, every finding, for the evaluation's FROC); they are the same as with
-    ``floor=0``, and stage 2 skips what cannot reach it (:func:`refine_candidates`).
+    ``floor=0``, and stage 2 skips what cannot reach it (:func:`refine_candidates`; ``score``,
+    the stage-2 score network, when the weights have it).
     """
 
     def predict(x: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -282,7 +303,14 @@ def refine(
         return probability, mask
 
     findings = refine_candidates(
-        iso_norm, candidates, predict, origin_mm, batch, max_offset=1.0, floor=floor
+        iso_norm,
+        candidates,
+        predict,
+        origin_mm,
+        batch,
+        max_offset=1.0,
+        floor=floor,
+        score=None if score is None else lambda x: score.run(x)[0],
     )
     wanted = [f for f in findings if f.probability >= floor]
     return recentre_findings(iso_norm, wanted, predict, origin_mm)

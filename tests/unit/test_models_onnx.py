@@ -74,7 +74,7 @@ def test_stage2_onnxruntime_matches_torch_within_tolerance(tmp_path: Path) -> No
     assert diff <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["stage1_screen", "stage2_refine"])
+@pytest.mark.parametrize("name", ["stage1_screen", "stage2_refine", "stage2_score"])
 def test_shipped_onnx_matches_its_manifest(name: str) -> None:
     manifest = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
     path = WEIGHTS_DIR / manifest["file"]
@@ -101,3 +101,49 @@ def test_a_weight_file_that_differs_from_its_manifest_is_refused(tmp_path: Path)
         fh.write(b"\0")
     with pytest.raises(ConfigError, match="sha256"):
         load_manifest("stage1_screen", tmp_path)
+
+
+def test_the_score_network_is_stage_2s_probability_bit_for_bit_and_made_again_identically(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    pytest.importorskip("onnx")
+    from models.export import write_stage2_score
+
+    score = json.loads((WEIGHTS_DIR / "stage2_score.json").read_text())
+    full = json.loads((WEIGHTS_DIR / "stage2_refine.json").read_text())
+    assert score["derived_from"] == {"file": full["file"], "sha256": full["sha256"]}
+    assert score["version"] == full["version"]
+    for f in WEIGHTS_DIR.glob("stage2_refine.*"):
+        shutil.copy(f, tmp_path / f.name)
+    assert write_stage2_score(tmp_path) == score  # what export writes, byte for byte (sha256)
+    x = np.random.default_rng(0).random((6, 1, 32, 32, 32), dtype=np.float32)
+    run = {
+        name: ort.InferenceSession(
+            str(WEIGHTS_DIR / f"{name}.onnx"), providers=["CPUExecutionProvider"]
+        )
+        for name in ("stage2_refine", "stage2_score")
+    }
+    p_full = run["stage2_refine"].run(None, {"patch": x})[0]
+    (p_score,) = run["stage2_score"].run(None, {"patch": x})
+    assert np.array_equal(p_full, p_score)
+
+
+def test_a_score_network_of_other_stage_2_weights_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from dicom_node.errors import ConfigError
+    from pipelines.detect import Detector, DetectorConfig
+
+    for f in WEIGHTS_DIR.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    assert Detector(DetectorConfig(models_dir=tmp_path, backend="onnx-cpu")).stage2_score
+    manifest = json.loads((tmp_path / "stage2_score.json").read_text())
+    manifest["derived_from"]["sha256"] = "0" * 64
+    (tmp_path / "stage2_score.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="not derived from"):
+        Detector(DetectorConfig(models_dir=tmp_path, backend="onnx-cpu"))
+    for f in tmp_path.glob("stage2_score.*"):
+        f.unlink()  # weights without it (older folders): stage 2 runs the full network only
+    assert Detector(DetectorConfig(models_dir=tmp_path, backend="onnx-cpu")).stage2_score is None

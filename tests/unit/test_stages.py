@@ -224,3 +224,35 @@ def test_closing_by_filters_equals_scipys_iterated_binary_closing(density: float
     mask = np.random.default_rng(int(density * 100)).random((23, 37, 31)) < density
     expected = ndimage.binary_closing(mask, structure=np.ones((3, 5, 5), bool), iterations=2)
     assert np.array_equal(closing_3x5x5_twice(mask), expected)
+
+
+def test_a_floor_skips_candidates_that_cannot_reach_it_and_keeps_every_finding_above_it() -> None:
+    """Stage 2 with a floor (and a score network) reports exactly the findings at or above the
+    floor that it reports without one, and runs the full network only where they can be."""
+    rng = np.random.default_rng(5)
+    iso = rng.random((60, 60, 60), dtype=np.float32)
+    cands = [Candidate(tuple(int(v) for v in rng.integers(0, 60, 3)), 0.5) for _ in range(40)]
+    full_calls: list[int] = []
+
+    def prob(x: np.ndarray) -> np.ndarray:
+        # depends on the patch and its mirror image differently, spread over [0, 1]
+        return np.clip(x[:, :, :8, :8, :8].mean(axis=(2, 3, 4)) * 3 - 0.9, 0, 1).astype(np.float32)
+
+    def full(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        full_calls.append(len(x))
+        return prob(x), (x > 0.7).astype(np.float32)
+
+    everything = refine_candidates(iso, cands, full, (0.0, 0.0, 0.0), max_offset=1.0)
+    floor = 0.55
+    wanted = [f for f in everything if f.probability >= floor]
+    assert 0 < len(wanted) < len(everything)
+    full_calls.clear()
+    skipped = refine_candidates(
+        iso, cands, full, (0.0, 0.0, 0.0), max_offset=1.0, floor=floor, score=prob
+    )
+    kept = [f for f in skipped if f.probability >= floor]
+    assert [(f.centre_xyz_mm, f.probability) for f in kept] == [
+        (f.centre_xyz_mm, f.probability) for f in wanted
+    ]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(kept, wanted, strict=True))
+    assert sum(full_calls) < 2 * len(cands)  # the full network skipped some candidates
