@@ -185,9 +185,11 @@ def refine_candidates(
     runs only on the candidates that can reach the floor.
     """
     if score is not None and floor > 0.0:
-        first = np.concatenate([score(x) for x in _patch_batches(iso_norm, candidates, batch)])
+        first = [score(x)[:, 0] for x in _patch_batches(iso_norm, candidates, batch)]
         candidates = [
-            c for c, p in zip(candidates, first[:, 0], strict=True) if _can_reach(p, floor)
+            c
+            for c, p in zip(candidates, np.concatenate(first) if first else [], strict=True)
+            if _can_reach(p, floor)
         ]
     prob, mask = predict_patches(iso_norm, candidates, predict, batch)
     hopeful = np.flatnonzero(_can_reach(prob[:, 0], floor))

@@ -256,3 +256,16 @@ def test_a_floor_skips_candidates_that_cannot_reach_it_and_keeps_every_finding_a
     ]
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(kept, wanted, strict=True))
     assert sum(full_calls) < 2 * len(cands)  # the full network skipped some candidates
+
+
+def test_stage_2_without_candidates_finds_nothing_with_or_without_a_floor() -> None:
+    iso = np.zeros((40, 40, 40), np.float32)
+
+    def full(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones((len(x), 1), np.float32), np.ones_like(x)
+
+    def prob(x: np.ndarray) -> np.ndarray:
+        return np.ones((len(x), 1), np.float32)
+
+    assert refine_candidates(iso, [], full, (0.0, 0.0, 0.0)) == []
+    assert refine_candidates(iso, [], full, (0.0, 0.0, 0.0), floor=0.8, score=prob) == []
