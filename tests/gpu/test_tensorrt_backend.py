@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from pipelines.backends.onnx import OnnxBackend
-from pipelines.manifest import STAGE1_NAME, STAGE2_NAME, WEIGHTS_DIR, load_manifest
+from pipelines.manifest import (
+    STAGE1_NAME,
+    STAGE2_NAME,
+    STAGE2_SCORE_NAME,
+    WEIGHTS_DIR,
+    load_manifest,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +35,7 @@ def _batch(manifest: dict[str, object], n: int) -> np.ndarray:
     return np.random.default_rng(0).uniform(-1, 1, size=shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", [STAGE1_NAME, STAGE2_NAME])
+@pytest.mark.parametrize("name", [STAGE1_NAME, STAGE2_NAME, STAGE2_SCORE_NAME])
 @pytest.mark.parametrize(("fp16", "tolerance"), [(False, 1e-3), (True, 3e-2)])
 def test_tensorrt_engines_match_onnxruntime_and_are_cached(
     name: str, fp16: bool, tolerance: float, tmp_path: Path
