@@ -297,6 +297,7 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     folders = {0.0: WEIGHTS_DIR}
+    params = {0.0: sum(p.numel() for p in shipped.parameters())}
     for ratio in args.ratios:
         start = time.time()
         net = fine_tune(prune(shipped, ratio), train, args.iters, args.seed)
@@ -307,6 +308,7 @@ def main() -> None:
         threshold = choose_stage1_threshold(scores, floor)
         path = out / f"stage1_pruned_{round(ratio * 100)}.onnx"
         export(net, path)
+        params[ratio] = sum(p.numel() for p in net.parameters())
         folders[ratio] = out / f"weights_{round(ratio * 100)}"
         weights_with_stage1(path, threshold, folders[ratio])
         print(
@@ -317,14 +319,10 @@ def main() -> None:
         det = Detector(DetectorConfig(models_dir=folder, threads=1, backend="onnx-cpu"))
         ev = evaluate_synthetic(det, args.seed, args.n_eval)
         size = (folder / f"{STAGE1_NAME}.onnx").stat().st_size
-        params = sum(
-            int(np.prod(p.shape))
-            for p in (shipped if ratio == 0 else prune(shipped, ratio)).parameters()
-        )
         rows.append(
             {
                 "ratio": ratio,
-                "params": params,
+                "params": params[ratio],
                 "onnx_kb": round(size / 1024, 1),
                 "cpm": ev["cpm"],
                 "sens_at_1fp": ev["sensitivity_at_fp"]["1.0"],
