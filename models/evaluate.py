@@ -12,7 +12,10 @@
    opacities, atelectasis, fissures, pleural plaques: see :func:`models.phantom.make_phantom`):
    the same FROC figures, and false positives per scan at the operating point.
 3. The real series LIDC-IDRI-0001 (when the data folder is there): every finding at the
-   operating point (and the strongest ones below it), matched to the readers' nodules.
+   operating point (and the strongest ones below it), matched to the readers' nodules; and the
+   same on its copy moved by :data:`models.followup.LIDC_TEST_MOTION` (resampled through a
+   rotation of a few degrees, as the priors test sends it: a detector must not depend on how
+   the patient lay or on the interpolation's blur).
 4. The real COVID-19 series ``ricord-1a-covid-ct`` (no nodules): every finding the service
    reports, with its lesion class, exactly as ``noduleai detect`` reports it.
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ import numpy as np
 
 from models.annotations import lidc_consensus, load_dicom_series, read_lidc_xml
 from models.evaluation import (
+    SIZE_BINS_MM,
     EvalDetection,
     Reference,
     ScanCase,
@@ -44,12 +50,15 @@ from models.evaluation import (
     fps_per_scan,
     froc,
     sensitivity_by_size,
+    size_bin_name,
 )
-from models.phantom import Phantom, make_phantom
+from models.followup import LIDC_TEST_MOTION, write_moved_copy
+from models.phantom import CONFOUNDER_MASS_CHANCE, Phantom, make_phantom
 from pipelines.detect import Detector, DetectorConfig, StageResult
 from pipelines.manifest import WEIGHTS_DIR
 from pipelines.preprocess import ISO_SPACING_MM, STAGE2_PATCH, crop_patch, resample_to_iso
 from pipelines.refine import Finding
+from pipelines.registration import RigidTransform
 from pipelines.screen import candidate_world
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
@@ -92,7 +101,9 @@ def _mask_dice(ph: Phantom, f: Finding, label: int) -> float:
 
 def evaluate_phantom(det: Detector, seed: int, confounders: bool = False) -> dict[str, Any]:
     """Detect in one held-out phantom; return its scan case, stage-1 hits and Dice values."""
-    ph = make_phantom(seed, confounders=confounders)
+    ph = make_phantom(
+        seed, confounders=confounders, mass_chance=CONFOUNDER_MASS_CHANCE if confounders else 0.0
+    )
     res = det.run_stages(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     refs = [Reference(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     cands = [candidate_world(c, ph.origin_mm) for c in res.candidates]
@@ -181,9 +192,9 @@ def _best_all(cases: list[ScanCase]) -> list[float]:
 
 def _dice_by_size(dices: list[tuple[float, float]]) -> dict[str, list[float]]:
     out = {}
-    for lo, hi in ((3, 5), (5, 10), (10, 20), (20, 31)):
+    for lo, hi in SIZE_BINS_MM:
         v = [d for s, d in dices if lo <= s < hi]
-        out[f"{lo}-{min(hi, 30)} mm"] = [round(float(np.mean(v)), 4) if v else float("nan"), len(v)]
+        out[size_bin_name(lo, hi)] = [round(float(np.mean(v)), 4) if v else float("nan"), len(v)]
     return out
 
 
@@ -192,18 +203,35 @@ def _lidc_series(data: Path) -> Path | None:
     return hits[0].parent if hits else None
 
 
-def evaluate_lidc(det: Detector, data: Path) -> dict[str, Any] | None:
-    """Detection on LIDC-IDRI-0001 compared with the readers' marks."""
+def _moved(motion: RigidTransform, p: tuple[float, float, float]) -> tuple[float, float, float]:
+    x, y, z = motion.to_current(p)
+    return float(x), float(y), float(z)
+
+
+def evaluate_lidc(
+    det: Detector, data: Path, motion: RigidTransform | None = None
+) -> dict[str, Any] | None:
+    """Detection on LIDC-IDRI-0001 compared with the readers' marks; with ``motion``, on its
+    copy moved by it (:func:`models.followup.write_moved_copy`: the same anatomy resampled
+    through a rotation, as a later study of a patient who lay otherwise), the readers' marks
+    moved with it."""
     folder = _lidc_series(data)
     if folder is None:
         return None
-    ct = load_dicom_series(folder)
+    if motion is None:
+        ct = load_dicom_series(folder)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_moved_copy(folder, Path(tmp), motion, days_later=0, salt="evaluation")
+            ct = load_dicom_series(tmp)
     t0 = time.perf_counter()
     res = det.run_stages(ct.volume_hu, ct.spacing_mm, ct.origin_mm)
     wall = time.perf_counter() - t0
     readers = lidc_consensus(
         read_lidc_xml(folder / "069.xml"), ct.origin_mm, ct.spacing_mm[1:], ct.spacing_mm[0]
     )
+    if motion is not None:
+        readers = [replace(n, centre_xyz_mm=_moved(motion, n.centre_xyz_mm)) for n in readers]
     big = [n for n in readers if n.kind == "nodule"]
 
     def describe(f: Finding) -> dict[str, Any]:
@@ -237,6 +265,12 @@ def evaluate_lidc(det: Detector, data: Path) -> dict[str, Any] | None:
     ]
     return {
         "series": folder.name,
+        "moved": None
+        if motion is None
+        else {
+            "rotation_deg": round(motion.rotation_deg, 2),
+            "translation_mm": round(motion.translation_mm, 2),
+        },
         "shape": list(ct.volume_hu.shape),
         "spacing_mm": [round(v, 4) for v in ct.spacing_mm],
         "readers_nodule": None
@@ -324,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     if data is not None:
         result["lidc_idri_0001"] = evaluate_lidc(det, data)
         print(json.dumps(result["lidc_idri_0001"], indent=2), flush=True)
+        result["lidc_idri_0001_moved"] = evaluate_lidc(det, data, LIDC_TEST_MOTION)
+        print(json.dumps(result["lidc_idri_0001_moved"], indent=2), flush=True)
         result["negative_series"] = evaluate_negative_series(args.weights, data, args.threads)
         print(json.dumps(result["negative_series"], indent=2), flush=True)
     if not args.skip_synthetic:

@@ -19,7 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-SIZE_BINS_MM = ((3.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.01))
+SIZE_BINS_MM = ((3.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.01), (30.01, 45.01))
+"""Reference diameter bins (mm), named by their rounded ends (``"20-30 mm"``); the last holds
+the masses of the phantoms with confounders."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ def froc(cases: Sequence[ScanCase]) -> FrocResult:
     )
 
 
+def size_bin_name(lo: float, hi: float) -> str:
+    """``"20-30 mm"`` for the bin ``(20.0, 30.01)``."""
+    return f"{round(lo)}-{round(hi)} mm"
+
+
 def sensitivity_by_size(
     cases: Sequence[ScanCase], threshold: float, bins: Sequence[tuple[float, float]] = SIZE_BINS_MM
 ) -> dict[str, tuple[float, int]]:
@@ -135,7 +142,7 @@ def sensitivity_by_size(
                 if lo <= ref.diameter_mm < hi:
                     total += 1
                     found += int(b >= threshold)
-        out[f"{lo:g}-{min(hi, 30.0):g} mm"] = (found / total if total else float("nan"), total)
+        out[size_bin_name(lo, hi)] = (found / total if total else float("nan"), total)
     return out
 
 

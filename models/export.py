@@ -26,8 +26,10 @@ from pipelines.preprocess import (
 
 OPSET = 17
 STAGE1_VERSION = "1.3.0"
-STAGE2_VERSION = "1.4.0"
-"""1.4.0: stage 2 also learns from phantoms with confounders (``models.train`` docstring)."""
+STAGE2_VERSION = "1.5.0"
+"""1.4.0: stage 2 also learns from phantoms with confounders (``models.train`` docstring).
+1.5.0: and from masses among them, with patches blurred and noised as other scanners make them
+(``models.train.scanner_augment``)."""
 
 
 def export_stage1(net: ScreenNet, path: Path) -> None:

@@ -25,6 +25,12 @@ from pipelines.registration import RigidTransform, move_volume
 
 _NAMESPACE = uuid.UUID("3f6f1a0e-55b1-4c49-9a3e-2f1d7b0c9e11")
 
+#: The motion of the moved copy of LIDC-IDRI-0001 that the priors test and the model evaluation
+#: use: 2 to 3 degrees about each axis about a point in the chest, then 6 to 10 mm.
+LIDC_TEST_MOTION = RigidTransform.from_params(
+    (2.0, -1.5, 3.0), (6.0, -4.0, 10.0), (0.0, 0.0, -180.0)
+)
+
 
 def derived_uid(uid: str, salt: str) -> str:
     """A ``2.25`` UID (PS3.5 B.2) for the copy of ``uid``."""

@@ -84,11 +84,21 @@ def _confounder_training(t: dict[str, Any]) -> str:
     """What the card says about confounder phantoms, only when the run used them."""
     if not t.get("n_confounder_train_phantoms"):
         return ""
-    return """ Stage 2 also learns from phantoms with confounders, structures that
+    text = """ Stage 2 also learns from phantoms with confounders, structures that
 are not nodules (`make_phantom(confounders=True)`): multifocal ill-defined ground-glass and
 consolidation patches of 12-70 mm, mostly subpleural, in both lungs (pneumonia), dependent
 subpleural atelectasis, interlobar fissures and pleural plaques; it sees them through the
 stage-1 candidates they raise and through patches drawn inside each of them."""
+    if t.get("confounder_mass_chance"):
+        text += f""" In {t["confounder_mass_chance"]:.0%} of those phantoms a
+mass of 30-45 mm (solid or part-solid, often lobulated; `mass_chance`) is a positive among them."""
+    aug = t.get("scanner_augment")
+    if aug:
+        text += f""" Its patches are blurred (half of them: Gaussian sigma up to
+{aug["blur_sigma_vox"][0]} voxels along z and {aug["blur_sigma_vox"][1]} in-plane) and noised (a
+third: up to {aug["noise_hu"]} HU) as smoother kernels, thicker slices and resampled series make
+real CT (`models.train.scanner_augment`)."""
+    return text
 
 
 def _synthetic_table(s: dict[str, Any]) -> str:
@@ -171,7 +181,15 @@ def _lidc_section(r: dict[str, Any] | None) -> str:
         f"{f['equivalent_diameter_mm']} | {f['matches']} |"
         for f in r["strongest_below_operating_point"]
     )
-    return f"""Real series LIDC-IDRI-0001 ({r["shape"][0]} slices, spacing {r["spacing_mm"]} mm).
+    moved = r.get("moved")
+    series = (
+        "Real series LIDC-IDRI-0001"
+        if not moved
+        else f"Its copy moved by {moved['rotation_deg']} degrees and {moved['translation_mm']} mm "
+        "and resampled (`models.followup.LIDC_TEST_MOTION`, as the priors test sends it; the "
+        "readers' marks moved with it)"
+    )
+    return f"""{series} ({r["shape"][0]} slices, spacing {r["spacing_mm"]} mm).
 Readers' nodule (4 readers): centre {ref["centre_xyz_mm"]} mm, extent {ref["extent_mm"]} mm,
 mean long axis {ref["long_axis_mm"]} mm. Found at the operating point: **{r["found"]}**;
 measured long-axis diameter error {r["diameter_error_vs_long_axis"]} (relative);
@@ -196,11 +214,17 @@ Strongest findings below the operating point:
 def _confounder_section(c: dict[str, Any] | None) -> str:
     if not c:
         return "Phantoms with confounders: not evaluated.\n"
+    masses = c["sensitivity_by_size"].get("30-45 mm", [None, 0])
+    mass_line = (
+        f" Masses (30-45 mm) found at the operating point: {_fmt(masses[0])} of {masses[1]}."
+        if masses[1]
+        else ""
+    )
     return f"""Held-out phantoms with confounders ({c["n_scans"]} phantoms, seeds {c["seeds"]},
 {c["n_nodules"]} nodules among pneumonia-like opacities, atelectasis, fissures and plaques): CPM
 **{_fmt(c["cpm"])}**; at the operating point sensitivity
 {_fmt(c["sensitivity_at_operating_point"])} and **{c["fps_per_scan_at_operating_point"]}** false
-positives per scan; sensitivity at 1 FP/scan {_fmt(c["sensitivity_at_fp"]["1.0"])}.
+positives per scan; sensitivity at 1 FP/scan {_fmt(c["sensitivity_at_fp"]["1.0"])}.{mass_line}
 """
 
 
@@ -221,6 +245,16 @@ stage-1 candidates.
 |---|---|---|---|---|
 {rows}
 """
+
+
+def _limits(t: dict[str, Any]) -> str:
+    """What the weights were not trained for."""
+    if t.get("confounder_mass_chance"):
+        return """Masses of 30-45 mm were trained on, but fill most of the 40 mm patch: their
+margins, not their whole shape, are what stage 2 sees. Calcified nodules and non-axial series are
+outside what it was trained for."""
+    return """Nodules over 30 mm exceed the 40 mm patch; calcified nodules, masses and non-axial
+series are outside what it was trained for."""
 
 
 def _int8_section(figures: dict[str, Any] | None, stage: str) -> str:
@@ -248,6 +282,7 @@ def render_cards(result: dict[str, Any], m1: dict[str, Any], m2: dict[str, Any],
     int8 = json.loads(int8_file.read_text()) if int8_file.is_file() else None
     s = result.get("synthetic_held_out")
     lidc = result.get("lidc_idri_0001")
+    lidc_moved = result.get("lidc_idri_0001_moved")
     confounders = result.get("synthetic_confounders")
     negative = result.get("negative_series")
     bench = result.get("benchmark", {})
@@ -297,6 +332,7 @@ on the 1.25 mm grid): {_fmt(s["dice_mean"]) if s else "n/a"} overall.
 
 {_confounder_section(confounders)}
 {_lidc_section(lidc)}
+{_lidc_section(lidc_moved) if lidc_moved else ""}
 {_negative_section(negative)}
 Speed (onnxruntime CPU): {bench.get("stage2_ms_per_candidate", "see benchmarks/models.py")} ms
 per candidate.
@@ -311,8 +347,7 @@ per candidate.
 
 Research prototype trained on synthetic data only; not a medical device. Real-CT performance is
 checked on one LIDC-IDRI series, far too little to claim clinical sensitivity or specificity.
-Nodules over 30 mm exceed the 40 mm patch; calcified nodules, masses and non-axial series are
-outside what it was trained for.
+{_limits(m2["training"])}
 """
     (out / "stage1_screen.md").write_text(s1)
     (out / "stage2_refine.md").write_text(s2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -435,6 +435,25 @@ def _inside_lung(
     return True
 
 
+MASS_DIAMETERS_MM = (30.0, 45.0)
+"""Diameter range of the mass that :func:`make_phantom` paints with ``mass_chance``: a focal
+lesion over 30 mm is a mass (Fleischner glossary), reported, unlike diffuse opacities."""
+
+
+CONFOUNDER_MASS_CHANCE = 0.5
+"""``mass_chance`` of the phantoms with confounders that train and evaluate stage 2: without
+masses among them, stage 2 learns from the consolidation patches that every large dense lesion is
+a negative."""
+
+
+def _draw_mass_spec(rng: Rng) -> tuple[float, str, str, str]:
+    diameter = float(rng.uniform(*MASS_DIAMETERS_MM))
+    kind = "solid" if rng.random() < 0.85 else "part-solid"
+    shape = "irregular" if rng.random() < 0.6 else "round"
+    location = "juxta-pleural" if rng.random() < 0.3 else "parenchymal"
+    return diameter, kind, shape, location
+
+
 def _draw_nodule_spec(rng: Rng) -> tuple[float, str, str, str]:
     diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
     kind = str(rng.choice(NODULE_KINDS, p=[0.6, 0.2, 0.2]))
@@ -451,18 +470,21 @@ def _add_nodules(
     anat: _Anatomy,
     hu: FloatArray,
     labels: npt.NDArray[np.uint8],
+    draw: Callable[[Rng], tuple[float, str, str, str]] = _draw_nodule_spec,
+    placed: Sequence[PhantomNodule] = (),
 ) -> list[PhantomNodule]:
-    """Paint ``n`` nodules into ``hu`` (in place) and ``labels``; return their ground truth."""
+    """Paint ``n`` nodules drawn by ``draw`` into ``hu`` (in place) and ``labels``, clear of the
+    nodules already ``placed`` (their labels come first); return their ground truth."""
     nodules: list[PhantomNodule] = []
     for _ in range(n * 6):
         if len(nodules) == n:
             break
-        diameter, kind, shape, location = _draw_nodule_spec(rng)
+        diameter, kind, shape, location = draw(rng)
         radius = diameter / 2.0
         centre = _pick_centre(rng, location, radius, grid, lungs, anat)
         if centre is None or any(
             np.linalg.norm(centre - np.array(o.centre_xyz_mm)) < radius + o.diameter_mm / 2 + 3
-            for o in nodules
+            for o in (*placed, *nodules)
         ):
             continue
         box, occ = _nodule_occupancy(grid, rng, centre, radius, shape == "irregular")
@@ -482,7 +504,7 @@ def _add_nodules(
             val = val * (1.0 - core_in) + solid * core_in
         if shape == "irregular" and kind != "ground-glass":
             _add_spicules(rng, grid, centre, radius, hu)
-        label = len(nodules) + 1
+        label = len(placed) + len(nodules) + 1
         _paint(hu, labels, box, occ, val, label)
         nodules.append(
             PhantomNodule(
@@ -825,6 +847,7 @@ def make_phantom(
     n_nodules: int | tuple[int, int] | None = None,
     fov_padding: bool | None = None,
     confounders: bool = False,
+    mass_chance: float = 0.0,
 ) -> Phantom:
     """Make a synthetic chest CT phantom, deterministically from ``seed``.
 
@@ -848,6 +871,10 @@ def make_phantom(
         Also paint lung findings that are not nodules (:data:`CONFOUNDER_KINDS`): pneumonia-like
         opacities, dependent atelectasis, fissures, pleural plaques. They come from their own
         random stream, so the rest of the phantom is the one made without them.
+    mass_chance : float, optional
+        Chance that the phantom also holds one mass (:data:`MASS_DIAMETERS_MM`, solid or
+        part-solid, often lobulated; a labelled lesion, the last of ``nodules``), drawn from a
+        random stream of its own and painted before the confounders, which keep clear of it.
 
     Returns
     -------
@@ -866,6 +893,19 @@ def make_phantom(
         else int(rng.integers(n_nodules[0], n_nodules[1] + 1))
     )
     nodules = _add_nodules(rng, n, scene.grid, scene.lungs, scene.anat, scene.hu, labels)
+    m_rng = np.random.default_rng([seed, 2])
+    if m_rng.random() < mass_chance:
+        nodules += _add_nodules(
+            m_rng,
+            1,
+            scene.grid,
+            scene.lungs,
+            scene.anat,
+            scene.hu,
+            labels,
+            _draw_mass_spec,
+            nodules,
+        )
     painted = []
     if confounders:
         c_rng = np.random.default_rng([seed, 1])

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.phantom import make_phantom
+from models.phantom import CONFOUNDER_MASS_CHANCE, make_phantom
 from models.realdata import (
     RealCase,
     lidc_cases,
@@ -47,6 +47,7 @@ from models.realdata import (
 )
 from pipelines.manifest import sha256
 from pipelines.preprocess import (
+    HU_WINDOW,
     ISO_SPACING_MM,
     STAGE1_CONTEXT,
     STAGE2_PATCH,
@@ -106,11 +107,14 @@ HARD_NEGATIVE_GAP_VOX = 3.0
 
 
 def prepare(
-    seed: int, n_nodules: tuple[int, int] | None = None, confounders: bool = False
+    seed: int,
+    n_nodules: tuple[int, int] | None = None,
+    confounders: bool = False,
+    mass_chance: float = 0.0,
 ) -> TrainingVolume:
-    """Make phantom ``seed`` (with confounders when asked) and bring it to the isotropic grid
-    with its targets."""
-    ph = make_phantom(seed, n_nodules=n_nodules, confounders=confounders)
+    """Make phantom ``seed`` (with confounders and a mass when asked) and bring it to the
+    isotropic grid with its targets."""
+    ph = make_phantom(seed, n_nodules=n_nodules, confounders=confounders, mass_chance=mass_chance)
     nodules = [(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     v = to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
     v.confounders = np.array([_iso_voxel(v.origin_mm, c.centre_xyz_mm) for c in ph.confounders])
@@ -340,11 +344,34 @@ def stage2_patches(
     return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms), d=np.asarray(ds, np.float32))
 
 
+BLUR_SIGMA_VOX = (1.2, 0.6)
+"""Largest Gaussian sigma (isotropic voxels, along z and in-plane) of :func:`scanner_augment`."""
+
+NOISE_HU = 20.0
+"""Largest standard deviation of the noise :func:`scanner_augment` adds, in HU."""
+NOISE_SIGMA = NOISE_HU / (HU_WINDOW[1] - HU_WINDOW[0])
+""":data:`NOISE_HU` on the [0, 1] scale of the patches."""
+
+
+def scanner_augment(x: FloatArray, rng: np.random.Generator) -> FloatArray:
+    """Blur half of the patches (smooth kernels, thick slices, a series resampled through a
+    rotation) and add noise to a third: the phantoms' scanner is sharper and more uniform than
+    real ones, and a stage 2 that keys on margin sharpness lost the readers' lesion in a
+    resampled copy of LIDC-IDRI-0001 (0.97 -> 0.55)."""
+    if rng.random() < 0.5:
+        sz, sxy = rng.uniform(0.0, BLUR_SIGMA_VOX[0]), rng.uniform(0.0, BLUR_SIGMA_VOX[1])
+        x = ndimage.gaussian_filter(x, (sz, sxy, sxy), mode="nearest")
+    if rng.random() < 0.33:
+        x = x + rng.normal(0.0, rng.uniform(0.0, NOISE_SIGMA), x.shape).astype(np.float32)
+    return x
+
+
 def stage2_batch(
     ps: PatchSet, rng: np.random.Generator, batch: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Balanced batch with flips and in-plane transposes; positives are drawn with weight
-    1/diameter, as stage 1 draws its nodule crops, so small nodules are seen more often."""
+    """Balanced batch with flips, in-plane transposes and the blur and noise of other scanners
+    (:func:`scanner_augment`); positives are drawn with weight 1/diameter, as stage 1 draws its
+    nodule crops, so small nodules are seen more often."""
     y = ps.y
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     idx = np.concatenate(
@@ -355,7 +382,7 @@ def stage2_batch(
     )
     xs, ms = [], []
     for i in idx:
-        x, m = ps.x[i].astype(np.float32), ps.m[i].astype(np.float32)
+        x, m = scanner_augment(ps.x[i].astype(np.float32), rng), ps.m[i].astype(np.float32)
         for ax in range(3):
             if rng.random() < 0.5:
                 x, m = np.flip(x, ax), np.flip(m, ax)
@@ -705,11 +732,12 @@ def confounder_data(
     """Stage 2's extra training and validation phantoms with confounders."""
     tr = phantom_seeds(args.seed, CONFOUNDER_TRAIN_OFFSET, args.n_confounder_train)
     va = phantom_seeds(args.seed, CONFOUNDER_VAL_OFFSET, args.n_confounder_val)
-    jobs = [(s, CONFOUNDER_NODULES, True) for s in tr + va]
+    jobs = [(s, CONFOUNDER_NODULES, True, CONFOUNDER_MASS_CHANCE) for s in tr + va]
     vols = _pool_map(prepare, jobs, args.threads) if jobs else []
     info: dict[str, Any] = {
         "n_confounder_train_phantoms": len(tr),
         "n_confounder_val_phantoms": len(va),
+        "confounder_mass_chance": CONFOUNDER_MASS_CHANCE,
     }
     if tr:
         info["confounder_train_seeds"] = f"{tr[0]}..+{len(tr) - 1}"
@@ -747,7 +775,8 @@ def fit_stage2(
     net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads)
     t2, val_info = choose_operating_threshold(val, c_val, net2, args.operating_fps)
     _log(f"operating threshold {t2:.3f}: {val_info}")
-    return Stage2Result(net2, t2, {**c_info, **val_info})
+    augment = {"blur_sigma_vox": list(BLUR_SIGMA_VOX), "noise_hu": NOISE_HU}
+    return Stage2Result(net2, t2, {**c_info, "scanner_augment": augment, **val_info})
 
 
 def _training_record(args: argparse.Namespace, data_info: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dicom_node.fhir_resources import report_identifier
 from dicom_node.migrate import upgrade
 from dicom_node.results import ModelIdentity
 from dicom_node.spool import LocalSpool
-from models.followup import write_moved_copy
+from models.followup import LIDC_TEST_MOTION, write_moved_copy
 from pipelines.detect import Detector
 from pipelines.outputs import encode_results
 from pipelines.priors import PriorFindings, PriorLocator
@@ -98,8 +98,7 @@ def _sr(orthanc: Orthanc, study_uid: str, job_prior: str) -> Any:
 @pytest.fixture
 def studies(shared_data: Path, tmp_path: Path) -> tuple[list[Path], list[Path], RigidTransform]:
     prior = sorted((shared_data / "lidc-idri-0001").rglob("*.dcm"))
-    centre = np.array([0.0, 0.0, -180.0])
-    truth = RigidTransform.from_params((2.0, -1.5, 3.0), (6.0, -4.0, 10.0), centre)
+    truth = LIDC_TEST_MOTION
     current = write_moved_copy(prior, tmp_path / "current", truth, DAYS, salt="priors-test")
     return prior, current, truth
 

@@ -74,10 +74,12 @@ def test_no_detections_scores_zero() -> None:
 
 
 def test_sensitivity_by_size_bins_references_by_diameter() -> None:
-    cases = [ScanCase([_ref(0.0, 4.0), _ref(100.0, 25.0)], [_det(0.5, 0.9)])]
+    refs = [_ref(0.0, 4.0), _ref(100.0, 25.0), _ref(200.0, 30.0), _ref(300.0, 38.0)]
+    cases = [ScanCase(refs, [_det(0.5, 0.9), _det(300.0, 0.9)])]
     out = sensitivity_by_size(cases, 0.5)
     assert out["3-5 mm"] == (1.0, 1)
-    assert out["20-30 mm"] == (0.0, 1)
+    assert out["20-30 mm"] == (0.0, 2)  # 30.0 mm is still a nodule (a mass is over 30 mm)
+    assert out["30-45 mm"] == (1.0, 1)
     assert np.isnan(out["5-10 mm"][0])
 
 

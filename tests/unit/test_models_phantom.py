@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.phantom import Phantom, make_phantom, write_dicom_series
+from models.phantom import MASS_DIAMETERS_MM, Phantom, make_phantom, write_dicom_series
 
 SMALL = (12, 96, 96)
 SPACING = (2.5, 3.6, 3.6)
@@ -166,3 +166,37 @@ def test_opacities_are_ground_glass_or_consolidation_in_both_lungs() -> None:
         if any(c.kind == "opacity" for c in ph.confounders):
             assert grew.max() > 200  # ground glass over lung at about -860 HU
     assert sides == {True, False}
+
+
+@pytest.mark.parametrize("seed", [40, 41, 42])
+def test_a_mass_is_a_labelled_lesion_over_30_mm_that_the_confounders_keep_clear_of(
+    seed: int,
+) -> None:
+    kw = {"shape": CONF_SHAPE, "spacing_mm": CONF_SPACING, "n_nodules": 2, "confounders": True}
+    without = make_phantom(seed, **kw)
+    ph = make_phantom(seed, mass_chance=1.0, **kw)
+    assert ph.nodules[:-1] == without.nodules
+    mass = ph.nodules[-1]
+    assert MASS_DIAMETERS_MM[0] <= mass.diameter_mm <= MASS_DIAMETERS_MM[1]
+    assert mass.kind in ("solid", "part-solid") and mass.label == len(ph.nodules)
+    # its label covers about the volume of its nominal sphere
+    voxel = float(np.prod(ph.spacing_mm))
+    sphere = 4 / 3 * np.pi * (mass.diameter_mm / 2) ** 3
+    assert 0.5 < (ph.labels == mass.label).sum() * voxel / sphere < 1.5
+    for c in ph.confounders:
+        gap = np.linalg.norm(np.subtract(c.centre_xyz_mm, mass.centre_xyz_mm))
+        assert gap > mass.diameter_mm / 2
+    assert make_phantom(seed, mass_chance=0.0, **kw).nodules == without.nodules
+
+
+def test_the_mass_chance_decides_per_seed_and_leaves_plain_phantoms_alone() -> None:
+    kw = {"shape": CONF_SHAPE, "spacing_mm": CONF_SPACING, "n_nodules": 1}
+    masses = [
+        sum(
+            n.diameter_mm >= MASS_DIAMETERS_MM[0]
+            for n in make_phantom(s, mass_chance=0.5, **kw).nodules
+        )
+        for s in range(50, 58)
+    ]
+    assert set(masses) == {0, 1}
+    assert all(n.diameter_mm < MASS_DIAMETERS_MM[0] for n in make_phantom(50, **kw).nodules)

@@ -18,9 +18,11 @@ from models.phantom import make_phantom
 from models.realdata import RealCase, lidc_cases, luna16_cases, sphere_labels, split_cases
 from models.train import (
     HARD_NEGATIVE_GAP_VOX,
+    NOISE_SIGMA,
     TrainingVolume,
     prepare,
     prepare_real,
+    scanner_augment,
     stage1_batch,
     stage2_patches,
 )
@@ -186,3 +188,22 @@ def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> No
     world = [v.origin_mm[a] + v.centres[0][2 - a] * ISO_SPACING_MM for a in range(3)]
     assert world == pytest.approx([56.2, 86.2, -115.9], abs=1.0)
     assert v.labels.sum() * ISO_SPACING_MM**3 > 0.3 * 4 / 3 * np.pi * 16.4**3
+
+
+def test_scanner_augment_blurs_about_half_the_patches_and_noises_some() -> None:
+    rng = np.random.default_rng(5)
+    x = (rng.random((32, 32, 32)) > 0.5).astype(np.float32)  # sharp edges everywhere
+
+    def edges(a: np.ndarray) -> float:
+        return float(np.abs(np.diff(a, axis=0)).mean())
+
+    out = [scanner_augment(x, np.random.default_rng(s)) for s in range(200)]
+    assert all(o.shape == x.shape and o.dtype == np.float32 for o in out)
+    unchanged = sum(np.array_equal(o, x) for o in out)
+    blurred = sum(edges(o) < 0.99 * edges(x) for o in out)
+    assert 0.25 * 200 < unchanged < 0.5 * 200  # neither blurred nor noised: 0.5 * 0.67
+    assert 0.3 * 200 < blurred < 0.6 * 200  # half blurred, a few of them noised again
+    # the same generator state gives the same patch (training reruns byte for byte)
+    assert np.array_equal(scanner_augment(x, np.random.default_rng(9)), out[9])
+    # noise stays within a few NOISE_SIGMA of the (possibly blurred) patch
+    assert max(float(np.abs(o - x).max()) for o in out) <= 1.0 + 5 * NOISE_SIGMA
