@@ -51,6 +51,7 @@ from models.evaluation import (
     froc,
     sensitivity_by_size,
     size_bin_name,
+    threshold_at_fp_rate,
 )
 from models.followup import LIDC_TEST_MOTION, write_moved_copy
 from models.phantom import CONFOUNDER_MASS_CHANCE, Phantom, make_phantom
@@ -170,6 +171,7 @@ def evaluate_synthetic(
         "sensitivity_by_size": {
             k: [round(v[0], 4), v[1]] for k, v in sensitivity_by_size(cases, thr).items()
         },
+        "sensitivity_3_6_mm_at_1_fp": _small_at_1_fp(cases),
         "sensitivity_by_kind": {
             k: [round(float(np.mean(v)), 4), len(v)] for k, v in by_kind.items()
         },
@@ -182,6 +184,15 @@ def evaluate_synthetic(
             k: round(float(np.mean([r["timings"][k] for r in rows])), 3) for k in rows[0]["timings"]
         },
     }
+
+
+def _small_at_1_fp(cases: list[ScanCase]) -> list[float]:
+    """Sensitivity for 3-6 mm nodules at the FROC point of 1 false positive per scan, and how
+    many there are."""
+    ((sens, n),) = sensitivity_by_size(
+        cases, threshold_at_fp_rate(cases, 1.0), ((3.0, 6.0),)
+    ).values()
+    return [round(sens, 4), n]
 
 
 def _best_all(cases: list[ScanCase]) -> list[float]:

@@ -146,6 +146,14 @@ def sensitivity_by_size(
     return out
 
 
+def threshold_at_fp_rate(cases: Sequence[ScanCase], rate: float) -> float:
+    """The lowest threshold with at most ``rate`` false positives per scan (the FROC point at
+    ``rate``; ``inf`` when even the strongest false positive exceeds it)."""
+    res = froc(cases)
+    ok = res.fps_per_scan <= rate
+    return float(res.thresholds[ok].min()) if ok.any() else float("inf")
+
+
 def fps_per_scan(cases: Sequence[ScanCase], threshold: float) -> float:
     """Mean false positives per scan at ``threshold``."""
     return float(np.mean([sum(p >= threshold for p in match_scan(c)[1]) for c in cases]))

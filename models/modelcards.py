@@ -101,6 +101,11 @@ real CT (`models.train.scanner_augment`)."""
     return text
 
 
+def _small_line(s: dict[str, Any]) -> str:
+    small = s.get("sensitivity_3_6_mm_at_1_fp")
+    return f"**{_fmt(small[0])}** ({small[1]} nodules)" if small else "not measured"
+
+
 def _synthetic_table(s: dict[str, Any]) -> str:
     rates = " | ".join(s["sensitivity_at_fp"].keys())
     sens = " | ".join(_fmt(v) for v in s["sensitivity_at_fp"].values())
@@ -116,6 +121,9 @@ def _synthetic_table(s: dict[str, Any]) -> str:
 | FPs/scan | {rates} | **CPM** |
 |---|{"---|" * len(s["sensitivity_at_fp"])}---|
 | sensitivity | {sens} | **{_fmt(s["cpm"])}** |
+
+Sensitivity for 3-6 mm nodules at 1 false positive per scan:
+{_small_line(s)}.
 
 At the operating threshold {s["operating_threshold"]}: sensitivity
 {_fmt(s["sensitivity_at_operating_point"])}, {s["fps_per_scan_at_operating_point"]} false

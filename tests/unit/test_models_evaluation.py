@@ -15,6 +15,7 @@ from models.evaluation import (
     froc,
     match_scan,
     sensitivity_by_size,
+    threshold_at_fp_rate,
 )
 
 
@@ -91,3 +92,15 @@ def test_dice_of_half_overlapping_masks() -> None:
     assert dice(a, b) == pytest.approx(0.5)
     assert dice(a, a) == 1.0
     assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_threshold_at_fp_rate_is_the_lowest_with_at_most_that_many_false_positives() -> None:
+    # two scans; false positives at 0.9, 0.6 (scan 1) and 0.8 (scan 2)
+    cases = [
+        ScanCase([_ref(0.0)], [_det(0.0, 0.7), _det(50.0, 0.9), _det(80.0, 0.6)]),
+        ScanCase([], [_det(50.0, 0.8)]),
+    ]
+    assert threshold_at_fp_rate(cases, 0.5) == 0.9  # 1 FP in 2 scans
+    assert threshold_at_fp_rate(cases, 1.0) == 0.7  # 0.6 would make 3 FPs in 2 scans
+    assert threshold_at_fp_rate(cases, 2.0) == 0.6
+    assert threshold_at_fp_rate([ScanCase([], [_det(0.0, 0.5)])], 0.5) == float("inf")
