@@ -81,10 +81,12 @@ more often than large ones.{_confounder_training(t)}
 
 
 def _confounder_training(t: dict[str, Any]) -> str:
-    """What the card says about confounder phantoms, only when the run used them."""
+    """What the card says about stage 2's augmentation and confounder phantoms (with masses),
+    only what the run used."""
+    text = _augment_line(t)
     if not t.get("n_confounder_train_phantoms"):
-        return ""
-    text = """ Stage 2 also learns from phantoms with confounders, structures that
+        return text
+    text += """ Stage 2 also learns from phantoms with confounders, structures that
 are not nodules (`make_phantom(confounders=True)`): multifocal ill-defined ground-glass and
 consolidation patches of 12-70 mm, mostly subpleural, in both lungs (pneumonia), dependent
 subpleural atelectasis, interlobar fissures and pleural plaques; it sees them through the
@@ -92,13 +94,18 @@ stage-1 candidates they raise and through patches drawn inside each of them."""
     if t.get("confounder_mass_chance"):
         text += f""" In {t["confounder_mass_chance"]:.0%} of those phantoms a
 mass of 30-45 mm (solid or part-solid, often lobulated; `mass_chance`) is a positive among them."""
+    return text
+
+
+def _augment_line(t: dict[str, Any]) -> str:
+    """What the card says about stage 2's blur and noise augmentation, when the run used it."""
     aug = t.get("scanner_augment")
-    if aug:
-        text += f""" Its patches are blurred (half of them: Gaussian sigma up to
+    if not aug:
+        return ""
+    return f""" Stage 2's patches are blurred (half of them: Gaussian sigma up to
 {aug["blur_sigma_vox"][0]} voxels along z and {aug["blur_sigma_vox"][1]} in-plane) and noised (a
 third: up to {aug["noise_hu"]} HU) as smoother kernels, thicker slices and resampled series make
 real CT (`models.train.scanner_augment`)."""
-    return text
 
 
 def _small_line(s: dict[str, Any]) -> str:

@@ -171,11 +171,13 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2b["training"]["stage1"]["sha256"] == before == sha256(out / "stage1_screen.onnx")
     assert m2b["training"]["n_confounder_train_phantoms"] == 1
     assert not (s2 / "stage1_screen.onnx").exists()
+    assert m2b["training"]["confounder_mass_chance"] == 0.5
+    assert m2b["training"]["scanner_augment"] == {"blur_sigma_vox": [1.2, 0.6], "noise_hu": 20.0}
     render_cards({}, m1, m2b, tmp_path / "cards2")
-    assert (
-        "wall for stage 2 alone, on stage 1"
-        in (tmp_path / "cards2" / "stage2_refine.md").read_text()
-    )
+    card2 = " ".join((tmp_path / "cards2" / "stage2_refine.md").read_text().split())
+    assert "wall for stage 2 alone, on stage 1" in card2
+    assert "In 50% of those phantoms a mass of 30-45 mm" in card2
+    assert "Gaussian sigma up to 1.2 voxels along z" in card2
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
