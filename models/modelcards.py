@@ -361,7 +361,8 @@ per candidate.
 ## Intended use and limits
 
 Research prototype trained on synthetic data only; not a medical device. Real-CT performance is
-checked on one LIDC-IDRI series, far too little to claim clinical sensitivity or specificity.
+checked on two real series (LIDC-IDRI-0001, also moved and resampled, and a COVID-19 scan without
+nodules), far too little to claim clinical sensitivity or specificity.
 {_limits(m2["training"])}
 """
     (out / "stage1_screen.md").write_text(s1)
