@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from models.phantom import MASS_DIAMETERS_MM
+
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-SIZE_BINS_MM = ((3.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.01), (30.01, 45.01))
-"""Reference diameter bins (mm), named by their rounded ends (``"20-30 mm"``); the last holds
-the masses of the phantoms with confounders."""
+MASS_BIN_MM = (MASS_DIAMETERS_MM[0] + 0.01, MASS_DIAMETERS_MM[1] + 0.01)
+"""The size bin of the masses of the phantoms with confounders."""
+SIZE_BINS_MM = ((3.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 30.01), MASS_BIN_MM)
+"""Reference diameter bins (mm), named by their rounded ends (``"20-30 mm"``)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.evaluation import MASS_BIN_MM, size_bin_name
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -93,7 +95,8 @@ subpleural atelectasis, interlobar fissures and pleural plaques; it sees them th
 stage-1 candidates they raise and through patches drawn inside each of them."""
     if t.get("confounder_mass_chance"):
         text += f""" In {t["confounder_mass_chance"]:.0%} of those phantoms a
-mass of 30-45 mm (solid or part-solid, often lobulated; `mass_chance`) is a positive among them."""
+mass of {size_bin_name(*MASS_BIN_MM)} (solid or part-solid, often lobulated; `mass_chance`)
+is a positive among them."""
     return text
 
 
@@ -229,9 +232,10 @@ Strongest findings below the operating point:
 def _confounder_section(c: dict[str, Any] | None) -> str:
     if not c:
         return "Phantoms with confounders: not evaluated.\n"
-    masses = c["sensitivity_by_size"].get("30-45 mm", [None, 0])
+    mass_bin = size_bin_name(*MASS_BIN_MM)
+    masses = c["sensitivity_by_size"].get(mass_bin, [None, 0])
     mass_line = (
-        f" Masses (30-45 mm) found at the operating point: {_fmt(masses[0])} of {masses[1]}."
+        f" Masses ({mass_bin}) found at the operating point: {_fmt(masses[0])} of {masses[1]}."
         if masses[1]
         else ""
     )

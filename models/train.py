@@ -356,8 +356,7 @@ NOISE_SIGMA = NOISE_HU / (HU_WINDOW[1] - HU_WINDOW[0])
 def scanner_augment(x: FloatArray, rng: np.random.Generator) -> FloatArray:
     """Blur half of the patches (smooth kernels, thick slices, a series resampled through a
     rotation) and add noise to a third: the phantoms' scanner is sharper and more uniform than
-    real ones, and a stage 2 that keys on margin sharpness lost the readers' lesion in a
-    resampled copy of LIDC-IDRI-0001 (0.97 -> 0.55)."""
+    real ones, so without it margin sharpness alone tells a nodule from a confounder."""
     if rng.random() < 0.5:
         sz, sxy = rng.uniform(0.0, BLUR_SIGMA_VOX[0]), rng.uniform(0.0, BLUR_SIGMA_VOX[1])
         x = ndimage.gaussian_filter(x, (sz, sxy, sxy), mode="nearest")
