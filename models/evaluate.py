@@ -2,7 +2,9 @@
 
 ::
 
-    python -m models.evaluate --n 50 --data ../shared/data
+    python -m models.evaluate --n 50 --data ../shared/data [--jobs 2]
+
+``--jobs`` evaluates that many phantoms at a time in worker processes (the same figures).
 
 1. Held-out synthetic set (seeds ``seed*100000 + 50000 + i``, never used in training or
    threshold choice): FROC and CPM per LUNA16, sensitivity per size bin and false positives per
@@ -31,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -127,15 +132,48 @@ def evaluate_phantom(det: Detector, seed: int, confounders: bool = False) -> dic
     }
 
 
+_worker_detector: Detector | None = None
+"""The detector of an evaluation worker process (:func:`_start_worker`)."""
+
+
+def _start_worker(weights: str, threads: int | None) -> None:
+    global _worker_detector
+    _worker_detector = evaluation_detector(weights, threads)
+
+
+def _evaluate_in_worker(seed: int, confounders: bool) -> dict[str, Any]:
+    assert _worker_detector is not None
+    return evaluate_phantom(_worker_detector, seed, confounders)
+
+
+def _phantom_rows(
+    det: Detector, seeds: list[int], confounders: bool, jobs: int
+) -> Iterator[dict[str, Any]]:
+    """:func:`evaluate_phantom` of every seed, in order; with ``jobs`` > 1 in that many worker
+    processes, each with its own detector on ``det``'s weights and threads (the rows are the
+    same: each phantom and its detection depend on its seed alone)."""
+    if jobs <= 1:
+        yield from (evaluate_phantom(det, s, confounders) for s in seeds)
+        return
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(str(det.config.models_dir), det.config.threads),
+    ) as pool:
+        yield from pool.map(_evaluate_in_worker, seeds, [confounders] * len(seeds))
+
+
 def evaluate_synthetic(
-    det: Detector, seed: int, n: int, confounders: bool = False
+    det: Detector, seed: int, n: int, confounders: bool = False, jobs: int = 1
 ) -> dict[str, Any]:
     """Held-out synthetic evaluation (see the module docstring), of the phantoms with
-    confounders when asked."""
+    confounders when asked; ``jobs`` phantoms at a time (:func:`_phantom_rows`)."""
     offset = CONFOUNDER_TEST_OFFSET if confounders else TEST_OFFSET
+    seeds = [seed * 100000 + offset + i for i in range(n)]
     rows = []
-    for i in range(n):
-        rows.append(evaluate_phantom(det, seed * 100000 + offset + i, confounders))
+    for i, row in enumerate(_phantom_rows(det, seeds, confounders, jobs)):
+        rows.append(row)
         if (i + 1) % 10 == 0:
             print(f"evaluated {i + 1}/{n} phantoms", flush=True)
     cases = [r["case"] for r in rows]
@@ -354,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-confounders", type=int, default=20)
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--jobs", type=int, default=1, help="phantoms evaluated at a time, in worker processes"
+    )
     p.add_argument("--out", default=str(CARDS_DIR))
     p.add_argument("--skip-synthetic", action="store_true")
     args = p.parse_args(argv)
@@ -374,10 +415,10 @@ def main(argv: list[str] | None = None) -> None:
         result["negative_series"] = evaluate_negative_series(args.weights, data, args.threads)
         print(json.dumps(result["negative_series"], indent=2), flush=True)
     if not args.skip_synthetic:
-        result["synthetic_held_out"] = evaluate_synthetic(det, args.seed, args.n)
+        result["synthetic_held_out"] = evaluate_synthetic(det, args.seed, args.n, jobs=args.jobs)
         print(json.dumps(result["synthetic_held_out"], indent=2), flush=True)
         result["synthetic_confounders"] = evaluate_synthetic(
-            det, args.seed, args.n_confounders, confounders=True
+            det, args.seed, args.n_confounders, confounders=True, jobs=args.jobs
         )
         print(json.dumps(result["synthetic_confounders"], indent=2), flush=True)
     out.mkdir(parents=True, exist_ok=True)
