@@ -292,7 +292,8 @@ def _encode(
         k for k in ("StudyInstanceUID", "SeriesInstanceUID") if not all(d.get(k) for d in used)
     ]
     if not used or unnamed:
-        # (the node refuses such instances at C-STORE; `noduleai detect` may meet them)
+        # (the node refuses such instances at C-STORE and series selection refuses such series;
+        # this guards callers that pass other datasets)
         raise EncodingError(
             f"the series' instances lack {' and '.join(unnamed) or 'SOPInstanceUID'}: "
             "result objects could not reference them"

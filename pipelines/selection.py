@@ -2,14 +2,18 @@
 
 Only headers are read (``dcmread(stop_before_pixels=True)``); files that are not DICOM are skipped
 with a debug log. Instances are grouped by SeriesInstanceUID; instances whose SeriesInstanceUID
-is empty (seen in the TotalSegmentator JPEG 2000 test files) are grouped by FrameOfReferenceUID,
-or by directory when that is empty too, under the key ``no-series-uid:<that value>``.
+is empty (seen in the anonymised TotalSegmentator JPEG 2000 test files) are grouped by
+FrameOfReferenceUID, or by directory when that is empty too, under the key
+``no-series-uid:<that value>``, so that the refusal can name them.
 
 A series is **eligible** when (PS3.3 C.7.3.1 General Series, C.7.6.2 Image Plane, C.8.2.1 CT
 Image, C.7.6.16 Multi-frame Functional Groups):
 
 * it is CT: Modality ``CT``, or (Modality missing) a CT Image / Enhanced CT Image Storage SOP
   class;
+* every instance has a StudyInstanceUID and a SeriesInstanceUID (PS3.3 C.7.2.1, C.7.3.1, Type
+  1): result objects reference the images by them, and the node refuses such instances at
+  C-STORE (status A900) for the same reason;
 * ImageType / FrameType value 1 is ``ORIGINAL`` and no value is ``LOCALIZER`` (DERIVED and
   SECONDARY reconstructions such as MIPs, MPRs and scouts are refused);
 * every instance has pixel spacing, position and an orientation within ``max_tilt_deg``
@@ -77,14 +81,13 @@ class SelectedSeries:
     Attributes
     ----------
     series_instance_uid : str
-        Its SeriesInstanceUID; "" when its files carry none (see ``key``).
+        Its SeriesInstanceUID.
     paths : list of Path
         Its instance files, sorted by path.
     reasons_by_series : dict of str to str
         For every series of the study (by key), why it was chosen, passed over or refused.
     key : str
-        The grouping key: the SeriesInstanceUID, or ``no-series-uid:<FrameOfReferenceUID or
-        directory>`` for files without one.
+        Its grouping key in ``reasons_by_series``: the SeriesInstanceUID.
     warnings : tuple of str
         Machine-readable caveats of the choice, e.g. ``thick_slices``.
     """
@@ -120,6 +123,11 @@ class NoEligibleSeriesError(StudyRejectedError):
         return json.dumps(self.reasons_by_series, sort_keys=True)
 
 
+_IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID")
+"""What result objects reference a series' images by (besides each instance's SOPInstanceUID,
+which the file meta also holds)."""
+
+
 @dataclass
 class _Series:
     """Header summary of one series, accumulated instance by instance."""
@@ -136,6 +144,7 @@ class _Series:
     thicknesses: list[float] = field(default_factory=list)
     missing_plane: int = 0
     missing_for: int = 0
+    missing_uids: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +272,8 @@ def _accumulate(series: _Series, ds: Dataset, path: Path) -> None:
     series.kernels.add(_kernel_text(ds))
     if not ds.get("FrameOfReferenceUID"):
         series.missing_for += 1
+    if not all(str(ds.get(k, "") or "").strip(" \x00") for k in _IDENTIFYING_UIDS):
+        series.missing_uids += 1
     indices: list[int | None] = list(range(number_of_frames(ds))) if is_multiframe(ds) else [None]
     for index in indices:
         _accumulate_frame(series, ds, index)
@@ -345,6 +356,11 @@ def _content_reasons(series: _Series) -> list[str]:
         reasons.append(f"not_original: ImageType {shown}")
     if any("LOCALIZER" in t for t in series.image_types):
         reasons.append("localizer: ImageType LOCALIZER")
+    if series.missing_uids:
+        reasons.append(
+            "no_study_or_series_uid: StudyInstanceUID or SeriesInstanceUID missing, result "
+            "objects could not reference the images"
+        )
     if series.missing_for:
         reasons.append(
             "no_frame_of_reference: FrameOfReferenceUID missing, positions are "

@@ -37,12 +37,9 @@ def test_lidc_small_is_chosen_among_real_series_of_every_kind(shared_data: Path)
     assert chosen.series_instance_uid == chosen.key == lidc
     assert len(chosen.paths) == 16 and chosen.paths == sorted(chosen.paths)
     assert chosen.reasons_by_series[lidc].startswith("selected")
-    assert (
-        "eligible, ranked lower"
-        in chosen.reasons_by_series[
-            "no-series-uid:1.3.12.2.1107.5.1.4.60064.30000022120807274275100000041"
-        ]
-    )
+    assert chosen.reasons_by_series[
+        "no-series-uid:1.3.12.2.1107.5.1.4.60064.30000022120807274275100000041"
+    ].startswith("no_study_or_series_uid")
     assert (
         "not_ct: Modality SR"
         in chosen.reasons_by_series["1.2.276.0.7230010.3.1.3.1787205428.166.1117461927.22"]
@@ -50,11 +47,23 @@ def test_lidc_small_is_chosen_among_real_series_of_every_kind(shared_data: Path)
     assert chosen.warnings == ()
 
 
-def test_files_without_series_uid_are_grouped_by_frame_of_reference(shared_data: Path) -> None:
-    chosen = select_series((shared_data / "jpeg2000-ct").iterdir(), min_slices=10)
-    assert chosen.series_instance_uid == ""
-    assert chosen.key.startswith("no-series-uid:1.3.12.2.1107")
-    assert len(chosen.paths) == 20
+def test_files_without_study_and_series_uid_are_grouped_by_frame_of_reference_and_refused(
+    shared_data: Path,
+) -> None:
+    """The anonymised JPEG 2000 slices: nothing could reference them, as at C-STORE."""
+    err = rejected(list((shared_data / "jpeg2000-ct").iterdir()), min_slices=10)
+    ((key, reasons),) = err.reasons_by_series.items()
+    assert key.startswith("no-series-uid:1.3.12.2.1107")
+    assert [r.split(":")[0] for r in reasons] == ["no_study_or_series_uid"]
+
+
+def test_a_series_whose_instances_lack_a_study_uid_is_refused(tmp_path: Path) -> None:
+    good = series(tmp_path / "good", StudyInstanceUID=generate_uid())
+    err = rejected(series(tmp_path / "bad", StudyInstanceUID=""))
+    assert [r.split(":")[0] for r in next(iter(err.reasons_by_series.values()))] == [
+        "no_study_or_series_uid"
+    ]
+    assert select_series(good).paths == sorted(good)
 
 
 def test_non_dicom_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
