@@ -85,9 +85,8 @@ class SelectedSeries:
     paths : list of Path
         Its instance files, sorted by path.
     reasons_by_series : dict of str to str
-        For every series of the study (by key), why it was chosen, passed over or refused.
-    key : str
-        Its grouping key in ``reasons_by_series``: the SeriesInstanceUID.
+        For every series of the study (by SeriesInstanceUID, or the ``no-series-uid:`` key),
+        why it was chosen, passed over or refused.
     warnings : tuple of str
         Machine-readable caveats of the choice, e.g. ``thick_slices``.
     """
@@ -95,7 +94,6 @@ class SelectedSeries:
     series_instance_uid: str
     paths: list[Path]
     reasons_by_series: dict[str, str]
-    key: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -222,9 +220,7 @@ def select_series(
     warnings = ("thick_slices",) if best.thickness > PREFERRED_MM else ()
     if best.irregular:
         warnings = (*warnings, "irregular_spacing")
-    return SelectedSeries(
-        chosen.series_instance_uid, sorted(chosen.paths), reasons, best.key, warnings
-    )
+    return SelectedSeries(chosen.series_instance_uid, sorted(chosen.paths), reasons, warnings)
 
 
 def _describe(j: _Judgement, series: _Series, *, chosen: bool) -> str:

@@ -34,7 +34,7 @@ def test_lidc_small_is_chosen_among_real_series_of_every_kind(shared_data: Path)
     paths = [p for f in folders for p in (shared_data / f).rglob("*") if p.is_file()]
     chosen = select_series(paths, min_slices=10)
     lidc = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
-    assert chosen.series_instance_uid == chosen.key == lidc
+    assert chosen.series_instance_uid == lidc
     assert len(chosen.paths) == 16 and chosen.paths == sorted(chosen.paths)
     assert chosen.reasons_by_series[lidc].startswith("selected")
     assert chosen.reasons_by_series[
@@ -75,7 +75,7 @@ def test_non_dicom_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
     )
     others = [tmp_path / "notes.txt", tmp_path / "empty.dcm", dicomdir]
     chosen = select_series([*paths, *others])
-    assert list(chosen.reasons_by_series) == [chosen.key]
+    assert list(chosen.reasons_by_series) == [chosen.series_instance_uid]
     assert len(chosen.paths) == 22
 
 
