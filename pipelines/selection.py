@@ -268,7 +268,7 @@ def _accumulate(series: _Series, ds: Dataset, path: Path) -> None:
     series.kernels.add(_kernel_text(ds))
     if not ds.get("FrameOfReferenceUID"):
         series.missing_for += 1
-    if not all(str(ds.get(k, "") or "").strip(" \x00") for k in _IDENTIFYING_UIDS):
+    if not all(ds.get(k) for k in _IDENTIFYING_UIDS):
         series.missing_uids += 1
     indices: list[int | None] = list(range(number_of_frames(ds))) if is_multiframe(ds) else [None]
     for index in indices:
