@@ -329,7 +329,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     inference_threads: int | None = Field(default=None, ge=1)
     operating_threshold: float | None = Field(default=None, ge=0, le=1)
-    review_band: float = Field(default=0.05, ge=0, le=1)
+    review_band: float = Field(default=0.5, ge=0, le=1)
     #: Also send stage 1's screening heatmap as a Parametric Map (about 4 bytes per CT pixel).
     heatmap: bool = False
     min_slices: int = Field(default=20, ge=3)

@@ -57,7 +57,7 @@ class DetectorConfig:
     fp16: bool = False
     threads: int | None = None
     operating_threshold: float | None = None
-    review_band: float = 0.05
+    review_band: float = 0.5
     max_candidates: int = MAX_CANDIDATES
     #: Keep stage 1's heatmap (over the lungs' box) with the detection, for the heatmap object.
     heatmap: bool = False

@@ -48,6 +48,14 @@ class Nodule:
     upper_zone: bool | None = None
 
 
+def needs_review(probability: float, threshold: float, review_band: float) -> bool:
+    """Whether a finding at ``probability`` is near the operating ``threshold``: in the lowest
+    ``review_band`` fraction of the range from the threshold to 1. A fraction, not a fixed
+    margin, so that it means the same when the threshold moves: a fixed 0.05 flagged every
+    finding once a stage 2 chose 0.95."""
+    return probability < threshold + review_band * (1.0 - threshold)
+
+
 def describe(
     finding: Finding,
     iso_hu: npt.NDArray[np.floating[Any]],
@@ -68,7 +76,7 @@ def describe(
         mean_hu=float(hu.mean()) if hu.size else float("nan"),
         type=attenuation_type(mask, hu),
         probability=finding.probability,
-        needs_review=finding.probability < threshold + review_band,
+        needs_review=needs_review(finding.probability, threshold, review_band),
         mask=mask,
         mask_origin_mm=finding.mask_origin_xyz_mm,
         solid_long_axis_mm=solid_long,

@@ -66,7 +66,8 @@ MEANINGS: dict[str, str] = {
     "inference_threads": "CPU threads per inference session; unset: onnxruntime's choice",
     "operating_threshold": "detection probability threshold; unset: the model manifest's",
     "review_band": (
-        "findings less than this much above the operating threshold are reported as needing review"
+        "findings in this lowest fraction of the range from the operating threshold to 1 are "
+        "reported as needing review (0.5 with a threshold of 0.95: below 0.975)"
     ),
     "heatmap": "also send stage 1's screening heatmap as a Parametric Map over the CT (OHIF "
     "draws it; about 4 bytes per CT pixel, so off by default)",

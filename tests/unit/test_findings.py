@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.findings import attenuation_type, axes_mm, describe
+from pipelines.findings import attenuation_type, axes_mm, describe, needs_review
 from pipelines.preprocess import ISO_SPACING_MM
 from pipelines.refine import Finding
 
@@ -57,6 +57,16 @@ def test_a_finding_near_the_operating_point_needs_review_and_reports_mean_hu() -
         mask=mask,
         mask_origin_xyz_mm=mask_origin,  # type: ignore[arg-type]
     )
-    nodule = describe(finding, volume, origin, threshold=0.5, review_band=0.1)
+    nodule = describe(finding, volume, origin, threshold=0.5, review_band=0.5)
     assert nodule.mean_hu == 40.0 and nodule.type == "solid" and nodule.needs_review
     assert not describe(finding, volume, origin, threshold=0.4, review_band=0.1).needs_review
+
+
+def test_the_review_band_is_a_fraction_of_the_range_above_the_threshold() -> None:
+    # threshold 0.9, band 0.5: the lower half of 0.9 .. 1 needs review
+    assert needs_review(0.9, 0.9, 0.5) and needs_review(0.9499, 0.9, 0.5)
+    assert not needs_review(0.9501, 0.9, 0.5) and not needs_review(0.99, 0.9, 0.5)
+    # the same band at threshold 0.5 reaches 0.75
+    assert needs_review(0.7499, 0.5, 0.5) and not needs_review(0.75, 0.5, 0.5)
+    # band 0: nothing above the threshold; band 1: everything below 1
+    assert not needs_review(0.9, 0.9, 0.0) and needs_review(0.9999, 0.9, 1.0)
