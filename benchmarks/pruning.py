@@ -6,14 +6,14 @@ convolutions) is read back into torch, and each feature map loses the given frac
 channels, those whose producing filters have the smallest L1 norm (the FPN maps that are summed,
 the lateral and smoothing outputs, lose the same channels). The pruned net is fine-tuned with the
 training's stage-1 loss and batches (``models.train``: focal loss, crops around nodules, hard
-negatives, lung crops) on training phantoms, exported to ONNX, given its own candidate threshold
-(``choose_stage1_threshold`` on training + validation phantoms, as training does) and evaluated with
-the shipped stage 2 on held-out phantoms (``models.evaluate.evaluate_synthetic``: the service's
-detector). Speed is stage 1's network time over the lungs' box of LIDC-IDRI-0001 and of the
-300-slice benchmark series, shipped and pruned alternating, median of ``--runs``.
+negatives, lung crops) on training phantoms, exported to ONNX with the shipped stage 1's
+candidate threshold and evaluated with the shipped stage 2 on held-out
+phantoms (``models.evaluate.evaluate_synthetic``: the service's detector). Speed is stage 1's
+network time over the lungs' box of LIDC-IDRI-0001 and of the 300-slice benchmark series, shipped
+and pruned alternating, median of ``--runs``.
 
 Run: ``.venv/bin/python benchmarks/pruning.py [--ratios 0.2 0.3 0.4] [--iters 1500]
-[--n-train 24] [--n-val 8] [--n-eval 50] [--threads 2] [--out DIR]`` (needs the ``train`` extra).
+[--n-train 24] [--n-eval 50] [--threads 2] [--out DIR]`` (needs the ``train`` extra).
 Not a timed test: the figures depend on the machine.
 """
 
@@ -44,14 +44,10 @@ from models.export import manifest_stage1, write_manifest  # noqa: E402
 from models.phantom import make_phantom  # noqa: E402
 from models.train import (  # noqa: E402
     TRAIN_OFFSET,
-    VAL_OFFSET,
     _pool_map,
-    best_candidate_scores,
-    choose_stage1_threshold,
     focal_loss,
     phantom_seeds,
     prepare,
-    screen_all,
     stage1_batch,
 )
 from pipelines.backends import load_backend  # noqa: E402
@@ -268,7 +264,6 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--iters", type=int, default=1500)
     parser.add_argument("--n-train", type=int, default=24)
-    parser.add_argument("--n-val", type=int, default=8)
     parser.add_argument("--n-eval", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -290,31 +285,22 @@ def main() -> None:
 
     train_seeds = phantom_seeds(args.seed, TRAIN_OFFSET, args.n_train)
     train = _pool_map(prepare, [(s, (1, 6)) for s in train_seeds], args.threads)
-    val_seeds = phantom_seeds(args.seed, VAL_OFFSET, args.n_val)
-    val = _pool_map(prepare, [(s, None) for s in val_seeds], args.threads)
-    print(f"{len(train)} training, {len(val)} validation phantoms ({time.time() - t0:.0f} s)")
+    print(f"{len(train)} training phantoms ({time.time() - t0:.0f} s)")
     speed_cases = stage1_inputs()
 
     rows: list[dict[str, Any]] = []
     folders = {0.0: WEIGHTS_DIR}
     params = {0.0: sum(p.numel() for p in shipped.parameters())}
+    threshold = json.loads((WEIGHTS_DIR / "stage1_screen.json").read_text())["candidate_threshold"]
     for ratio in args.ratios:
         start = time.time()
         net = fine_tune(prune(shipped, ratio), train, args.iters, args.seed)
-        floor = 0.05
-        scores = best_candidate_scores(
-            train + val, screen_all(net, train, floor) + screen_all(net, val, floor)
-        )
-        threshold = choose_stage1_threshold(scores, floor)
         path = out / f"stage1_pruned_{round(ratio * 100)}.onnx"
         export(net, path)
         params[ratio] = sum(p.numel() for p in net.parameters())
         folders[ratio] = out / f"weights_{round(ratio * 100)}"
         weights_with_stage1(path, threshold, folders[ratio])
-        print(
-            f"pruned {ratio:.0%}: fine-tuned {args.iters} steps and thresholded "
-            f"({threshold:.3f}) in {time.time() - start:.0f} s"
-        )
+        print(f"pruned {ratio:.0%}: fine-tuned {args.iters} steps in {time.time() - start:.0f} s")
     for ratio, folder in folders.items():
         det = Detector(DetectorConfig(models_dir=folder, threads=1, backend="onnx-cpu"))
         ev = evaluate_synthetic(det, args.seed, args.n_eval)

@@ -25,11 +25,15 @@ from pipelines.preprocess import (
 )
 
 OPSET = 17
-STAGE1_VERSION = "1.3.0"
-STAGE2_VERSION = "1.5.0"
+STAGE1_VERSION = "1.4.0"
+"""1.4.0: trained on volumes resampled shrinking axes first (``pipelines.preprocess``); candidate
+threshold ``models.train.CANDIDATE_THRESHOLD`` (0.05, the cap bounds the candidates) instead of
+0.7 times the weakest validation nodule's score."""
+STAGE2_VERSION = "1.6.0"
 """1.4.0: stage 2 also learns from phantoms with confounders (``models.train`` docstring).
 1.5.0: and from masses among them, with patches blurred and noised as other scanners make them
-(``models.train.scanner_augment``)."""
+(``models.train.scanner_augment``). 1.6.0: on stage 1 1.4.0's candidates, with patches also
+resampled through small rotations (``models.train.rotate_augment``)."""
 
 
 def export_stage1(net: ScreenNet, path: Path) -> None:

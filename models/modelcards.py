@@ -108,7 +108,14 @@ def _augment_line(t: dict[str, Any]) -> str:
     return f""" Stage 2's patches are blurred (half of them: Gaussian sigma up to
 {aug["blur_sigma_vox"][0]} voxels along z and {aug["blur_sigma_vox"][1]} in-plane) and noised (a
 third: up to {aug["noise_hu"]} HU) as smoother kernels, thicker slices and resampled series make
-real CT (`models.train.scanner_augment`)."""
+real CT (`models.train.scanner_augment`).{_rotate_words(aug)}"""
+
+
+def _rotate_words(aug: dict[str, Any]) -> str:
+    if "rotate_deg" not in aug:
+        return ""
+    return f""" Half are also resampled through a rotation of up to {aug["rotate_deg"]} degrees
+about a random axis, with linear interpolation (`models.train.rotate_augment`)."""
 
 
 def _small_line(s: dict[str, Any]) -> str:
@@ -320,7 +327,7 @@ Local 3D maxima of the stacked heatmaps at or above the candidate threshold
 - Stage-1 recall on the held-out set at the candidate threshold (a candidate within the nodule's
   radius): **{_fmt(s["stage1_recall"]) if s else "n/a"}**, with
   {s["stage1_candidates_per_scan"] if s else "n/a"} candidates per scan (at most 128).
-- Validation recall when the threshold was chosen: {_fmt(m1["training"]["stage1_val_recall"])}.
+- Validation recall at the candidate threshold: {_fmt(m1["training"]["stage1_val_recall"])}.
 - Speed (onnxruntime CPU): {bench.get("stage1_ms_per_slice", "see benchmarks/models.py")} ms
   per slice.
 - {_int8_section(int8, "stage1")}

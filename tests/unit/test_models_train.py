@@ -22,6 +22,7 @@ from models.train import (
     TrainingVolume,
     prepare,
     prepare_real,
+    rotate_augment,
     scanner_augment,
     stage1_batch,
     stage2_patches,
@@ -143,7 +144,8 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2["sha256"] == sha256(out / "stage2_refine.onnx")
     assert m1["training"]["data"] == "luna16: 2 training and 1 validation scans"
     assert len(m1["training"]["val_scans"]) == 1
-    assert set(m1["training"]["environment"]) == {"python", "numpy", "scipy", "torch", "onnx"}
+    env = m1["training"]["environment"]
+    assert set(env) == {"python", "numpy", "scipy", "torch", "onnx", "cpu"} and env["cpu"]
     ph = make_phantom(41, shape=SHAPE, spacing_mm=SPACING, n_nodules=2)
     res = evaluation_detector(out, threads=1).run_stages(ph.volume_hu, ph.spacing_mm, ph.origin_mm)
     assert res.timings_ms["stage1"] > 0
@@ -172,12 +174,17 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2b["training"]["n_confounder_train_phantoms"] == 1
     assert not (s2 / "stage1_screen.onnx").exists()
     assert m2b["training"]["confounder_mass_chance"] == 0.5
-    assert m2b["training"]["scanner_augment"] == {"blur_sigma_vox": [1.2, 0.6], "noise_hu": 20.0}
+    assert m2b["training"]["scanner_augment"] == {
+        "blur_sigma_vox": [1.2, 0.6],
+        "noise_hu": 20.0,
+        "rotate_deg": 10.0,
+    }
     render_cards({}, m1, m2b, tmp_path / "cards2")
     card2 = " ".join((tmp_path / "cards2" / "stage2_refine.md").read_text().split())
     assert "wall for stage 2 alone, on stage 1" in card2
     assert "In 50% of those phantoms a mass of 30-45 mm" in card2
     assert "Gaussian sigma up to 1.2 voxels along z" in card2
+    assert "rotation of up to 10.0 degrees" in card2
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
@@ -209,3 +216,32 @@ def test_scanner_augment_blurs_about_half_the_patches_and_noises_some() -> None:
     assert np.array_equal(scanner_augment(x, np.random.default_rng(9)), out[9])
     # noise stays within a few NOISE_SIGMA of the (possibly blurred) patch
     assert max(float(np.abs(o - x).max()) for o in out) <= 1.0 + 5 * NOISE_SIGMA
+
+
+def test_rotate_augment_resamples_about_half_the_patches_with_their_masks() -> None:
+    zz, yy, xx = np.mgrid[:32, :32, :32]
+    # an off-centre ellipsoid, so that a rotation moves it
+    m = ((zz - 15.5) ** 2 / 25 + (yy - 15.5) ** 2 / 9 + (xx - 21.0) ** 2 / 16 <= 1).astype(
+        np.float32
+    )
+    x = 0.2 + 0.6 * m
+    out = [rotate_augment(x, m, np.random.default_rng(s)) for s in range(200)]
+    moved = [(a, b) for a, b in out if a is not x]
+    assert 0.35 * 200 < len(moved) < 0.65 * 200
+    assert all(a is x and b is m for a, b in out if a is x)
+    for a, b in moved:
+        assert a.shape == b.shape == x.shape
+        assert set(np.unique(b)) <= {0.0, 1.0}
+        # a rotation about the centre keeps the volume, and the mask follows the image
+        assert abs(b.sum() - m.sum()) < 0.1 * m.sum()
+        assert np.array_equal(b > 0.5, a > 0.5)
+        assert a.min() >= 0.2 - 1e-6 and a.max() <= 0.8 + 1e-6
+    # up to 10 degrees: the ellipsoid's centre (5.5 voxels off the axis) moves by at most
+    # 5.5 * 2 sin(5 deg) + the half-voxel shift
+    for a, _ in moved:
+        c = np.argwhere(a > 0.5).mean(axis=0)
+        assert np.linalg.norm(c - [15.5, 15.5, 21.0]) < 5.5 * 2 * np.sin(np.deg2rad(5)) + 0.9 + 0.3
+    # interpolation blurs: some patch has values strictly between the two levels
+    assert any(((a > 0.21) & (a < 0.79)).any() for a, _ in moved)
+    a9, b9 = rotate_augment(x, m, np.random.default_rng(9))
+    assert np.array_equal(a9, out[9][0]) and np.array_equal(b9, out[9][1])
