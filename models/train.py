@@ -103,9 +103,9 @@ def phantom_seeds(seed: int, offset: int, n: int) -> list[int]:
 CANDIDATE_THRESHOLD = 0.05
 """Stage 1's candidate threshold (``--s1-threshold``): every peak at or above it, strongest
 first, up to the detector's cap (:data:`pipelines.screen.MAX_CANDIDATES`). It is low on purpose:
-stage 2 judges the candidates, and on 50 held-out phantoms the shipped stage 1 (1.3.0) found
-0.928 of the nodules at 0.05 (the cap bound) against 0.887 at the 0.184 that 0.7 times the
-weakest validation nodule's score gave; on real CT the cap binds above 0.25 anyway."""
+stage 2 judges the candidates, and on 50 held-out phantoms stage 1 1.3.0 found 0.928 of the
+nodules at 0.05 (the cap bound) against 0.887 at the 0.184 that the rule before it (0.7 times
+the weakest validation nodule's score) gave; on real CT the cap binds above 0.25 anyway."""
 
 HARD_NEGATIVE_HU = -500.0
 """Lung voxels denser than this (vessels, airway walls, pleura) are stage-1 hard negatives."""
