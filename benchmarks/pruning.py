@@ -52,7 +52,7 @@ from models.train import (  # noqa: E402
 )
 from pipelines.backends import load_backend  # noqa: E402
 from pipelines.detect import Detector, DetectorConfig  # noqa: E402
-from pipelines.manifest import STAGE1_NAME, WEIGHTS_DIR  # noqa: E402
+from pipelines.manifest import STAGE1_NAME, WEIGHTS_DIR, load_manifest  # noqa: E402
 from pipelines.preprocess import lung_mask, normalise_hu, resample_to_iso  # noqa: E402
 from pipelines.screen import lung_box, screen_volume  # noqa: E402
 
@@ -291,7 +291,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     folders = {0.0: WEIGHTS_DIR}
     params = {0.0: sum(p.numel() for p in shipped.parameters())}
-    threshold = json.loads((WEIGHTS_DIR / "stage1_screen.json").read_text())["candidate_threshold"]
+    threshold = load_manifest(STAGE1_NAME)["candidate_threshold"]
     for ratio in args.ratios:
         start = time.time()
         net = fine_tune(prune(shipped, ratio), train, args.iters, args.seed)
