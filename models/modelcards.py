@@ -23,6 +23,8 @@ def _data_line(t: dict[str, Any]) -> str:
             f"Training phantoms {t['train_seeds']}, validation phantoms {t['val_seeds']}; the "
             "held-out evaluation uses other seeds."
         )
+    if t.get("n_stage2_extra_phantoms"):
+        line += f" Stage 2 also: training phantoms {t['stage2_extra_seeds']}."
     if t.get("n_confounder_train_phantoms"):
         line += (
             f" Stage 2 also: phantoms with confounders {t['confounder_train_seeds']} (training)"
@@ -86,6 +88,9 @@ def _confounder_training(t: dict[str, Any]) -> str:
     """What the card says about stage 2's augmentation and confounder phantoms (with masses),
     only what the run used."""
     text = _augment_line(t)
+    if t.get("ema_decay"):
+        text += f""" Stage 2's weights are the moving average of its training iterates
+(decay {t["ema_decay"]}, batch-norm statistics included)."""
     if not t.get("n_confounder_train_phantoms"):
         return text
     text += """ Stage 2 also learns from phantoms with confounders, structures that

@@ -9,7 +9,8 @@ does after exporting its stage 1)::
 
     python -m models.train stage2 --stage1 models/weights --seed 0 --out models/weights
 
-Seeds: training phantoms ``seed*100000 + 10000 + i``, validation phantoms
+Seeds: training phantoms ``seed*100000 + 10000 + i`` (stage 2 also learns from the
+``--n-stage2-extra`` after stage 1's ``--n-train``), validation phantoms
 ``seed*100000 + 20000 + i``; stage 2 also learns from phantoms with confounders (pneumonia-like
 opacities, atelectasis, fissures, pleural plaques; :func:`models.phantom.make_phantom`),
 ``seed*100000 + 30000 + i`` for training and ``+ 40000 + i`` for validation (the held-out
@@ -323,7 +324,7 @@ def stage2_patches(
 
     def add(v: TrainingVolume, centre: npt.NDArray[np.float64], diameter_mm: float) -> None:
         vox = (int(np.rint(centre[0])), int(np.rint(centre[1])), int(np.rint(centre[2])))
-        xs.append(crop_patch(v.iso, vox, STAGE2_PATCH))
+        xs.append(crop_patch(v.iso, vox, STAGE2_PATCH).astype(np.float16))
         lab = crop_patch(v.labels, vox, STAGE2_PATCH)
         ms.append((lab > 0).astype(np.uint8))
         ds.append(diameter_mm)
@@ -349,7 +350,7 @@ def stage2_patches(
             p = pts[j] + [s.start for s in v.box]
             if _nearest(v, p)[1] > 2.0:
                 add(v, p.astype(np.float64), 0.0)
-    return PatchSet(x=np.stack(xs).astype(np.float16), m=np.stack(ms), d=np.asarray(ds, np.float32))
+    return PatchSet(x=np.stack(xs), m=np.stack(ms), d=np.asarray(ds, np.float32))
 
 
 BLUR_SIGMA_VOX = (1.2, 0.6)
@@ -506,14 +507,28 @@ def train_stage1(
     return net.eval()
 
 
-def train_stage2(ps: PatchSet, iters: int, seed: int, threads: int, batch: int = 8) -> Any:
-    """Train :class:`~models.nets.RefineNet`; returns the model in eval mode."""
+STAGE2_EMA_DECAY = 0.998
+"""Decay of the exponential moving average of stage 2's weights (and batch-norm statistics)
+that ``--s2-ema`` (off by default: the shipped stage 2 is the last iterate) asks for; measured
+in ``models/README.md`` ("Recipes tried and not shipped")."""
+
+
+def train_stage2(
+    ps: PatchSet, iters: int, seed: int, threads: int, batch: int = 8, ema_decay: float = 0.0
+) -> Any:
+    """Train :class:`~models.nets.RefineNet`; returns it in eval mode, or the moving average of
+    its weights and batch-norm statistics when ``ema_decay`` is set."""
     torch, device = _torch_setup(threads, seed)
     import torch.nn.functional as F
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from models.nets import RefineNet
 
     net = RefineNet().to(device)
+    ema = None
+    if ema_decay:
+        avg = get_ema_multi_avg_fn(ema_decay)  # type: ignore[no-untyped-call]
+        ema = AveragedModel(net, multi_avg_fn=avg, use_buffers=True)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=iters)
     rng = np.random.default_rng(seed + 2)
@@ -537,10 +552,13 @@ def train_stage2(ps: PatchSet, iters: int, seed: int, threads: int, batch: int =
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(net)
         run = 0.95 * run + 0.05 * loss.item() if i else loss.item()
         if show:
             _log(f"stage2 iter {i + 1}/{iters} loss {run:.3f}")
-    return net.eval()
+    out: Any = net if ema is None else ema.module
+    return out.eval()
 
 
 def torch_predict1(net: Any) -> Any:
@@ -788,6 +806,23 @@ def confounder_data(
     return vols[: len(tr)], vols[len(tr) :], info
 
 
+def stage2_extra_data(args: argparse.Namespace) -> tuple[list[TrainingVolume], dict[str, Any]]:
+    """Training phantoms that only stage 2 learns from (``--n-stage2-extra``; phantom training
+    only): the training split's seeds after stage 1's. Stage 2 learns from the nodules it sees
+    (about 3.5 a phantom), and stage 1 scores these the way it scores a scan it never saw."""
+    if args.luna16 or args.lidc or not args.n_stage2_extra:
+        return [], {}
+    seeds = phantom_seeds(args.seed, TRAIN_OFFSET + args.n_train, args.n_stage2_extra)
+    if seeds[-1] >= phantom_seeds(args.seed, VAL_OFFSET, 1)[0]:
+        raise SystemExit("--n-train plus --n-stage2-extra reach the validation seeds")
+    vols = _pool_map(prepare, [(s, (1, 6)) for s in seeds], args.threads)
+    info = {
+        "n_stage2_extra_phantoms": len(seeds),
+        "stage2_extra_seeds": f"{seeds[0]}..+{len(seeds) - 1}",
+    }
+    return vols, info
+
+
 @dataclass
 class Stage2Result:
     """What :func:`fit_stage2` made: the torch model, its operating threshold and what the
@@ -807,14 +842,16 @@ def fit_stage2(
 ) -> Stage2Result:
     """Stage 2 on the candidates of the exported stage 1: screen the training and validation
     volumes plus the confounder phantoms, cut patches, train, choose the operating threshold."""
+    extra, e_info = stage2_extra_data(args)
     c_train_v, c_val_v, c_info = confounder_data(args)
-    train, val = train + c_train_v, val + c_val_v
+    train, val = train + extra + c_train_v, val + c_val_v
     c_train = screen_all_onnx(stage1_onnx, train, t1, args.threads)
     c_val = screen_all_onnx(stage1_onnx, val, t1, args.threads)
     _log(f"stage1 candidates: {sum(map(len, c_train))} train, {sum(map(len, c_val))} val")
     ps = stage2_patches(train, c_train, np.random.default_rng(args.seed + 3))
     _log(f"stage2 patches: {int(ps.y.sum())} positive, {int((ps.y == 0).sum())} negative")
-    net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads)
+    del train, extra, c_train_v, c_train  # the patches are all that training needs of them
+    net2 = train_stage2(ps, args.s2_iters, args.seed, args.threads, ema_decay=args.s2_ema)
     t2, val_info = choose_operating_threshold(val, c_val, net2, args.operating_fps)
     _log(f"operating threshold {t2:.3f}: {val_info}")
     augment = {
@@ -822,7 +859,10 @@ def fit_stage2(
         "noise_hu": NOISE_HU,
         "rotate_deg": ROTATE_DEG,
     }
-    return Stage2Result(net2, t2, {**c_info, "scanner_augment": augment, **val_info})
+    info = {**e_info, **c_info, "scanner_augment": augment}
+    if args.s2_ema:
+        info["ema_decay"] = args.s2_ema
+    return Stage2Result(net2, t2, {**info, **val_info})
 
 
 def _training_record(args: argparse.Namespace, data_info: dict[str, Any]) -> dict[str, Any]:
@@ -908,10 +948,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--n-stage2-extra", type=int, default=0)
     p.add_argument("--n-confounder-train", type=int, default=40)
     p.add_argument("--n-confounder-val", type=int, default=10)
     p.add_argument("--s1-iters", type=int, default=12000)
     p.add_argument("--s2-iters", type=int, default=5000)
+    p.add_argument(
+        "--s2-ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help=f"stage 2: keep a moving average of the weights (e.g. {STAGE2_EMA_DECAY})",
+    )
     p.add_argument("--s1-threshold", type=float, default=CANDIDATE_THRESHOLD)
     p.add_argument("--operating-fps", type=float, default=0.25)
     real = p.add_mutually_exclusive_group()

@@ -166,6 +166,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     s2 = tmp_path / "stage2"
     before = sha256(out / "stage1_screen.onnx")
     tiny2 = [*tiny[:-4], "--n-confounder-train", "1", "--n-confounder-val", "0"]
+    tiny2 += ["--s2-ema", "0.9"]
     luna = str(tmp_path / "luna")
     main(["stage2", "--stage1", str(out), "--luna16", luna, "--out", str(s2), *tiny2])
     m2b = json.loads((s2 / "stage2_refine.json").read_text())
@@ -174,6 +175,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2b["training"]["n_confounder_train_phantoms"] == 1
     assert not (s2 / "stage1_screen.onnx").exists()
     assert m2b["training"]["confounder_mass_chance"] == 0.5
+    assert m2b["training"]["ema_decay"] == 0.9 and "ema_decay" not in m2["training"]
     assert m2b["training"]["scanner_augment"] == {
         "blur_sigma_vox": [1.2, 0.6],
         "noise_hu": 20.0,
@@ -185,6 +187,18 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert "In 50% of those phantoms a mass of 30-45 mm" in card2
     assert "Gaussian sigma up to 1.2 voxels along z" in card2
     assert "rotation of up to 10.0 degrees" in card2
+    assert "moving average of its training iterates (decay 0.9," in card2
+
+
+def test_stage2_extra_phantoms_follow_stage_1s_training_seeds() -> None:
+    from models.train import parse_args, stage2_extra_data
+
+    vols, info = stage2_extra_data(parse_args(["all", "--n-train", "3", "--n-stage2-extra", "1"]))
+    assert info == {"n_stage2_extra_phantoms": 1, "stage2_extra_seeds": "10003..+0"}
+    assert len(vols) == 1 and len(vols[0].radii) >= 1  # the training split draws 1-6 nodules
+    assert stage2_extra_data(parse_args(["all"])) == ([], {})
+    with pytest.raises(SystemExit, match="validation seeds"):
+        stage2_extra_data(parse_args(["all", "--n-train", "9999", "--n-stage2-extra", "2"]))
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
