@@ -85,8 +85,8 @@ more often than large ones.{_confounder_training(t)}
 
 
 def _confounder_training(t: dict[str, Any]) -> str:
-    """What the card says about stage 2's augmentation and confounder phantoms (with masses),
-    only what the run used."""
+    """What the card says about stage 2's augmentation, weight averaging and confounder
+    phantoms (with masses), only what the run used."""
     text = _augment_line(t)
     if t.get("ema_decay"):
         text += f""" Stage 2's weights are the moving average of its training iterates

@@ -807,10 +807,10 @@ def confounder_data(
 
 
 def stage2_extra_data(args: argparse.Namespace) -> tuple[list[TrainingVolume], dict[str, Any]]:
-    """Training phantoms that only stage 2 learns from (``--n-stage2-extra``; phantom training
-    only): the training split's seeds after stage 1's. Stage 2 learns from the nodules it sees
-    (about 3.5 a phantom), and stage 1 scores these the way it scores a scan it never saw."""
-    if args.luna16 or args.lidc or not args.n_stage2_extra:
+    """Training phantoms that only stage 2 learns from (``--n-stage2-extra``): the training
+    split's seeds after stage 1's. Stage 2 learns from the nodules it sees (about 3.5 a
+    phantom), and stage 1 scores these the way it scores a scan it never saw."""
+    if not args.n_stage2_extra:
         return [], {}
     seeds = phantom_seeds(args.seed, TRAIN_OFFSET + args.n_train, args.n_stage2_extra)
     if seeds[-1] >= phantom_seeds(args.seed, VAL_OFFSET, 1)[0]:
@@ -972,6 +972,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.command == "stage2" and not args.stage1:
         p.error("stage2 needs --stage1 DIR")
+    if args.n_stage2_extra and (args.luna16 or args.lidc):
+        p.error("--n-stage2-extra adds phantoms: not with --luna16 or --lidc")
     return args
 
 

@@ -199,6 +199,8 @@ def test_stage2_extra_phantoms_follow_stage_1s_training_seeds() -> None:
     assert stage2_extra_data(parse_args(["all"])) == ([], {})
     with pytest.raises(SystemExit, match="validation seeds"):
         stage2_extra_data(parse_args(["all", "--n-train", "9999", "--n-stage2-extra", "2"]))
+    with pytest.raises(SystemExit):  # argparse's error: phantoms are not real scans
+        parse_args(["all", "--luna16", "/data", "--n-stage2-extra", "2"])
 
 
 def test_lidc_series_with_reader_xml_is_a_training_case(shared_data: Path) -> None:
