@@ -98,6 +98,10 @@ are not nodules (`make_phantom(confounders=True)`): multifocal ill-defined groun
 consolidation patches of 12-70 mm, mostly subpleural, in both lungs (pneumonia), dependent
 subpleural atelectasis, interlobar fissures and pleural plaques; it sees them through the
 stage-1 candidates they raise and through patches drawn inside each of them."""
+    if t.get("opacity_model") == 2:
+        text += """ The opacities fade out within their margins (opacity model 2), and
+each of 15 mm or more has one to four ill-defined foci of 4-14 mm beside it, the patchy spread of
+pneumonia: alone such a focus would look like a ground-glass nodule."""
     if t.get("confounder_mass_chance"):
         text += f""" In {t["confounder_mass_chance"]:.0%} of those phantoms a
 mass of {size_bin_name(*MASS_BIN_MM)} (solid or part-solid, often lobulated; `mass_chance`)

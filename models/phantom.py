@@ -125,6 +125,15 @@ class _Grid:
             out.append(slice(i0, max(i0, i1)))
         return out[0], out[1], out[2]
 
+    @property
+    def axes(self) -> tuple[npt.NDArray[np.float64], ...]:
+        """World coordinates along z, y and x."""
+        return self.z, self.y, self.x
+
+    def holds(self, p: Sequence[float] | npt.NDArray[np.float64]) -> bool:
+        """Whether the LPS point ``p`` (x, y, z) lies within the grid."""
+        return all(a[0] <= v <= a[-1] for a, v in zip(self.axes, p[::-1], strict=True))
+
     def points(self, box: tuple[slice, slice, slice]) -> tuple[FloatArray, FloatArray, FloatArray]:
         """Broadcastable world z, y, x arrays for a box of voxels."""
         z = self.z[box[0]].astype(np.float32)[:, None, None]
@@ -634,6 +643,7 @@ def _add_opacity(
     hu: FloatArray,
     nodules: Sequence[PhantomNodule],
     side: float,
+    fade: bool,
 ) -> PhantomConfounder | None:
     """An ill-defined ground-glass (sometimes consolidating) patch, usually subpleural, in the
     lung on ``side`` (sign of LPS x)."""
@@ -653,13 +663,32 @@ def _add_opacity(
         return None
     iy, ix = pts[int(rng.integers(len(pts)))]
     c = np.array([grid.x[ix], grid.y[iy], grid.z[k]])
-    half = size / 2 + 6.0
+    return _paint_opacity(rng, grid, lungs, hu, nodules, c, size, fade)
+
+
+def _paint_opacity(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+    c: npt.NDArray[np.float64],
+    size: float,
+    fade: bool,
+) -> PhantomConfounder | None:
+    """Paint an ill-defined opacity of about ``size`` mm around the LPS point ``c``.
+
+    With ``fade`` it fades out between 1 and 1.4 times its radii, inside its box; without
+    (opacity model 1), its patchy margin and its long axis can reach the box and end there on
+    straight faces, which no real opacity does."""
+    axes = _opacity_axes(rng) if fade else None
+    half = 0.7 * size * float(axes.max()) + 2.0 if axes is not None else size / 2 + 6.0
     box = grid.index_box(c - half, c + half)
     if any(s.stop - s.start < 2 for s in box):
         return None
     z, y, x = grid.points(box)
-    axes = rng.uniform(0.6, 1.4, 3)
-    axes /= np.cbrt(np.prod(axes))
+    if axes is None:
+        axes = _opacity_axes(rng)
     e = np.sqrt(
         ((x - c[0]) / axes[0]) ** 2 + ((y - c[1]) / axes[1]) ** 2 + ((z - c[2]) / axes[2]) ** 2
     ) / (size / 2)
@@ -668,6 +697,8 @@ def _add_opacity(
     score = (1.0 - e) + rng.uniform(0.3, 0.7) * _smooth_field(rng, shape, cells)
     soft = rng.uniform(0.3, 0.8)  # margin over 30-80 % of the radius: ill-defined
     occ = np.clip(score / soft, 0.0, 1.0).astype(np.float32)
+    if fade:
+        occ *= np.clip((1.4 - e) / 0.4, 0.0, 1.0).astype(np.float32)
     where = lungs[box] & _keep_out(grid, box, nodules)
     occ = np.where(where, occ, 0.0).astype(np.float32)
     if occ.sum() < 1.0:
@@ -679,6 +710,12 @@ def _add_opacity(
         value = (value * (1 - dense) + rng.uniform(-150.0, 30.0) * dense).astype(np.float32)
     _blend(hu, box, occ, value, where)
     return PhantomConfounder("opacity", _centre(grid, box, occ), round(size, 1))
+
+
+def _opacity_axes(rng: Rng) -> npt.NDArray[np.float64]:
+    """Relative semi-axes (x, y, z) of an opacity, of product 1."""
+    axes = rng.uniform(0.6, 1.4, 3)
+    return np.asarray(axes / np.cbrt(np.prod(axes)), dtype=np.float64)
 
 
 def _add_atelectasis(
@@ -791,16 +828,19 @@ def _add_confounders(
     lungs: npt.NDArray[np.bool_],
     hu: FloatArray,
     nodules: Sequence[PhantomNodule],
+    fade: bool,
 ) -> list[PhantomConfounder]:
     """Paint the confounders of one phantom into ``hu`` (in place), away from every nodule.
 
     Multifocal opacities in both lungs (pneumonia) in two phantoms of three, a dependent band
-    in half, one or two fissures in most and pleural plaques in a third.
+    in half, one or two fissures in most and pleural plaques in a third. ``fade``: see
+    :func:`_paint_opacity`.
     """
     out: list[PhantomConfounder | None] = []
     if rng.random() < 0.67:
         n = int(rng.integers(2, 8))
-        out += [_add_opacity(rng, grid, lungs, hu, nodules, (-1.0, 1.0)[i % 2]) for i in range(n)]
+        sides = [(-1.0, 1.0)[i % 2] for i in range(n)]
+        out += [_add_opacity(rng, grid, lungs, hu, nodules, side, fade) for side in sides]
     if rng.random() < 0.5:
         out.append(_add_atelectasis(rng, grid, lungs, hu, nodules))
     for side in (-1.0, 1.0):
@@ -808,6 +848,40 @@ def _add_confounders(
             out.append(_add_fissure(rng, grid, lungs, hu, nodules, side))
     if rng.random() < 0.33:
         out += [_add_plaque(rng, grid, lungs, hu, nodules) for _ in range(int(rng.integers(1, 5)))]
+    return [c for c in out if c is not None]
+
+
+SATELLITE_PARENT_MM = 15.0
+"""Opacities at least this large get satellite foci (opacity model 2)."""
+SATELLITE_MM = (4.0, 14.0)
+"""Size range of a satellite focus (mm, drawn log-uniform)."""
+
+
+def _add_satellites(
+    rng: Rng,
+    grid: _Grid,
+    lungs: npt.NDArray[np.bool_],
+    hu: FloatArray,
+    nodules: Sequence[PhantomNodule],
+    parents: Sequence[PhantomConfounder],
+) -> list[PhantomConfounder]:
+    """Paint one to four small ill-defined foci (:data:`SATELLITE_MM`) beside each opacity of
+    :data:`SATELLITE_PARENT_MM` or more, 2-20 mm beyond its drawn radius: the patchy multifocal
+    ground-glass of pneumonia. Alone, such a focus looks like a ground-glass nodule; beside the
+    patch it belongs to, it is part of the diffuse process and a negative."""
+    out: list[PhantomConfounder | None] = []
+    for p in parents:
+        if p.kind != "opacity" or p.size_mm < SATELLITE_PARENT_MM:
+            continue
+        for _ in range(int(rng.integers(1, 5))):
+            size = float(np.exp(rng.uniform(*np.log(SATELLITE_MM))))
+            u = rng.standard_normal(3)
+            u /= max(float(np.linalg.norm(u)), 1e-6)
+            c = np.asarray(p.centre_xyz_mm) + u * (p.size_mm / 2 + rng.uniform(2.0, 20.0))
+            i = tuple(int(np.abs(a - v).argmin()) for a, v in zip(grid.axes, c[::-1], strict=True))
+            if not grid.holds(c) or not lungs[i]:
+                continue
+            out.append(_paint_opacity(rng, grid, lungs, hu, nodules, c, size, fade=True))
     return [c for c in out if c is not None]
 
 
@@ -848,6 +922,7 @@ def make_phantom(
     fov_padding: bool | None = None,
     confounders: bool = False,
     mass_chance: float = 0.0,
+    opacity_model: int = 1,
 ) -> Phantom:
     """Make a synthetic chest CT phantom, deterministically from ``seed``.
 
@@ -875,6 +950,11 @@ def make_phantom(
         Chance that the phantom also holds one mass (:data:`MASS_DIAMETERS_MM`, solid or
         part-solid, often lobulated; a labelled lesion, the last of ``nodules``), drawn from a
         random stream of its own and painted before the confounders, which keep clear of it.
+    opacity_model : int, optional
+        How ``confounders`` paints pneumonia-like opacities. 1 (default; stage 2 1.6.0 trained
+        on it): a large opacity can end on the straight faces of the box it is painted in.
+        2: every opacity fades out inside its box, and the larger ones get small satellite
+        foci (:func:`_add_satellites`) from a random stream of their own.
 
     Returns
     -------
@@ -909,7 +989,13 @@ def make_phantom(
     painted = []
     if confounders:
         c_rng = np.random.default_rng([seed, 1])
-        painted = _add_confounders(c_rng, scene.grid, scene.lungs, scene.hu, nodules)
+        if opacity_model not in (1, 2):
+            raise ValueError(f"opacity_model {opacity_model}: 1 or 2")
+        fade = opacity_model == 2
+        painted = _add_confounders(c_rng, scene.grid, scene.lungs, scene.hu, nodules, fade)
+        if fade:
+            s_rng = np.random.default_rng([seed, 3])
+            painted += _add_satellites(s_rng, scene.grid, scene.lungs, scene.hu, nodules, painted)
     hu = _scanner(rng, scene.hu, spacing_mm)
     if fov_padding is None:
         fov_padding = bool(rng.random() < 0.4)

@@ -120,10 +120,17 @@ def prepare(
     n_nodules: tuple[int, int] | None = None,
     confounders: bool = False,
     mass_chance: float = 0.0,
+    opacity_model: int = 1,
 ) -> TrainingVolume:
     """Make phantom ``seed`` (with confounders and a mass when asked) and bring it to the
     isotropic grid with its targets."""
-    ph = make_phantom(seed, n_nodules=n_nodules, confounders=confounders, mass_chance=mass_chance)
+    ph = make_phantom(
+        seed,
+        n_nodules=n_nodules,
+        confounders=confounders,
+        mass_chance=mass_chance,
+        opacity_model=opacity_model,
+    )
     nodules = [(n.centre_xyz_mm, n.diameter_mm) for n in ph.nodules]
     v = to_volume(ph.volume_hu, ph.spacing_mm, ph.origin_mm, ph.labels, nodules, seed)
     v.confounders = np.array([_iso_voxel(v.origin_mm, c.centre_xyz_mm) for c in ph.confounders])
@@ -792,13 +799,16 @@ def confounder_data(
     """Stage 2's extra training and validation phantoms with confounders."""
     tr = phantom_seeds(args.seed, CONFOUNDER_TRAIN_OFFSET, args.n_confounder_train)
     va = phantom_seeds(args.seed, CONFOUNDER_VAL_OFFSET, args.n_confounder_val)
-    jobs = [(s, CONFOUNDER_NODULES, True, CONFOUNDER_MASS_CHANCE) for s in tr + va]
+    model = args.opacity_model
+    jobs = [(s, CONFOUNDER_NODULES, True, CONFOUNDER_MASS_CHANCE, model) for s in tr + va]
     vols = _pool_map(prepare, jobs, args.threads) if jobs else []
     info: dict[str, Any] = {
         "n_confounder_train_phantoms": len(tr),
         "n_confounder_val_phantoms": len(va),
         "confounder_mass_chance": CONFOUNDER_MASS_CHANCE,
     }
+    if model != 1:
+        info["opacity_model"] = model
     if tr:
         info["confounder_train_seeds"] = f"{tr[0]}..+{len(tr) - 1}"
     if va:
@@ -951,6 +961,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-stage2-extra", type=int, default=0)
     p.add_argument("--n-confounder-train", type=int, default=40)
     p.add_argument("--n-confounder-val", type=int, default=10)
+    p.add_argument(
+        "--opacity-model",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="stage 2's confounder phantoms: how opacities are painted (models.phantom)",
+    )
     p.add_argument("--s1-iters", type=int, default=12000)
     p.add_argument("--s2-iters", type=int, default=5000)
     p.add_argument(

@@ -200,3 +200,64 @@ def test_the_mass_chance_decides_per_seed_and_leaves_plain_phantoms_alone() -> N
     ]
     assert set(masses) == {0, 1}
     assert all(n.diameter_mm < MASS_DIAMETERS_MM[0] for n in make_phantom(50, **kw).nodules)
+
+
+def _face_fraction(seed: int, fade: bool) -> float:
+    """Largest share of a face of the painted region's bounding box that an opacity of 60 mm
+    painted in uniform lung covers: near 1 when it ends on the straight face of its box."""
+    from models.phantom import _Grid, _paint_opacity
+
+    n, sp = 120, 1.2
+    ax = np.arange(n) * sp - n * sp / 2
+    grid = _Grid(z=ax.copy(), y=ax.copy(), x=ax.copy(), spacing=(sp, sp, sp))
+    lungs = np.ones((n, n, n), bool)
+    hu = np.full((n, n, n), -860.0, np.float32)
+    rng = np.random.default_rng(seed)
+    _paint_opacity(rng, grid, lungs, hu, [], np.zeros(3), 60.0, fade)
+    changed = hu > -859.0
+    idx = np.argwhere(changed)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    region = changed[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+    faces = [region[0], region[-1], region[:, 0], region[:, -1], region[:, :, 0], region[:, :, -1]]
+    return max(float(f.mean()) for f in faces)
+
+
+def test_opacity_model_2_fades_out_where_model_1_ends_on_its_box() -> None:
+    # model 1's patchy margin reaches the box it is painted in: a straight face
+    assert max(_face_fraction(s, fade=False) for s in range(4)) > 0.2
+    assert max(_face_fraction(s, fade=True) for s in range(4)) < 0.1
+
+
+def test_opacity_model_2_adds_satellite_foci_beside_the_large_opacities() -> None:
+    from models.phantom import SATELLITE_MM, SATELLITE_PARENT_MM
+
+    kw = {"shape": CONF_SHAPE, "spacing_mm": CONF_SPACING, "n_nodules": 2, "confounders": True}
+    default, one = make_phantom(60, **kw), make_phantom(60, opacity_model=1, **kw)
+    assert np.array_equal(default.volume_hu, one.volume_hu)
+    with pytest.raises(ValueError, match="opacity_model"):
+        make_phantom(60, opacity_model=3, **kw)
+    small = 0
+    for s in range(60, 66):
+        plain = make_phantom(s, shape=CONF_SHAPE, spacing_mm=CONF_SPACING, n_nodules=2)
+        ph = make_phantom(s, opacity_model=2, **kw)
+        assert ph.nodules == plain.nodules and np.array_equal(ph.labels, plain.labels)
+        again = make_phantom(s, opacity_model=2, **kw)
+        assert np.array_equal(ph.volume_hu, again.volume_hu)
+        assert ph.confounders == again.confounders
+        opac = [c for c in ph.confounders if c.kind == "opacity"]
+        parents = [c for c in opac if c.size_mm >= SATELLITE_PARENT_MM]
+        for c in opac:
+            if c.size_mm >= 12.0:
+                continue
+            small += 1
+            assert SATELLITE_MM[0] <= c.size_mm <= SATELLITE_MM[1]
+            gaps = [
+                np.linalg.norm(np.subtract(c.centre_xyz_mm, p.centre_xyz_mm)) - p.size_mm / 2
+                for p in parents
+            ]
+            assert min(gaps) < 20.0 + SATELLITE_MM[1]
+            for n in ph.nodules:
+                assert np.linalg.norm(np.subtract(c.centre_xyz_mm, n.centre_xyz_mm)) > (
+                    n.diameter_mm / 2
+                )
+    assert small >= 3

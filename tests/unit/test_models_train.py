@@ -166,7 +166,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     s2 = tmp_path / "stage2"
     before = sha256(out / "stage1_screen.onnx")
     tiny2 = [*tiny[:-4], "--n-confounder-train", "1", "--n-confounder-val", "0"]
-    tiny2 += ["--s2-ema", "0.9"]
+    tiny2 += ["--s2-ema", "0.9", "--opacity-model", "2"]
     luna = str(tmp_path / "luna")
     main(["stage2", "--stage1", str(out), "--luna16", luna, "--out", str(s2), *tiny2])
     m2b = json.loads((s2 / "stage2_refine.json").read_text())
@@ -176,6 +176,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert not (s2 / "stage1_screen.onnx").exists()
     assert m2b["training"]["confounder_mass_chance"] == 0.5
     assert m2b["training"]["ema_decay"] == 0.9 and "ema_decay" not in m2["training"]
+    assert m2b["training"]["opacity_model"] == 2 and "opacity_model" not in m2["training"]
     assert m2b["training"]["scanner_augment"] == {
         "blur_sigma_vox": [1.2, 0.6],
         "noise_hu": 20.0,
@@ -188,6 +189,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert "Gaussian sigma up to 1.2 voxels along z" in card2
     assert "rotation of up to 10.0 degrees" in card2
     assert "moving average of its training iterates (decay 0.9," in card2
+    assert "(opacity model 2), and each of 15 mm or more has one to four" in card2
 
 
 def test_stage2_extra_phantoms_follow_stage_1s_training_seeds() -> None:
