@@ -29,11 +29,14 @@ STAGE1_VERSION = "1.4.0"
 """1.4.0: trained on volumes resampled shrinking axes first (``pipelines.preprocess``); candidate
 threshold ``models.train.CANDIDATE_THRESHOLD`` (0.05, the cap bounds the candidates) instead of
 0.7 times the weakest validation nodule's score."""
-STAGE2_VERSION = "1.6.0"
+STAGE2_VERSION = "1.7.0"
 """1.4.0: stage 2 also learns from phantoms with confounders (``models.train`` docstring).
 1.5.0: and from masses among them, with patches blurred and noised as other scanners make them
 (``models.train.scanner_augment``). 1.6.0: on stage 1 1.4.0's candidates, with patches also
-resampled through small rotations (``models.train.rotate_augment``)."""
+resampled through small rotations (``models.train.rotate_augment``). 1.7.0: also on 180 training
+phantoms that stage 1 never saw and 100 confounder phantoms (40 before) with opacity model 2
+(``models.phantom.make_phantom``), 40 validation phantoms, 6000 iterations, the moving average
+of its weights."""
 
 
 def export_stage1(net: ScreenNet, path: Path) -> None:

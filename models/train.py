@@ -72,6 +72,8 @@ from pipelines.screen import (
 
 TRAIN_OFFSET, VAL_OFFSET, TEST_OFFSET = 10000, 20000, 50000
 CONFOUNDER_TRAIN_OFFSET, CONFOUNDER_VAL_OFFSET, CONFOUNDER_TEST_OFFSET = 30000, 40000, 60000
+N_STAGE2_EXTRA = 180
+"""Training phantoms that stage 2 alone learns from (``--n-stage2-extra``), after stage 1's."""
 CONFOUNDER_NODULES = (0, 3)
 """Nodules in each confounder phantom (inclusive range): they sit among the confounders."""
 
@@ -516,8 +518,7 @@ def train_stage1(
 
 STAGE2_EMA_DECAY = 0.998
 """Decay of the exponential moving average of stage 2's weights (and batch-norm statistics)
-that ``--s2-ema`` (off by default: the shipped stage 2 is the last iterate) asks for; measured
-in ``models/README.md`` ("Recipes tried and not shipped")."""
+that stage 2 returns (``--s2-ema``; 0 returns the last iterate)."""
 
 
 def train_stage2(
@@ -807,7 +808,7 @@ def confounder_data(
         "n_confounder_val_phantoms": len(va),
         "confounder_mass_chance": CONFOUNDER_MASS_CHANCE,
     }
-    if model != 1:
+    if tr:
         info["opacity_model"] = model
     if tr:
         info["confounder_train_seeds"] = f"{tr[0]}..+{len(tr) - 1}"
@@ -957,25 +958,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage1", metavar="DIR", help="stage2: folder of the stage 1 to build on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-train", type=int, default=120)
-    p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--n-stage2-extra", type=int, default=0)
-    p.add_argument("--n-confounder-train", type=int, default=40)
+    p.add_argument("--n-val", type=int, default=40)
+    p.add_argument(
+        "--n-stage2-extra",
+        type=int,
+        default=None,
+        help=f"training phantoms for stage 2 alone (default {N_STAGE2_EXTRA}; 0 with real data)",
+    )
+    p.add_argument("--n-confounder-train", type=int, default=100)
     p.add_argument("--n-confounder-val", type=int, default=10)
     p.add_argument(
         "--opacity-model",
         type=int,
         choices=(1, 2),
-        default=1,
+        default=2,
         help="stage 2's confounder phantoms: how opacities are painted (models.phantom)",
     )
     p.add_argument("--s1-iters", type=int, default=12000)
-    p.add_argument("--s2-iters", type=int, default=5000)
+    p.add_argument("--s2-iters", type=int, default=6000)
     p.add_argument(
         "--s2-ema",
         type=float,
-        default=0.0,
+        default=STAGE2_EMA_DECAY,
         metavar="DECAY",
-        help=f"stage 2: keep a moving average of the weights (e.g. {STAGE2_EMA_DECAY})",
+        help="stage 2: moving average of the weights (0: the last iterate)",
     )
     p.add_argument("--s1-threshold", type=float, default=CANDIDATE_THRESHOLD)
     p.add_argument("--operating-fps", type=float, default=0.25)
@@ -989,7 +995,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.command == "stage2" and not args.stage1:
         p.error("stage2 needs --stage1 DIR")
-    if args.n_stage2_extra and (args.luna16 or args.lidc):
+    real_data = bool(args.luna16 or args.lidc)
+    if args.n_stage2_extra is None:
+        args.n_stage2_extra = 0 if real_data else N_STAGE2_EXTRA
+    elif args.n_stage2_extra and real_data:
         p.error("--n-stage2-extra adds phantoms: not with --luna16 or --lidc")
     return args
 

@@ -175,7 +175,7 @@ def test_training_command_runs_on_a_luna16_folder(tmp_path: Path) -> None:
     assert m2b["training"]["n_confounder_train_phantoms"] == 1
     assert not (s2 / "stage1_screen.onnx").exists()
     assert m2b["training"]["confounder_mass_chance"] == 0.5
-    assert m2b["training"]["ema_decay"] == 0.9 and "ema_decay" not in m2["training"]
+    assert m2b["training"]["ema_decay"] == 0.9 and m2["training"]["ema_decay"] == 0.998
     assert m2b["training"]["opacity_model"] == 2 and "opacity_model" not in m2["training"]
     assert m2b["training"]["scanner_augment"] == {
         "blur_sigma_vox": [1.2, 0.6],
@@ -198,7 +198,9 @@ def test_stage2_extra_phantoms_follow_stage_1s_training_seeds() -> None:
     vols, info = stage2_extra_data(parse_args(["all", "--n-train", "3", "--n-stage2-extra", "1"]))
     assert info == {"n_stage2_extra_phantoms": 1, "stage2_extra_seeds": "10003..+0"}
     assert len(vols) == 1 and len(vols[0].radii) >= 1  # the training split draws 1-6 nodules
-    assert stage2_extra_data(parse_args(["all"])) == ([], {})
+    assert stage2_extra_data(parse_args(["all", "--n-stage2-extra", "0"])) == ([], {})
+    assert parse_args(["all"]).n_stage2_extra == 180
+    assert parse_args(["all", "--luna16", "/data"]).n_stage2_extra == 0
     with pytest.raises(SystemExit, match="validation seeds"):
         stage2_extra_data(parse_args(["all", "--n-train", "9999", "--n-stage2-extra", "2"]))
     with pytest.raises(SystemExit):  # argparse's error: phantoms are not real scans
