@@ -951,9 +951,10 @@ def make_phantom(
         part-solid, often lobulated; a labelled lesion, the last of ``nodules``), drawn from a
         random stream of its own and painted before the confounders, which keep clear of it.
     opacity_model : int, optional
-        How ``confounders`` paints pneumonia-like opacities. 1 (default; stage 2 1.6.0 trained
-        on it): a large opacity can end on the straight faces of the box it is painted in.
-        2: every opacity fades out inside its box, and the larger ones get small satellite
+        How ``confounders`` paints pneumonia-like opacities. 1 (default; stage 2 up to 1.6.0
+        trained on it, the held-out confounder phantoms of :mod:`models.evaluate` use it): a
+        large opacity can end on the straight faces of the box it is painted in. 2 (stage 2
+        1.7.0): every opacity fades out inside its box, and the larger ones get small satellite
         foci (:func:`_add_satellites`) from a random stream of their own.
 
     Returns
