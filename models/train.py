@@ -810,7 +810,6 @@ def confounder_data(
     }
     if tr:
         info["opacity_model"] = model
-    if tr:
         info["confounder_train_seeds"] = f"{tr[0]}..+{len(tr) - 1}"
     if va:
         info["confounder_val_seeds"] = f"{va[0]}..+{len(va) - 1}"
