@@ -125,15 +125,6 @@ class _Grid:
             out.append(slice(i0, max(i0, i1)))
         return out[0], out[1], out[2]
 
-    @property
-    def axes(self) -> tuple[npt.NDArray[np.float64], ...]:
-        """World coordinates along z, y and x."""
-        return self.z, self.y, self.x
-
-    def holds(self, p: Sequence[float] | npt.NDArray[np.float64]) -> bool:
-        """Whether the LPS point ``p`` (x, y, z) lies within the grid."""
-        return all(a[0] <= v <= a[-1] for a, v in zip(self.axes, p[::-1], strict=True))
-
     def points(self, box: tuple[slice, slice, slice]) -> tuple[FloatArray, FloatArray, FloatArray]:
         """Broadcastable world z, y, x arrays for a box of voxels."""
         z = self.z[box[0]].astype(np.float32)[:, None, None]
@@ -681,6 +672,7 @@ def _paint_opacity(
     With ``fade`` it fades out between 1 and 1.4 times its radii, inside its box; without
     (opacity model 1), its patchy margin and its long axis can reach the box and end there on
     straight faces, which no real opacity does."""
+    # model 2 sizes its box by the axes, so draws them first; model 1 keeps its draw order
     axes = _opacity_axes(rng) if fade else None
     half = 0.7 * size * float(axes.max()) + 2.0 if axes is not None else size / 2 + 6.0
     box = grid.index_box(c - half, c + half)
@@ -878,8 +870,7 @@ def _add_satellites(
             u = rng.standard_normal(3)
             u /= max(float(np.linalg.norm(u)), 1e-6)
             c = np.asarray(p.centre_xyz_mm) + u * (p.size_mm / 2 + rng.uniform(2.0, 20.0))
-            i = tuple(int(np.abs(a - v).argmin()) for a, v in zip(grid.axes, c[::-1], strict=True))
-            if not grid.holds(c) or not lungs[i]:
+            if not _inside_lung(c, 0.0, grid, lungs, 0.0):
                 continue
             out.append(_paint_opacity(rng, grid, lungs, hu, nodules, c, size, fade=True))
     return [c for c in out if c is not None]
